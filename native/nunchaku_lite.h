@@ -1,0 +1,73 @@
+/* nunchaku_lite native W4A4 kernels: plain C ABI (loaded from Python with cffi in ABI mode).
+ *
+ * Every function returns 0 on success or an NL_ERR_* code; nl_last_error() then gives a message (kept per
+ * host thread) naming the kernel and the bad argument. All pointers are device pointers; `stream` is a
+ * cudaStream_t passed as void*. Kernels are asynchronous on that stream. Data layouts:
+ *
+ *   act codes     uint8 [M, K/2]   row-major, two INT4 codes per byte, low nibble = even k
+ *                                  (quant/ops.py pack_int4 order); signed or unsigned codes
+ *   act scales    float [K/64, ldm] group-major ("GEMM operand order"), ldm = M rounded up to 128;
+ *                                  rows M..ldm-1 are written as 0 by nl_quantize_act
+ *   lora act      float [M, rank]  x @ lora_down^T (fp32)
+ *   weight tiled  uint8 [N/128, K/64, 128, 32]: nl_repack_weight output (see repack.cu)
+ *   weight scales float [K/64, N]  (values must have at most 11 significant bits: bf16 or fp16 values)
+ *
+ * K and N must be multiples of 128 for the W4A4 GEMM (64 for quantize/W4A16); M is arbitrary (>= 1).
+ * The lines between CDEF BEGIN / CDEF END are parsed by cffi: keep them plain C declarations.
+ */
+#ifndef NUNCHAKU_LITE_H
+#define NUNCHAKU_LITE_H
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CDEF BEGIN */
+enum {
+    NL_OK = 0,
+    NL_ERR_ARGUMENT = 1,   /* bad shape, dtype code, alignment or null pointer */
+    NL_ERR_CUDA = 2,       /* a CUDA runtime call or kernel launch failed */
+    NL_ERR_UNSUPPORTED = 3 /* no kernel for this device / option combination */
+};
+enum { NL_F32 = 0, NL_BF16 = 1, NL_F16 = 2 };                    /* dtype codes */
+enum { NL_PATH_AUTO = 0, NL_PATH_S4 = 1, NL_PATH_S8 = 2 };       /* W4A4 tensor-core path */
+enum { NL_EPI_NONE = 0, NL_EPI_GELU_TANH = 1 };                  /* GEMM epilogue activation */
+
+const char *nl_last_error(void);
+int nl_version(void);
+/* Compute path chosen for `device` by NL_PATH_AUTO: NL_PATH_S8 on sm_90, NL_PATH_S4 on sm_80..sm_89. */
+int nl_default_path(int device, int *path);
+
+/* INT4 quantization of x/smooth (or (x+shift)/smooth, unsigned) per token and 64-group, plus the low-rank
+ * down projection lora_act = x @ lora_down^T in fp32. x: [M, K] of x_dtype with row stride ldx (elements);
+ * smooth: float [K] or NULL; lora_down: [rank, K] of x_dtype or NULL (rank 0); rank a multiple of 16, <= 128. */
+int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
+                    const float *smooth, float shift, int act_unsigned,
+                    const void *lora_down, int rank,
+                    uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *stream);
+
+/* Canonical packed weight [N, K/2] -> kernel tile order [N/128, K/64, 128, 32] (run once at load). */
+int nl_repack_weight(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *tiled, void *stream);
+
+/* out[M, N] = sum_g sa*sw*dot_g + lora_act @ lora_up^T + bias, then the epilogue activation.
+ * lora_up: [N, rank] of lora_dtype (NL_BF16 or NL_F16) or NULL; bias: float [N] or NULL;
+ * out: [M, N] of out_dtype, row stride ldo. exact=1 rounds the group accumulation like quant/ops.py
+ * (three fp32 roundings per group); exact=0 uses fused multiply-adds (one rounding per group). */
+int nl_w4a4_gemm(const uint8_t *act_codes, const float *act_scales, int64_t ldm, int act_unsigned,
+                 const uint8_t *w_tiled, const float *w_scales,
+                 const float *lora_act, const void *lora_up, int lora_dtype, int rank,
+                 const float *bias, void *out, int out_dtype, int64_t ldo,
+                 int64_t M, int64_t N, int64_t K, int epilogue, int path, int exact, void *stream);
+
+/* Weight-only 4-bit linear: out[M, N] = x @ W^T + bias, W[n, k] = code * scale (+ zero when zeros != NULL,
+ * codes then unsigned). qweight canonical [N, K/2]; scales/zeros float [N, K/64]; bias float [N] or NULL;
+ * x and out of x_dtype (row strides ldx, ldo). Memory-bound GEMV for small M (modulation layers). */
+int nl_w4a16_gemm(const void *x, int x_dtype, int64_t ldx, const uint8_t *qweight, const float *scales,
+                  const float *zeros, const float *bias, void *out, int64_t ldo,
+                  int64_t M, int64_t N, int64_t K, void *stream);
+/* CDEF END */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,496 @@
+"""Text-to-image pipeline: tokenize -> T5 + CLIP -> Euler flow sampling with the FLUX DiT -> VAE decode.
+
+    pipe = Flux.from_pretrained("FLUX.1-schnell", device="cuda", dtype=torch.bfloat16)   # diffusers layout
+    pipe = Flux.from_pretrained(None, transformer="flux1-dev.safetensors", vae="ae.safetensors",
+                                text_encoder="clip_l.safetensors", text_encoder_2="t5xxl_fp16.safetensors",
+                                tokenizer="FLUX.1-dev/tokenizer", tokenizer_2="FLUX.1-dev/tokenizer_2")
+    images = pipe("a red fox in the snow", seed=0)            # list of PIL images
+
+Defaults follow the model kind, detected from the weights (guidance embedding present -> dev):
+schnell 4 steps, T5 length 256, no schedule shift, guidance unused; dev 50 steps, T5 length 512, resolution-
+dependent shift, guidance 3.5. A folder's scheduler/scheduler_config.json decides the shift (as in diffusers),
+and model_index.json may carry a "_nunchaku_lite" entry with defaults that win over both.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import sampling
+from .loading import load_clip, load_clip_tokenizer, load_t5, load_t5_tokenizer, load_transformer, load_vae
+from .loading.files import read_json
+from .loading.options import resolve_config, resolve_device, resolve_dtype
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODELS = ("mini", "mini-w4a4")
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class SamplingDefaults:
+    """Per-model defaults of a call. `shift` selects the resolution-dependent (dynamic) schedule shift, with
+    mu interpolated linearly from base_shift at base_image_seq_len tokens to max_shift at max_image_seq_len;
+    `static_shift` != 1 applies diffusers' fixed shift s*t / (1 + (s-1)*t) instead (no FLUX config uses it)."""
+    kind: str = "schnell"
+    steps: int = 4
+    guidance: float | None = None
+    max_sequence_length: int = 256
+    shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    static_shift: float = 1.0
+    default_size: int = 1024
+
+    @classmethod
+    def for_kind(cls, kind: str) -> "SamplingDefaults":
+        if kind == "dev":
+            return cls(kind="dev", steps=50, guidance=3.5, max_sequence_length=512, shift=True)
+        if kind == "schnell":
+            return cls()
+        raise ValueError(f"kind must be 'dev' or 'schnell', got {kind!r}")
+
+    def with_scheduler_config(self, cfg: dict) -> "SamplingDefaults":
+        """Apply a diffusers FlowMatchEulerDiscreteScheduler config (only the fields that shape the schedule)."""
+        out = replace(self, shift=bool(cfg.get("use_dynamic_shifting", self.shift)))
+        for name in ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
+            if cfg.get(name) is not None:
+                setattr(out, name, type(getattr(self, name))(cfg[name]))
+        if not out.shift and cfg.get("shift") is not None:
+            out.static_shift = float(cfg["shift"])
+        return out
+
+    def with_overrides(self, overrides: dict) -> "SamplingDefaults":
+        """Apply model_index.json's "_nunchaku_lite" entry: kind, default_steps, shift, max_sequence_length,
+        default_size, guidance."""
+        out = replace(self)
+        if "kind" in overrides and overrides["kind"] != self.kind:
+            out = replace(SamplingDefaults.for_kind(overrides["kind"]), default_size=self.default_size)
+        for src, dst in (("default_steps", "steps"), ("shift", "shift"), ("max_sequence_length", "max_sequence_length"),
+                         ("default_size", "default_size"), ("guidance", "guidance")):
+            if src in overrides:
+                setattr(out, dst, overrides[src])
+        return out
+
+
+def schedule(num_steps: int, image_seq_len: int, d: SamplingDefaults) -> list[float]:
+    """num_steps + 1 times from 1 to 0 (BFL get_schedule; identical to diffusers' FLUX sigmas plus the final 0)."""
+    t = torch.linspace(1, 0, num_steps + 1)
+    if d.shift:
+        slope = (d.max_shift - d.base_shift) / (d.max_image_seq_len - d.base_image_seq_len)
+        mu = d.base_shift + slope * (image_seq_len - d.base_image_seq_len)
+        t = sampling.time_shift(mu, 1.0, t)
+    elif d.static_shift != 1.0:
+        t = d.static_shift * t / (1 + (d.static_shift - 1) * t)
+    return t.tolist()
+
+
+def to_images(decoded: torch.Tensor) -> np.ndarray:
+    """Decoder output [B, 3, H, W] on the [-1, 1] scale -> float32 [B, H, W, 3] in [0, 1] (clamped)."""
+    return ((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(images: np.ndarray) -> list:
+    """[B, H, W, 3] floats in [0, 1] -> PIL images, rounding to the nearest of 256 levels (as diffusers;
+    BFL's CLI truncates instead, which darkens by half a level on average)."""
+    from PIL import Image
+    return [Image.fromarray(np.round(im * 255).astype(np.uint8)) for im in images]
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype most of a module's floating-point tensors have."""
+    counts: dict[torch.dtype, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _prompts(prompt) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise ValueError("prompt: the list of prompts is empty")
+    raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}"
+                    + (f" holding {type(next(p for p in prompt if not isinstance(p, str))).__name__}"
+                       if isinstance(prompt, (list, tuple)) else ""))
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that a new allocation on `device` can still get (None when unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class Flux:
+    """A FLUX.1 text-to-image pipeline (schnell or dev) in plain PyTorch. See the module docstring."""
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module,
+                 tokenizer, tokenizer_2, defaults: SamplingDefaults | None = None, device=None, dtype=None):
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.kind = "dev" if _has_guidance(transformer) else "schnell"
+        self.defaults = defaults or SamplingDefaults.for_kind(self.kind)
+        self.device = torch.device(device) if device is not None else _module_device(transformer)
+        self.dtype = dtype or _module_dtype(transformer)
+        vae_params = getattr(vae, "params", None)
+        # Pixels per latent cell: 8 for FLUX's VAE (2 ** (len(ch_mult) - 1)); the tiny test VAEs use 2.
+        self.vae_scale_factor = getattr(vae_params, "downsample_factor", None) or 2 ** (len(vae_params.ch_mult) - 1)
+        self.latent_channels = getattr(getattr(transformer, "params", None), "in_channels", 64) // 4
+        self.last_timings: dict[str, float] = {}
+        self.last_seeds: list[int] | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path=None, device=None, dtype=None, *, transformer=None, vae=None, text_encoder=None,
+                        text_encoder_2=None, tokenizer=None, tokenizer_2=None, scheduler=None, kind: str | None = None,
+                        configs: dict | None = None, transformer_kwargs: dict | None = None) -> "Flux":
+        """Load a pipeline.
+
+        path: a diffusers-layout folder (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/,
+            tokenizer/, tokenizer_2/, scheduler/), a BFL single-file transformer (other parts as keywords), the
+            name of an embedded model ("mini", "mini-w4a4"), or None when every component is given.
+        transformer, vae, text_encoder (CLIP), text_encoder_2 (T5): a folder, a safetensors file, or a loaded
+            module; each overrides the folder's component. tokenizer (CLIP) / tokenizer_2 (T5): a folder or a
+            tokenizer object. scheduler: a scheduler folder, its JSON file, or a dict.
+        device: default cuda when available, else cpu. dtype: default the transformer's stored dtype.
+        kind: 'dev' or 'schnell' to override the kind detected from the weights (sampling defaults only).
+        configs: {component: config dict or JSON path} for checkpoints whose sizes cannot be read from the
+            shapes (e.g. RoPE axes of a non-standard BFL single file).
+        transformer_kwargs: passed to load_transformer (e.g. {"act_quant": False} for quantized checkpoints).
+        """
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype)
+        configs = dict(configs or {})
+        unknown = sorted(set(configs) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"configs: unknown component {unknown[0]!r} (use {', '.join(COMPONENTS[:4])})")
+        given = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                     tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+        folder, model_index = _resolve_root(path, given)
+        parts = {}
+        for name in COMPONENTS:
+            if given[name] is not None:
+                parts[name] = given[name]
+            elif folder is not None and (folder / name).exists():
+                parts[name] = folder / name
+            else:
+                where = f" and {folder} has no '{name}/' folder" if folder is not None else ""
+                raise ValueError(f"from_pretrained: component '{name}' is missing: pass {name}=...{where}")
+
+        def load(name, loader, dtype, **kw):
+            part = parts[name]
+            if isinstance(part, nn.Module):  # already loaded: only move it
+                return part.to(device) if dtype is None else part.to(device=device, dtype=dtype)
+            config = resolve_config(configs.get(name), f"configs['{name}']")
+            return loader(part, device=device, dtype=dtype, config=config, **kw)
+
+        dit = load("transformer", load_transformer, None if isinstance(parts["transformer"], nn.Module) else dtype,
+                   **(transformer_kwargs or {}))
+        dtype = dtype or _module_dtype(dit)
+        # The text encoders run in the pipeline dtype, as in diffusers; so does the VAE, except that float16
+        # (whose range FLUX's VAE overflows, hence diffusers' force_upcast) decodes in float32.
+        ae = load("vae", load_vae, torch.float32 if dtype == torch.float16 else dtype)
+        clip = load("text_encoder", load_clip, dtype)
+        t5 = load("text_encoder_2", load_t5, dtype)
+
+        detected = "dev" if _has_guidance(dit) else "schnell"
+        defaults = SamplingDefaults.for_kind(kind or detected)
+        if folder is not None and scheduler is None and (folder / "scheduler").is_dir():
+            scheduler = folder / "scheduler"
+        if scheduler is not None:
+            defaults = defaults.with_scheduler_config(_scheduler_config(scheduler))
+        if model_index and isinstance(model_index.get("_nunchaku_lite"), dict):
+            defaults = defaults.with_overrides(model_index["_nunchaku_lite"])
+
+        tok = parts["tokenizer"]
+        tok = load_clip_tokenizer(tok) if isinstance(tok, (str, Path)) else tok
+        tok2 = parts["tokenizer_2"]
+        tok2 = load_t5_tokenizer(tok2, defaults.max_sequence_length) if isinstance(tok2, (str, Path)) else tok2
+        return cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=dtype)
+
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 hidden states [B, L, d], CLIP pooled [B, d_clip]) in the pipeline dtype; warns on truncation."""
+        max_len = max_sequence_length or self.defaults.max_sequence_length
+        t5_ids = self._tokenize(self.tokenizer_2, prompts, "T5", max_len)
+        clip_ids = self._tokenize(self.tokenizer, prompts, "CLIP", None)
+        txt = self.text_encoder_2(t5_ids.to(self.device))
+        _, vec = self.text_encoder(clip_ids.to(self.device))
+        return txt.to(self.dtype), vec.to(self.dtype)
+
+    @staticmethod
+    def _tokenize(tokenizer, prompts, name, max_length):
+        if max_length is not None and getattr(tokenizer, "max_length", max_length) != max_length:
+            tokenizer.max_length = max_length
+        if not hasattr(tokenizer, "encode_with_lengths"):
+            return tokenizer(prompts)
+        ids, lengths = tokenizer.encode_with_lengths(prompts)
+        for i, n in enumerate(lengths):
+            if n > ids.shape[1]:
+                warnings.warn(f"prompt {i} is {n} {name} tokens long; truncated to {ids.shape[1]} "
+                              f"({n - ids.shape[1]} tokens dropped)", stacklevel=4)
+        return ids
+
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, prompt, steps: int | None = None, guidance: float | None = None, height: int | None = None,
+                 width: int | None = None, seed=None, latents: torch.Tensor | None = None, output_type: str = "pil",
+                 progress=None, max_sequence_length: int | None = None):
+        """Generate one image per prompt.
+
+        prompt: a string or a list of strings.
+        steps, guidance: default per model kind (guidance is ignored by schnell-type models).
+        height, width: pixels, default the model's default size (1024 for FLUX). Rounded down to a multiple of
+            2 x the VAE factor (16 for FLUX) with a warning; below 16 is refused.
+        seed: an int, a list with one int per prompt, or None (random; the seeds used are in self.last_seeds).
+            One int for several prompts draws their noise in one go from one CPU generator, so the first image
+            equals a single-prompt call with the same seed. Noise is drawn in float32 on the CPU, then cast.
+        latents: initial noise instead of a seed, unpacked [B, 16, h, w] (h = height / VAE factor) or packed
+            [B, L, 64]; height/width default to the latent's size.
+        output_type: "pil" -> list of PIL images; "np" -> float32 array [B, H, W, 3] in [0, 1]; "pt" -> float32
+            tensor [B, 3, H, W] in [0, 1]; "latent" -> the final packed latent [B, L, 64] (the transformer's token
+            layout, undecoded, as diffusers' output_type="latent").
+        progress: None, True (a bar on stderr), or a callable(step, num_steps) called after every step.
+        Timings per stage (seconds) are left in self.last_timings.
+        """
+        prompts = _prompts(prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        d = self.defaults
+        steps = d.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if guidance is None:
+            guidance = d.guidance if d.guidance is not None else 3.5
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        batch = len(prompts)
+        f = self.vae_scale_factor
+        lat = self._check_latents(latents, batch, height, width) if latents is not None else None
+        if lat is not None and height is None:
+            height = lat.shape[2] * f
+        if lat is not None and width is None:
+            width = lat.shape[3] * f
+        height, width = self._round_size(d.default_size if height is None else height,
+                                         d.default_size if width is None else width)
+        lat_h, lat_w = height // f, width // f
+        if lat is not None and tuple(lat.shape[2:]) != (lat_h, lat_w):
+            raise ValueError(f"latents: spatial size {tuple(lat.shape[2:])} does not match {height}x{width} pixels "
+                             f"(expected {(lat_h, lat_w)} for VAE factor {f})")
+        max_len = max_sequence_length or d.max_sequence_length
+        self._check_memory(batch, lat_h, lat_w, max_len, height, width)
+
+        timings, sync = {}, (torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None))
+        start = time.perf_counter()
+        txt, vec = self.encode_prompt(prompts, max_len)
+        sync()
+        timings["text_encoding"] = time.perf_counter() - start
+
+        if lat is None:
+            lat = self._noise(batch, lat_h, lat_w, seed)
+        else:
+            self.last_seeds = None
+        img = sampling.pack(lat.to(device=self.device, dtype=self.dtype))
+        img_ids, txt_ids = sampling.prepare_ids(batch, lat_h, lat_w, txt.shape[1], device=self.device)
+        timesteps = schedule(steps, img.shape[1], d)
+        callback = self._progress_callback(progress)
+        t0 = time.perf_counter()
+        img = sampling.denoise(self.transformer, img, img_ids, txt, txt_ids, vec, timesteps,
+                               guidance=float(guidance) if self.kind == "dev" else None, callback=callback)
+        sync()
+        timings["denoising"] = time.perf_counter() - t0
+        if progress is True:
+            print(file=sys.stderr)
+
+        if output_type == "latent":
+            out = img
+        else:
+            t0 = time.perf_counter()
+            # sampling.unpack takes pixel sizes of an 8x VAE; give it the equivalent so any VAE factor works.
+            z = sampling.unpack(img.float(), lat_h * 8, lat_w * 8)
+            decoded = self.vae.decode(z.to(_module_dtype(self.vae)))
+            images = to_images(decoded)
+            out = torch.from_numpy(images).permute(0, 3, 1, 2) if output_type == "pt" else \
+                images if output_type == "np" else to_pil(images)
+            sync()
+            timings["decoding"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - start
+        self.last_timings = timings
+        return out
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _round_size(self, height, width) -> tuple[int, int]:
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int number of pixels, got {type(v).__name__}")
+            if v < 16:
+                raise ValueError(f"{name}={v}: images must be at least 16 pixels on each side")
+        multiple = 2 * self.vae_scale_factor  # one 2x2 patch of latent cells
+        h, w = height - height % multiple, width - width % multiple
+        if (h, w) != (height, width):
+            warnings.warn(f"image size {width}x{height} rounded down to {w}x{h} (a multiple of {multiple} pixels)",
+                          stacklevel=3)
+        return h, w
+
+    def _check_latents(self, latents, batch, height, width) -> torch.Tensor:
+        """Validate user latents; returns them unpacked [B, C, h, w]."""
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        c = self.latent_channels
+        if latents.ndim == 3 and latents.shape[2] == 4 * c:  # packed [B, L, 4c]
+            f, L = self.vae_scale_factor, latents.shape[1]
+            if height is not None and width is not None:
+                rows, cols = height // (2 * f), width // (2 * f)
+            elif math.isqrt(L) ** 2 == L:
+                rows = cols = math.isqrt(L)
+            else:
+                raise ValueError(f"latents: packed latents of {L} tokens need height= and width= (not square)")
+            if rows * cols != L:
+                raise ValueError(f"latents: {L} packed tokens do not fit {height}x{width} pixels ({rows}x{cols} patches)")
+            latents = sampling.unpack(latents, rows * 16, cols * 16)
+        elif latents.ndim != 4 or latents.shape[1] != c:
+            raise ValueError(f"latents must be [B, {c}, h, w] (unpacked) or [B, L, {4 * c}] (packed), "
+                             f"got {list(latents.shape)}")
+        if latents.shape[0] != batch:
+            raise ValueError(f"latents: batch size {latents.shape[0]} does not match the {batch} prompt(s)")
+        if latents.shape[2] % 2 or latents.shape[3] % 2:
+            raise ValueError(f"latents: height and width must be even, got {list(latents.shape)}")
+        return latents
+
+    def _noise(self, batch: int, lat_h: int, lat_w: int, seed) -> torch.Tensor:
+        shape = (self.latent_channels, lat_h, lat_w)
+        if seed is None:
+            seed = secrets.randbits(63)
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != batch or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+                raise ValueError(f"seed: a list of seeds needs one int per prompt ({batch}), got {seed!r}")
+            seeds = list(seed)
+            noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+        elif isinstance(seed, int) and not isinstance(seed, bool):
+            seeds = [seed] * batch
+            noise = torch.randn(batch, *shape, generator=torch.Generator("cpu").manual_seed(seed))
+        else:
+            raise TypeError(f"seed must be an int, a list of ints, or None, got {type(seed).__name__}")
+        self.last_seeds = seeds
+        return noise
+
+    def _check_memory(self, batch, lat_h, lat_w, txt_len, height, width) -> None:
+        """Refuse sizes that cannot fit before allocating anything. A lower bound of the activation memory: the
+        DiT's joint sequence (hidden + MLP activations of one block) and the VAE decoder's full-resolution
+        feature maps (two live maps of its widest full-resolution level)."""
+        bytes_per = torch.finfo(self.dtype).bits // 8
+        p = getattr(self.transformer, "params", None)
+        hidden = getattr(p, "hidden_size", 3072)
+        mlp = getattr(p, "mlp_ratio", 4.0)
+        seq = (lat_h // 2) * (lat_w // 2) + txt_len
+        dit = batch * seq * hidden * (3 + mlp) * bytes_per
+        vp = getattr(self.vae, "params", None)
+        ch = getattr(vp, "ch", 128) * (getattr(vp, "ch_mult", (1,))[0])
+        vae = 2 * batch * ch * height * width * bytes_per
+        need = dit + vae
+        avail = _available_memory(self.device)
+        if avail is not None and need > avail:
+            raise ValueError(f"{width}x{height} pixels (batch {batch}) needs at least {need / 2**30:.1f} GiB of "
+                             f"activations on {self.device}, but only {avail / 2**30:.1f} GiB are available; "
+                             "use a smaller width/height or batch")
+
+    @staticmethod
+    def _progress_callback(progress):
+        if progress is None or progress is False:
+            return None
+        if progress is True:
+            def bar(step, num_steps, t, img):
+                done = step + 1
+                filled = int(30 * done / num_steps)
+                print(f"\r  denoising [{'#' * filled}{'.' * (30 - filled)}] {done}/{num_steps}",
+                      end="", file=sys.stderr, flush=True)
+            return bar
+        if callable(progress):
+            return lambda step, num_steps, t, img: progress(step + 1, num_steps)
+        raise TypeError(f"progress must be None, True or a callable(step, num_steps), got {type(progress).__name__}")
+
+    def __repr__(self):
+        return (f"Flux(kind={self.kind!r}, device={self.device}, dtype={self.dtype}, "
+                f"steps={self.defaults.steps}, max_sequence_length={self.defaults.max_sequence_length})")
+
+
+def _has_guidance(transformer: nn.Module) -> bool:
+    params = getattr(transformer, "params", None)
+    if params is not None and hasattr(params, "guidance_embed"):
+        return bool(params.guidance_embed)
+    return hasattr(transformer, "guidance_in")
+
+
+def _scheduler_config(scheduler) -> dict:
+    if isinstance(scheduler, dict):
+        return scheduler
+    p = Path(scheduler)
+    if p.is_dir():
+        p = p / "scheduler_config.json"
+    return read_json(p, what="scheduler config")
+
+
+def _resolve_root(path, given: dict) -> tuple[Path | None, dict | None]:
+    """(diffusers-layout folder or None, its model_index.json or None) for from_pretrained's `path`."""
+    if path is None:
+        return None, None
+    if isinstance(path, str) and path in EMBEDDED_MODELS:
+        folder = ASSETS / path
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the embedded model '{path}' is not in this installation (expected {folder}); "
+                                    "pass the path of a FLUX model folder instead")
+        path = folder
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            from .loading.files import PICKLE_SUFFIXES, refuse_pickle
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                refuse_pickle(path)
+            raise ValueError(f"{path}: expected a diffusers-layout folder or a .safetensors transformer file")
+        if given["transformer"] is None:
+            given["transformer"] = path  # BFL single file; the other parts come as keywords
+        return None, None
+    if (path / "model_index.json").is_file():
+        return path, read_json(path / "model_index.json", what="model_index.json")
+    if (path / "transformer").is_dir():
+        return path, None
+    raise ValueError(f"{path}: neither a diffusers-layout folder (model_index.json with transformer/, vae/, "
+                     "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/) nor a .safetensors file; for BFL "
+                     "single files pass transformer=, vae=, text_encoder=, text_encoder_2=, tokenizer=, tokenizer_2=")

@@ -1,0 +1,226 @@
+"""Reference ops for SVDQuant W4A4 / W4A16: the exact semantics the CUDA kernels must reproduce.
+
+Everything here is plain PyTorch (CPU or CUDA). Kernels must match the integer codes bit for bit and the
+outputs to ~1e-3 relative; `w4a4_linear_f64` gives a float64 ground truth on given codes for kernel tests.
+
+Groups. GROUP = 64 consecutive elements along K (the input dimension). K must be a multiple of 64
+(modules.py pads at build time).
+
+Activation quantization (per token m, per group g), all in float32:
+    xs = x.float()
+    xs = xs + shift                      (shift = 0.171875 for the unsigned post-GELU inputs, else 0)
+    xs = xs / smooth.float()             (per input channel; division, not multiplication by a reciprocal)
+    amax = max |xs| over the group
+    scale = amax / 7          codes = clamp(round_half_even(xs / scale), -8, 7)     (signed)
+    scale = amax / 15         codes = clamp(round_half_even(xs / scale),  0, 15)    (unsigned)
+    scale == 0 (all-zero group) -> codes 0, scale 0 (never NaN)
+The shift is added *before* the division by smooth, as in Nunchaku's kernels (NUNCHAKU_FORMAT.md §4.1).
+
+Weight quantization (per output row n, per group g): scale = amax / 7, first rounded to the storage dtype
+of the scales (bf16 by default); codes = clamp(round_half_even(w / float(scale_rounded)), -8, 7).
+
+Packed storage ("canonical order", row-major over [N, K]): byte j of a row holds elements 2j (low nibble)
+and 2j+1 (high nibble), each the 4-bit two's complement of a signed code (or the plain unsigned code):
+    byte = (c[2j] & 0xF) | (c[2j+1] & 0xF) << 4          -> uint8 [..., K/2]
+Scales are stored [N, K/64] (row = output channel), unlike Nunchaku's tiled [K/64, N].
+
+W4A4 linear, x [..., K] (leading dims flattened to M tokens), weight codes C [N, K], weight scales sw [N, G]:
+    qa, sa = quantize_act(x, smooth, unsigned, shift)
+    dot[m, n, g] = sum_k qa[m, g, k] * C[n, g, k]          exact integer (|dot| <= 64*8*15 < 2^24, so exact
+                                                             in float32 too, whatever the summation order)
+    acc = 0 (float32);  for g = 0 .. G-1 in index order:
+        acc = acc + (sa[m, g] * sw[n, g]) * dot[m, n, g]     three separately rounded fp32 ops: the two scales
+                                                             are multiplied first, no fused multiply-add
+    acc = acc + (x.float() @ lora_down.float().T) @ lora_up.float().T   low-rank branch on the RAW input x
+                                                             (1/smooth is folded into lora_down; no shift)
+    acc = acc + bias.float()
+    y = acc.to(out_dtype or x.dtype)
+Only the integer part and its in-order fp32 group accumulation are bit-exact requirements; the low-rank
+matmuls may use any fp32-accumulating order (outputs then agree to ~1e-3).
+
+W4A16 linear (modulation layers, weight-only): W = dequantize(codes, scales) in float32 (plus the zero
+point, W = U * s + z with unsigned codes U, when `wzeros` is given: Nunchaku's AWQ layers);
+y = (x.float() @ W.T + bias.float()).to(x.dtype).
+"""
+import torch
+
+GROUP = 64
+UNSIGNED_SHIFT = 0.171875  # Nunchaku's constant shift of post-GELU (fc2) inputs: min gelu_tanh > -0.1702
+
+# Bound on elements of the [rows, N, G] integer-dot intermediate per chunk (keeps the reference usable on
+# full-size layers: 2^26 fp32 = 256 MiB).
+_CHUNK_ELEMS = 1 << 26
+
+
+def _check_groups(k: int, what: str) -> int:
+    if k % GROUP != 0:
+        raise ValueError(f"{what}: K={k} is not a multiple of the group size {GROUP} (pad it first)")
+    return k // GROUP
+
+
+def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: bool = False,
+                 shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-64-group INT4 activation quantization.
+
+    x [..., K] -> (codes int8 [M, K], scales float32 [M, K//64]) with M = prod(leading dims).
+    Signed: codes in [-8, 7], scale = amax/7. Unsigned: codes in [0, 15], scale = amax/15 (negative values
+    clamp to 0). `shift` is added before dividing by `smooth` [K].
+    """
+    k = x.shape[-1]
+    g = _check_groups(k, "quantize_act")
+    if smooth is not None and smooth.shape != (k,):
+        raise ValueError(f"quantize_act: smooth has shape {tuple(smooth.shape)}, expected ({k},)")
+    xs = x.reshape(-1, k).float()
+    if shift:
+        xs = xs + shift
+    if smooth is not None:
+        xs = xs / smooth.float()
+    xs = xs.view(-1, g, GROUP)
+    qmax, lo, hi = (15.0, 0, 15) if unsigned else (7.0, -8, 7)
+    scales = xs.abs().amax(dim=-1) / qmax
+    # An all-zero group has scale 0; divide by 1 instead so its codes are round(0) = 0, not NaN.
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(xs / safe[..., None]).clamp_(lo, hi).to(torch.int8)
+    return codes.view(-1, k), scales
+
+
+def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row, per-64-group symmetric INT4 weight quantization.
+
+    w [N, K] -> (codes int8 [N, K] in [-8, 7], scales [N, K//64] in `scale_dtype`). The scale is rounded to
+    `scale_dtype` first and the codes are computed with the rounded scale, so codes * scale is what the
+    kernels see.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight: expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    g = _check_groups(k, "quantize_weight")
+    wg = w.float().view(n, g, GROUP)
+    scales = (wg.abs().amax(dim=-1) / 7.0).to(scale_dtype)
+    s = scales.float()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.round(wg / safe[..., None]).clamp_(-8, 7).to(torch.int8)
+    return codes.view(n, k), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """codes [N, K] (int), scales [N, K//64] (and optional zero points, same shape) -> float32 [N, K]."""
+    n, k = codes.shape
+    g = _check_groups(k, "dequantize")
+    if scales.shape != (n, g):
+        raise ValueError(f"dequantize: scales shape {tuple(scales.shape)} does not match codes {(n, k)}")
+    w = codes.float().view(n, g, GROUP) * scales.float()[..., None]
+    if zeros is not None:
+        w = w + zeros.float()[..., None]
+    return w.view(n, k)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int codes [..., K] (signed -8..7 or unsigned 0..15) -> uint8 [..., K//2]; low nibble = even element."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_int4: last dimension {codes.shape[-1]} is odd")
+    nib = codes.to(torch.int16) & 0xF  # two's complement nibble of signed codes
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """uint8 [..., K//2] -> int8 [..., K] codes (sign-extended when `signed`)."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4: expected uint8, got {packed.dtype}")
+    p = packed.to(torch.int16)
+    nib = torch.stack((p & 0xF, p >> 4), dim=-1).flatten(-2)
+    if signed:
+        nib = nib - ((nib >> 3) << 4)  # 8..15 -> -8..-1
+    return nib.to(torch.int8)
+
+
+def _group_dots(qa: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
+    """Exact integer dot products per group as float32: qa [M, K], cw [N, K] -> [G, M, N]."""
+    m, k = qa.shape
+    n = cw.shape[0]
+    g = k // GROUP
+    a = qa.float().view(m, g, GROUP).transpose(0, 1)  # [G, M, 64]
+    b = cw.float().view(n, g, GROUP).transpose(0, 1)  # [G, N, 64]
+    return torch.bmm(a, b.transpose(1, 2))  # integers below 2^24: exact in fp32 in any order
+
+
+def _low_rank(x: torch.Tensor, lora_down: torch.Tensor | None, lora_up: torch.Tensor | None) -> torch.Tensor | None:
+    if lora_down is None or lora_up is None or lora_down.shape[0] == 0:
+        return None
+    return (x.float() @ lora_down.float().T) @ lora_up.float().T
+
+
+def w4a4_linear(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+                lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                act_unsigned: bool = False, act_shift: float = 0.0,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The W4A4 SVDQuant linear (see the module docstring for the exact arithmetic).
+
+    x [..., K]; qweight uint8 [N, K//2] (canonical packing); wscales [N, K//64]; lora_down [r, K] (reads the
+    raw x); lora_up [N, r]; bias [N] or None; smooth [K] or None. Returns [..., N] in out_dtype (default x.dtype).
+    """
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if qweight.shape != (n, k // 2) or wscales.shape != (n, k // GROUP):
+        raise ValueError(f"w4a4_linear: input K={k} does not match qweight {tuple(qweight.shape)} / "
+                         f"wscales {tuple(wscales.shape)}")
+    xf = x.reshape(-1, k)
+    qa, sa = quantize_act(xf, smooth, act_unsigned, act_shift)
+    cw = unpack_int4(qweight)
+    sw = wscales.float()
+    m, g = sa.shape
+    acc = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    rows = max(1, _CHUNK_ELEMS // max(1, n * g))
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        dots = _group_dots(qa[r0:r1], cw)  # [G, rows, N]
+        part = torch.zeros(r1 - r0, n, dtype=torch.float32, device=x.device)
+        for gi in range(g):  # in group order, one rounding per op (no FMA): bit-exact target for kernels
+            part = part + (sa[r0:r1, gi, None] * sw[None, :, gi]) * dots[gi]
+        acc[r0:r1] = part
+    low = _low_rank(xf, lora_down, lora_up)
+    if low is not None:
+        acc = acc + low
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype or x.dtype).view(*x.shape[:-1], n)
+
+
+def w4a4_linear_f64(x: torch.Tensor, act_codes: torch.Tensor, act_scales: torch.Tensor,
+                    qweight: torch.Tensor, wscales: torch.Tensor,
+                    lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 evaluation of the W4A4 linear on given activation codes/scales (e.g. a kernel's own).
+
+    x [M, K] (raw input, for the low-rank branch); act_codes int [M, K]; act_scales [M, K//64].
+    Returns float64 [M, N]: sum_g sa*sw*dot_g + (x @ down^T) @ up^T + bias, all in float64.
+    """
+    m, k = act_codes.shape
+    g = k // GROUP
+    cw = unpack_int4(qweight).double().view(-1, g, GROUP)
+    qa = act_codes.double().view(m, g, GROUP)
+    dots = torch.einsum("mgk,ngk->mng", qa, cw)
+    y = (dots * act_scales.double()[:, None, :] * wscales.double()[None, :, :]).sum(-1)
+    if lora_down is not None and lora_up is not None and lora_down.shape[0] > 0:
+        y = y + (x.reshape(m, k).double() @ lora_down.double().T) @ lora_up.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+                 bias: torch.Tensor | None = None, wzeros: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only 4-bit linear: y = x @ W^T + b with W dequantized in float32, matmul in float32.
+
+    qweight uint8 [N, K//2]; wscales [N, K//64]. Without `wzeros` the codes are signed and W = C * s; with
+    `wzeros` [N, K//64] the codes are unsigned and W = U * s + z (Nunchaku's AWQ modulation layers).
+    """
+    w = dequantize(unpack_int4(qweight, signed=wzeros is None), wscales, wzeros)
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"w4a16_linear: input K={x.shape[-1]} does not match the weight's K={w.shape[1]}")
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,603 @@
+"""SVDQuant post-training quantization of a FLUX DiT: W4A4 linears with a 16-bit low-rank branch.
+
+For each linear Y = X W^T + b inside the double and single blocks (SVDQUANT.md):
+
+    lambda_j = max|X_j|^alpha / max|W_j|^beta          smoothing: X_hat = X / lambda, W_hat = W * lambda
+    W_hat    ~ L1 L2                                    rank-r truncated SVD, float64
+    R        = W_hat - L1 L2  -> INT4, per row, groups of 64 (ops.quantize_weight)
+    Y'       = Q(X_hat) Q(R)^T + X (L2 / lambda)^T L1^T + b     (1/lambda folded into the down projection)
+
+(alpha, beta) is searched per layer over DeepCompressor's grid {(0, 0), (a, 0), (a, 1 - a): a = 1/g .. (g-1)/g},
+each candidate scored by the squared output error on a sample of the layer's real inputs, with the low-rank
+split and both quantizations (weights and activations) included. Optional refinement then iterates
+L <- SVD_r(W_hat - Q(W_hat - L)) while the output error improves.
+
+The truncated SVD is computed in float64 from the Gram matrix of the smaller side of W_hat (K x K or N x N):
+an exact eigendecomposition when that side is <= 1024, else block subspace iteration (r + 16 vectors) with a
+Rayleigh-Ritz step; the search warm-starts each candidate from the previous candidate's subspace. Fused layers
+(qkv, and the single block's qkv+mlp linear1) are one nn.Linear in FLUX, so q, k and v share one down
+projection automatically.
+
+Calibration and memory. The model is processed one block at a time: the inputs of block 0 are captured for
+every calibration sample (the embedders run on `device`), then for each block in order: move it to `device`,
+run every sample through the ORIGINAL 16-bit block while forward hooks on its linears record, per layer, the
+running per-channel max|x| and a uniform random subsample of at most `max_tokens` input tokens (reservoir by
+random keys, so memory is bounded whatever the calibration size); the block outputs are the next block's
+inputs (propagation through the original block, as DeepCompressor does). Then the block's linears are replaced
+in place by quantized modules, and the block goes back to its original device. Peak device memory is one block
+plus the hidden states of the calibration samples; the model is never copied (it is quantized in place and
+returned).
+
+Methods: "svdquant" (search + low rank + INT4 residual), "smooth" (search, rank 0), "naive" (no smoothing, no
+low rank), "w4a16" (every block linear weight-only INT4). Modulation linears (adaLN, input silu(vec)) are
+W4A16 or kept 16-bit (`modulation=`); embedders and the final layer stay 16-bit. With `fc2_unsigned=True` the
+MLP output linears take Nunchaku's unsigned, shifted activations (u4 of (x + 0.171875) / lambda, the shift
+folded into the bias); the single block's linear2 then becomes two GEMMs (attention part signed, MLP part
+unsigned), like Nunchaku's out_proj + mlp_fc2.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .modules import SplitInputLinear, W4A4Linear, W4A16Linear, quantized_linears
+
+METHODS = ("svdquant", "smooth", "naive", "w4a16")
+MODULATION = ("w4a16", "bf16")
+DIT_INPUTS = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
+_FLOAT_INPUTS = ("img", "txt", "y", "timesteps", "guidance")  # cast to the model dtype like the pipeline does
+_EXACT_EIGH_MAX = 1024  # Gram sides up to this size get an exact eigendecomposition
+_OVERSAMPLE = 16
+
+
+@dataclass
+class QuantConfig:
+    method: str = "svdquant"
+    rank: int = 32
+    modulation: str = "w4a16"
+    grid: int = 20  # alpha grid: a = 1/grid .. (grid-1)/grid
+    refine_iters: int = 4  # low-rank refinement steps (stop early when the output error stops improving)
+    fc2_unsigned: bool = False
+    max_tokens: int = 1024  # input tokens kept per layer for the search and the error figures
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"quantize: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.modulation not in MODULATION:
+            raise ValueError(f"quantize: modulation must be one of {MODULATION}, got {self.modulation!r}")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"quantize: rank must be an integer >= 0, got {self.rank!r}")
+        if self.grid < 2:
+            raise ValueError(f"quantize: grid must be >= 2 (alpha steps of 1/grid), got {self.grid}")
+        if self.refine_iters < 0 or self.max_tokens < 1:
+            raise ValueError("quantize: refine_iters must be >= 0 and max_tokens >= 1")
+        if self.method in ("smooth", "naive", "w4a16"):
+            self.rank = 0  # these methods have no low-rank branch by definition
+
+    @property
+    def searches(self) -> bool:
+        return self.method in ("svdquant", "smooth")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which linears get what
+
+
+def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def is_modulation(name: str) -> bool:
+    """adaLN modulation linears: `img_mod.lin`, `txt_mod.lin` (double), `modulation.lin` (single)."""
+    return name.endswith("mod.lin") or name.endswith("modulation.lin")
+
+
+def is_fc2(name: str, block_kind: str) -> bool:
+    """Linears whose input is gelu(fc1(x)): the double blocks' `*_mlp.2`, the single blocks' `linear2`
+    (whose input is concat(attention, gelu(mlp)): only its MLP part is post-GELU)."""
+    return name.endswith("mlp.2") if block_kind == "double" else name == "linear2"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-layer statistics (streaming)
+
+
+class InputStats:
+    """Running per-channel max|x| of a linear's input plus a uniform random sample of <= max_tokens tokens.
+
+    The sample keeps the tokens with the largest i.i.d. uniform keys seen so far, i.e. a uniform sample
+    without replacement over all tokens ever seen, in O(max_tokens * K) memory.
+    """
+
+    def __init__(self, max_tokens: int, generator: torch.Generator):
+        self.max_tokens, self.gen = max_tokens, generator
+        self.absmax = None
+        self.keys = None
+        self.rows = None
+        self.count = 0
+
+    def update(self, x: torch.Tensor):
+        x = x.detach().reshape(-1, x.shape[-1])
+        amax = x.abs().amax(dim=0).float()
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        self.count += x.shape[0]
+        keys = torch.rand(x.shape[0], generator=self.gen, device=self.gen.device).to(x.device)
+        if x.shape[0] > self.max_tokens:
+            keys, idx = keys.topk(self.max_tokens)
+            x = x[idx]
+        x = x.float()
+        if self.rows is not None:
+            keys, x = torch.cat([self.keys, keys]), torch.cat([self.rows, x])
+            if keys.shape[0] > self.max_tokens:
+                keys, idx = keys.topk(self.max_tokens)
+                x = x[idx]
+        self.keys, self.rows = keys, x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Low rank (float64) and simulated quantization
+
+
+def low_rank(w: torch.Tensor, rank: int, basis: torch.Tensor | None = None, iters: int = 12,
+             generator: torch.Generator | None = None):
+    """Rank-`rank` truncated SVD of w [N, K] in float64, balanced: returns (up [N, r], down [r, K], basis).
+
+    up @ down is the best rank-r approximation (up to subspace-iteration convergence for Gram sides > 1024);
+    up = U sqrt(S), down = sqrt(S) V^T. `basis` (from a previous call on a similar matrix) warm-starts the
+    iteration.
+    """
+    w = w.double()
+    left = w.shape[0] <= w.shape[1]
+    gram = w @ w.T if left else w.T @ w
+    d = gram.shape[0]
+    if d <= _EXACT_EIGH_MAX:
+        evals, evecs = torch.linalg.eigh(gram)
+        vecs, basis = evecs[:, -rank:].flip(-1), None
+        evals = evals[-rank:].flip(0)
+    else:
+        p = min(d, rank + _OVERSAMPLE)
+        if basis is None or basis.shape != (d, p):
+            basis = torch.randn(d, p, dtype=torch.float64, device=w.device, generator=generator)
+        for _ in range(iters):
+            basis = torch.linalg.qr(gram @ basis).Q
+        small_evals, small_vecs = torch.linalg.eigh(basis.T @ gram @ basis)  # Rayleigh-Ritz
+        vecs = basis @ small_vecs[:, -rank:].flip(-1)
+        evals = small_evals[-rank:].flip(0)
+    sigma = evals.clamp_min(0).sqrt()
+    root = sigma.sqrt().clamp_min(1e-30)
+    if left:  # vecs = U_r: up = U sqrt(S), down = U^T W / sqrt(S) = sqrt(S) V^T
+        up, down = vecs * root, (vecs.T @ w) / root[:, None]
+    else:  # vecs = V_r: up = W V / sqrt(S) = U sqrt(S), down = sqrt(S) V^T
+        up, down = (w @ vecs) / root, vecs.T * root[:, None]
+    return up, down, basis
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Dequantized INT4 weight [N, K] (float32), exactly as W4A4Linear stores it (bf16 scales)."""
+    return ops.dequantize(*ops.quantize_weight(w))
+
+
+def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """Dequantized INT4 activations of x / smooth [T, K] (float32), as the W4A4 linear computes them.
+
+    For unsigned layers the shift is removed again (shift / smooth), which is what the bias compensation
+    of the real layer does.
+    """
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    codes, scales = ops.quantize_act(x, smooth, unsigned, shift)
+    t, k = codes.shape
+    deq = (codes.float().view(t, -1, ops.GROUP) * scales[..., None]).view(t, k)
+    return deq - shift / smooth if unsigned else deq
+
+
+def smoothing_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """lambda = max|X|^alpha / max|W|^beta per input channel, normalized to geometric mean 1 (the quantized
+    result does not depend on a global factor; this keeps the bf16 low-rank factors in a sane range)."""
+    lam = x_absmax.clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(beta)
+    return lam / lam.log().mean().exp()
+
+
+def candidates(method: str, grid: int) -> list[tuple[float, float]]:
+    if method not in ("svdquant", "smooth"):
+        return [(0.0, 0.0)]
+    alphas = [i / grid for i in range(1, grid)]
+    return [(0.0, 0.0)] + [(a, 0.0) for a in alphas] + [(a, 1.0 - a) for a in alphas]
+
+
+@dataclass
+class LayerResult:
+    smooth: torch.Tensor  # [K] float32
+    up: torch.Tensor | None  # [N, r] float64
+    down: torch.Tensor | None  # [r, K] float64, acting on the smoothed input
+    alpha: float
+    beta: float
+    error: float  # squared relative output error of the simulation (the search score)
+
+
+def search_layer(w: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor, cfg: QuantConfig,
+                 unsigned: bool = False, generator: torch.Generator | None = None) -> tuple[LayerResult, float]:
+    """Choose smoothing and low rank for weight w [N, K] (K a multiple of 64) given input sample x [T, K].
+
+    Returns the best result and the naive W4A4 score (no smoothing, no low rank) for comparison.
+    """
+    w = w.float()
+    y_ref = x @ w.T
+    ref_energy = y_ref.pow(2).sum().clamp_min(1e-30)
+    w_absmax = w.abs().amax(dim=0)
+    ones = torch.ones_like(x_absmax)
+
+    def score(lam, lowrank):
+        w_hat = w * lam
+        resid = w_hat if lowrank is None else w_hat - lowrank
+        y = fake_quant_act(x, lam, unsigned) @ fake_quant_weight(resid).T
+        if lowrank is not None:
+            y = y + (x / lam) @ lowrank.T
+        return ((y - y_ref).pow(2).sum() / ref_energy).item()
+
+    def factors(w_hat, basis, iters):
+        up, down, basis = low_rank(w_hat, cfg.rank, basis, iters, generator)
+        return up, down, basis
+
+    naive = score(ones, None)
+    best, basis = None, None
+    for alpha, beta in candidates(cfg.method, cfg.grid):
+        lam = ones if alpha == beta == 0 else smoothing_factors(x_absmax, w_absmax, alpha, beta)
+        up = down = lowrank = None
+        if cfg.rank:
+            up, down, basis = factors(w * lam, basis, 12 if basis is None else 3)
+            lowrank = (up @ down).float()
+        err = naive if (alpha == beta == 0 and lowrank is None) else score(lam, lowrank)
+        if best is None or err < best.error:
+            best = LayerResult(lam, up, down, alpha, beta, err)
+    if cfg.rank:  # converge the chosen subspace, then refine: L <- SVD_r(W_hat - Q(W_hat - L))
+        w_hat = (w * best.smooth).double()
+        up, down, basis = factors(w_hat, basis, 30)
+        lowrank = (up @ down).float()
+        best.up, best.down, best.error = up, down, score(best.smooth, lowrank)
+        for _ in range(cfg.refine_iters):
+            target = w_hat - fake_quant_weight(w_hat.float() - lowrank).double()
+            up, down, basis = factors(target, basis, 4)
+            lowrank = (up @ down).float()
+            err = score(best.smooth, lowrank)
+            if err >= best.error:
+                break
+            best.up, best.down, best.error = up, down, err
+    return best, naive
+
+
+def _pad_k(t: torch.Tensor, k_padded: int, value: float = 0.0) -> torch.Tensor:
+    return F.pad(t, (0, k_padded - t.shape[-1]), value=value) if t.shape[-1] != k_padded else t
+
+
+def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool) -> W4A4Linear:
+    """The W4A4Linear for `linear` from a search result; the residual is computed against the low-rank
+    factors as they will be stored (rounded to the model dtype), so their rounding error gets quantized too."""
+    k = linear.in_features
+    w = linear.weight.detach().float()
+    lam = result.smooth[:k].float()
+    dtype = linear.weight.dtype if linear.weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    lora_down = lora_up = None
+    resid = w * lam
+    if result.up is not None:
+        lora_up = result.up.to(dtype)
+        lora_down = (result.down[:, :k] / lam.double()).to(dtype)  # reads the raw input
+        resid = resid - (lora_up.float() @ (lora_down.float() * lam))
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    layer = W4A4Linear.from_linear(linear, resid, smooth=lam, lora_down=lora_down, lora_up=lora_up,
+                                   act_unsigned=unsigned, act_shift=shift)
+    if unsigned:  # (x + s)/lambda . Rq^T = x/lambda . Rq^T + s * rowsum(Rq / lambda): take the second term out
+        rq = layer.dequantized_weight() / layer.smooth
+        layer.bias.copy_((layer.bias.float() - shift * rq.sum(dim=1)).to(layer.bias.dtype))
+    return layer
+
+
+def _linear_part(linear: nn.Linear, lo: int, hi: int, with_bias: bool) -> nn.Linear:
+    """A view of input columns [lo, hi) of `linear` as an nn.Linear (no copy of the full weight)."""
+    part = nn.Linear(hi - lo, linear.out_features, bias=with_bias, device="meta")
+    part.weight = nn.Parameter(linear.weight.detach()[:, lo:hi], requires_grad=False)
+    if with_bias:
+        part.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return part
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizing one block
+
+
+def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cfg: QuantConfig,
+                   generator: torch.Generator | None = None) -> list[dict]:
+    """Replace the linears of `block` (on the compute device) in place; returns per-layer figures.
+
+    Each record: layer, precision, rel_err (the real quantized module's output vs the 16-bit one on the
+    sampled tokens, relative L2), naive_err (W4A4 without smoothing/low rank, simulated), alpha, beta.
+    """
+    records = []
+    for name, linear in block_linears(block):
+        st = stats.get(name)
+        if is_modulation(name) or cfg.method == "w4a16":
+            if is_modulation(name) and cfg.modulation == "bf16" and cfg.method != "w4a16":
+                continue
+            new, rec = W4A16Linear.from_linear(linear), dict(precision="w4a16")
+        else:
+            unsigned = cfg.fc2_unsigned and is_fc2(name, kind) and linear.bias is not None
+            if unsigned and kind == "single":  # concat(attn, gelu(mlp)): signed attention part + unsigned MLP part
+                hidden = linear.out_features
+                parts, errs, naives, alphas = [], [], [], []
+                for lo, hi, uns in ((0, hidden, False), (hidden, linear.in_features, True)):
+                    sub = _linear_part(linear, lo, hi, with_bias=uns)
+                    res, naive = _search(sub, st.absmax[lo:hi], st.rows[:, lo:hi], cfg, uns, generator)
+                    parts.append(build_w4a4(sub, res, uns))
+                    naives.append(naive)
+                    alphas.append((res.alpha, res.beta))
+                new = SplitInputLinear(parts)
+                rec = dict(precision="w4a4", naive_err=math.sqrt(sum(naives) / 2), alpha=alphas[1][0],
+                           beta=alphas[1][1])
+            else:
+                res, naive = _search(linear, st.absmax, st.rows, cfg, unsigned, generator)
+                new = build_w4a4(linear, res, unsigned)
+                rec = dict(precision="w4a4", naive_err=math.sqrt(naive), alpha=res.alpha, beta=res.beta)
+        if st is not None and st.rows is not None:
+            x = st.rows.to(linear.weight.dtype)
+            rec["rel_err"] = _rel_error(new(x), F.linear(x.float(), linear.weight.float(),
+                                                         None if linear.bias is None else linear.bias.float()))
+        block.set_submodule(name, new)
+        records.append(dict(layer=name, **rec))
+    return records
+
+
+def _search(linear: nn.Linear, absmax: torch.Tensor, rows: torch.Tensor, cfg: QuantConfig, unsigned: bool,
+            generator) -> tuple[LayerResult, float]:
+    k = linear.in_features
+    kp = -(-k // ops.GROUP) * ops.GROUP
+    if cfg.rank > min(linear.out_features, k):
+        raise ValueError(f"quantize: rank {cfg.rank} > min(N, K) = {min(linear.out_features, k)}")
+    w = _pad_k(linear.weight.detach().float(), kp)
+    x = _pad_k(rows.float(), kp)
+    absmax = _pad_k(absmax.float(), kp, 1.0)
+    return search_layer(w, x, absmax, cfg, unsigned, generator)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibration inputs
+
+
+class _Stop(Exception):
+    def __init__(self, args):
+        self.args_ = args
+
+
+def _bind(fn, args, kwargs) -> dict:
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    return dict(bound.arguments)
+
+
+def _detach_cpu(v):
+    return v.detach().to("cpu") if isinstance(v, torch.Tensor) else v
+
+
+def collect_pipeline_inputs(pipeline, prompts, steps: int | None = None, seed: int = 0, **call_kwargs) -> list[dict]:
+    """Run `pipeline` (a nunchaku_lite.Flux) on each prompt with all its sampler steps and return the DiT's
+    keyword inputs of every step (moved to CPU): the calibration set DeepCompressor draws its samples from."""
+    dit = getattr(pipeline, "transformer", None)
+    if not isinstance(dit, nn.Module):
+        raise ValueError("quantize: `pipeline` has no `.transformer` module to capture calibration inputs from")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("quantize: calibration prompts must be a non-empty list of strings")
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append({k: _detach_cpu(v) for k, v in _bind(module.forward, args, kwargs).items()})
+
+    handle = dit.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, prompt in enumerate(prompts):
+            pipeline(prompt, steps=steps, seed=seed + i, output_type="latent", **call_kwargs)
+    finally:
+        handle.remove()
+    return captured
+
+
+def calibration_inputs(calibration, pipeline=None, steps=None, samples=None, seed=0) -> list[dict]:
+    """Normalize `calibration` (list of DiT kwarg dicts, or prompts with `pipeline=`) to a list of dicts,
+    keeping at most `samples` of them (a seeded random subset in original order)."""
+    if isinstance(calibration, str) or (isinstance(calibration, (list, tuple)) and calibration
+                                        and all(isinstance(c, str) for c in calibration)):
+        if pipeline is None:
+            raise ValueError("quantize: calibration prompts need `pipeline=` (a nunchaku_lite.Flux) to run them")
+        inputs = collect_pipeline_inputs(pipeline, calibration, steps, seed)
+    elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, dict) for c in calibration):
+        inputs = list(calibration)
+        for i, c in enumerate(inputs):
+            missing = [k for k in DIT_INPUTS if k != "guidance" and k not in c]
+            unknown = [k for k in c if k not in DIT_INPUTS]
+            if missing or unknown:
+                raise ValueError(f"quantize: calibration[{i}] must hold the transformer's inputs {DIT_INPUTS}; "
+                                 f"missing {missing}, unknown {unknown}")
+    else:
+        raise TypeError("quantize: calibration must be a non-empty list of dicts of the transformer's inputs "
+                        f"({', '.join(DIT_INPUTS)}) or a list of prompts with pipeline=; got {type(calibration).__name__}")
+    if samples is not None and len(inputs) > samples:
+        g = torch.Generator().manual_seed(seed)
+        keep = sorted(torch.randperm(len(inputs), generator=g)[:samples].tolist())
+        inputs = [inputs[i] for i in keep]
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole model
+
+
+def _check_model(dit: nn.Module, cfg: QuantConfig):
+    if not hasattr(dit, "double_blocks") or not hasattr(dit, "single_blocks"):
+        raise TypeError(f"quantize: expected a nunchaku_lite Flux transformer, got {type(dit).__name__}")
+    done = next(quantized_linears(dit), None)
+    if done is not None:
+        raise ValueError(f"quantize: the model is already quantized ({done[0]} is a {type(done[1]).__name__}); "
+                         "quantize the 16-bit model instead")
+    if any(p.is_meta for p in dit.parameters()):
+        raise ValueError("quantize: the model has weights on the meta device (not loaded)")
+    padded = []
+    for kind, blocks in (("double", dit.double_blocks), ("single", dit.single_blocks)):
+        for i, block in enumerate(blocks):
+            for name, lin in block_linears(block):
+                path = f"{kind}_blocks.{i}.{name}"
+                if lin.in_features % ops.GROUP:
+                    padded.append(path)
+                if cfg.rank and not is_modulation(name) and cfg.rank > min(lin.in_features, lin.out_features):
+                    raise ValueError(f"quantize: rank {cfg.rank} > min(N, K) = "
+                                     f"{min(lin.in_features, lin.out_features)} for {path} "
+                                     f"[{lin.out_features} x {lin.in_features}]")
+    if padded:
+        warnings.warn(f"quantize: {len(padded)} linears have K not a multiple of {ops.GROUP} (e.g. {padded[0]}); "
+                      "their weights and inputs are zero-padded to the next multiple", stacklevel=3)
+
+
+def _to_device(sample: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in sample.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if k in _FLOAT_INPUTS and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _block_inputs(dit, inputs, device, dtype) -> list[tuple]:
+    """Run the embedders (moved to `device`) and return the positional inputs of the first block per sample."""
+    first = dit.double_blocks[0] if len(dit.double_blocks) else dit.single_blocks[0]
+
+    def stop(module, args, kwargs):
+        raise _Stop(tuple(_bind(module.forward, args, kwargs).values()))
+
+    stem = [m for n, m in dit.named_children() if n not in ("double_blocks", "single_blocks")]
+    homes = [_device_of(m) for m in stem]
+    for m in stem:
+        m.to(device)
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    states = []
+    try:
+        for sample in inputs:
+            try:
+                dit(**_to_device(sample, device, dtype))
+            except _Stop as s:
+                states.append(s.args_)
+            else:
+                raise RuntimeError("quantize: the first block was never called")
+    finally:
+        handle.remove()
+        for m, home in zip(stem, homes):
+            if home is not None:
+                m.to(home)
+    return states
+
+
+def _device_of(module: nn.Module):
+    t = next(module.parameters(), None)
+    if t is None:
+        t = next(module.buffers(), None)
+    return None if t is None else t.device
+
+
+def _log_block(name, seconds, records, file):
+    errs = [r for r in records if "rel_err" in r]
+    parts = []
+    for r in errs:
+        s = f"{r['layer']} {r['rel_err']:.4f}"
+        if "naive_err" in r and r["precision"] == "w4a4":
+            s += f" (naive {r['naive_err']:.4f})"
+        parts.append(s)
+    print(f"[quantize] {name}: {seconds:.1f}s  rel. output error: " + ", ".join(parts), file=file, flush=True)
+
+
+@torch.no_grad()
+def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 32, *, modulation: str = "w4a16",
+             grid: int = 20, refine_iters: int = 4, fc2_unsigned: bool = False, max_tokens: int = 1024,
+             device=None, progress=True, pipeline=None, steps: int | None = None, samples: int | None = None,
+             seed: int = 0) -> nn.Module:
+    """Quantize a FLUX DiT IN PLACE (its linears are swapped for quantized modules) and return it.
+
+    dit: a 16-bit nunchaku_lite Flux (e.g. from `load_transformer`), on any device (CPU RAM is fine).
+    calibration: a list of dicts of the transformer's keyword inputs (img, img_ids, txt, txt_ids, timesteps, y,
+        guidance), or a list of prompts together with `pipeline=` (their DiT inputs at every one of the `steps`
+        sampler steps are captured); `samples` keeps a random subset of that many inputs.
+    method: "svdquant" | "smooth" | "naive" | "w4a16"; rank: low-rank branch rank (svdquant; 0 allowed).
+    modulation: "w4a16" (4-bit weights, 16-bit activations) or "bf16" (kept in the model's 16-bit dtype).
+    grid: alpha steps of 1/grid in the smoothing search; refine_iters: low-rank refinement iterations.
+    fc2_unsigned: unsigned shifted activations for the MLP output linears (Nunchaku's choice).
+    max_tokens: input tokens sampled per layer for the search and the reported errors.
+    device: where each block is quantized (default: CUDA if available, else the model's device).
+    progress: True prints one line per block to stderr; a callable receives (block_name, seconds, records).
+
+    The result has `quant_config` (settings, saved by `save_quantized`) and `quant_report` (per-layer errors).
+    """
+    cfg = QuantConfig(method, rank, modulation, grid, refine_iters, fc2_unsigned, max_tokens, seed)
+    _check_model(dit, cfg)
+    inputs = calibration_inputs(calibration, pipeline, steps, samples, seed)
+    home = _device_of(dit)
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else home)
+    dtype = next(dit.parameters()).dtype
+    generator = torch.Generator(device=device).manual_seed(seed)
+    report, start = [], time.perf_counter()
+
+    states = _block_inputs(dit, inputs, device, dtype)
+    blocks = [("double", i, b) for i, b in enumerate(dit.double_blocks)]
+    blocks += [("single", i, b) for i, b in enumerate(dit.single_blocks)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not a multiple of.*")  # reported once by _check_model
+        for kind, i, block in blocks:
+            t0 = time.perf_counter()
+            if kind == "single" and i == 0 and len(dit.double_blocks):
+                states = [(torch.cat((txt, img), dim=1), *rest) for img, txt, *rest in states]  # txt first
+            block_home = _device_of(block)
+            block.to(device)
+            stats, hooks = {}, []
+            for name, lin in block_linears(block):
+                if is_modulation(name):
+                    continue
+                stats[name] = st = InputStats(cfg.max_tokens, generator)
+                hooks.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0])))
+            try:
+                outs = [block(*args) for args in states]
+            finally:
+                for h in hooks:
+                    h.remove()
+            if kind == "double":
+                states = [(img, txt, *args[2:]) for (img, txt), args in zip(outs, states)]
+            else:
+                states = [(x, *args[1:]) for x, args in zip(outs, states)]
+            del outs
+            records = quantize_block(block, kind, stats, cfg, generator)
+            del stats
+            block.to(block_home)
+            name = f"{kind}_blocks.{i}"
+            for r in records:
+                r["layer"] = f"{name}.{r['layer']}"
+            report += records
+            seconds = time.perf_counter() - t0
+            if callable(progress):
+                progress(name, seconds, records)
+            elif progress:
+                _log_block(name, seconds, records, sys.stderr)
+    if progress is True:
+        print(f"[quantize] done: {len(blocks)} blocks in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    dit.quant_config = dict(asdict(cfg), samples=len(inputs))
+    dit.quant_report = report
+    return dit
