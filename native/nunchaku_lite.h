@@ -12,7 +12,7 @@
  *   weight tiled  uint8 [N/128, K/64, 128, 32]: nl_repack_weight output (see repack.cu)
  *   weight scales float [K/64, N]  (values must have at most 11 significant bits: bf16 or fp16 values)
  *
- * K and N must be multiples of 128 for the W4A4 GEMM (64 for quantize/W4A16); M is arbitrary (>= 1).
+ * N must be a multiple of 128 for the W4A4 GEMM and repacking, K a multiple of 64; M is arbitrary (>= 1).
  * The lines between CDEF BEGIN / CDEF END are parsed by cffi: keep them plain C declarations.
  */
 #ifndef NUNCHAKU_LITE_H
@@ -20,6 +20,9 @@
 #include <stdint.h>
 #ifdef __cplusplus
 extern "C" {
+#endif
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
 #endif
 
 /* CDEF BEGIN */
@@ -66,6 +69,10 @@ int nl_w4a16_gemm(const void *x, int x_dtype, int64_t ldx, const uint8_t *qweigh
                   const float *zeros, const float *bias, void *out, int64_t ldo,
                   int64_t M, int64_t N, int64_t K, void *stream);
 /* CDEF END */
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,8 @@ the parser is built). Errors a user can fix (bad paths, options, checkpoints) pr
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import io
 import sys
 import time
@@ -32,6 +34,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", help="CLIP text encoder folder or file (e.g. clip_l.safetensors)")
     p.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/ (or with vocab.json, merges.txt "
                                         "and spiece.model side by side)")
+    p.add_argument("--transformer-config", help="JSON config for a transformer file whose RoPE axes cannot be "
+                                                "read from its shapes (BFL FluxParams or diffusers names)")
     p.add_argument("--kind", choices=("dev", "schnell"), help="override the detected model kind")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 256 schnell, 512 dev)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timings")
@@ -69,8 +73,6 @@ def output_paths(out: str, n: int) -> list[Path]:
 
 
 def run_generate(args) -> int:
-    import torch  # noqa: F401  (heavy imports only once the arguments parsed)
-
     from .loading.files import write_atomic
     from .pipeline import Flux
 
@@ -82,7 +84,8 @@ def run_generate(args) -> int:
     t0 = time.perf_counter()
     pipe = Flux.from_pretrained(args.model, device=args.device, dtype=args.dtype, transformer=args.transformer,
                                 vae=args.vae, text_encoder=args.clip, text_encoder_2=args.t5, tokenizer=clip_tok,
-                                tokenizer_2=t5_tok, kind=args.kind)
+                                tokenizer_2=t5_tok, kind=args.kind,
+                                configs={"transformer": args.transformer_config} if args.transformer_config else None)
     log(f"loaded {pipe} in {time.perf_counter() - t0:.1f}s")
 
     def progress(step, num_steps):
@@ -112,14 +115,14 @@ SUBCOMMANDS: list[tuple] = [
 
 def _all_subcommands() -> list[tuple]:
     subs = list(SUBCOMMANDS)
+    if importlib.util.find_spec("nunchaku_lite.quant.cli") is None:
+        return subs
     try:
-        from .quant import cli as quant_cli
-    except ImportError as e:
-        if e.name != "nunchaku_lite.quant.cli":  # present but broken: say so instead of hiding the commands
-            print(f"warning: quantization commands unavailable ({e})", file=sys.stderr)
-    else:
-        subs += [s if len(s) == 4 else (s[0], None, s[1], s[2]) for s in getattr(quant_cli, "SUBCOMMANDS", [])]
-    return subs
+        quant_cli = importlib.import_module("nunchaku_lite.quant.cli")
+    except ImportError as e:  # present but broken: say so instead of silently hiding the commands
+        print(f"warning: quantization commands unavailable ({e})", file=sys.stderr)
+        return subs
+    return subs + [s if len(s) == 4 else (s[0], None, s[1], s[2]) for s in getattr(quant_cli, "SUBCOMMANDS", [])]
 
 
 def build_parser() -> argparse.ArgumentParser:

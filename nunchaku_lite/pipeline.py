@@ -14,6 +14,7 @@ and model_index.json may carry a "_nunchaku_lite" entry with defaults that win o
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import secrets
 import sys
@@ -186,7 +187,9 @@ class Flux:
         transformer, vae, text_encoder (CLIP), text_encoder_2 (T5): a folder, a safetensors file, or a loaded
             module; each overrides the folder's component. tokenizer (CLIP) / tokenizer_2 (T5): a folder or a
             tokenizer object. scheduler: a scheduler folder, its JSON file, or a dict.
-        device: default cuda when available, else cpu. dtype: default the transformer's stored dtype.
+        device: default cuda when available, else cpu.
+        dtype: the transformer and text encoders' dtype (default: the transformer's stored dtype); the VAE
+            uses it too (float32 for float16), or its own stored dtype when dtype is None.
         kind: 'dev' or 'schnell' to override the kind detected from the weights (sampling defaults only).
         configs: {component: config dict or JSON path} for checkpoints whose sizes cannot be read from the
             shapes (e.g. RoPE axes of a non-standard BFL single file).
@@ -220,10 +223,12 @@ class Flux:
 
         dit = load("transformer", load_transformer, None if isinstance(parts["transformer"], nn.Module) else dtype,
                    **(transformer_kwargs or {}))
-        dtype = dtype or _module_dtype(dit)
-        # The text encoders run in the pipeline dtype, as in diffusers; so does the VAE, except that float16
-        # (whose range FLUX's VAE overflows, hence diffusers' force_upcast) decodes in float32.
+        # The VAE runs in the requested dtype, except float16 (whose range FLUX's VAE overflows, hence
+        # diffusers' force_upcast), which decodes in float32; with no dtype requested it keeps its stored dtype
+        # (as BFL, which never casts the autoencoder).
         ae = load("vae", load_vae, torch.float32 if dtype == torch.float16 else dtype)
+        # The text encoders run in the pipeline dtype (default: the transformer's), as in diffusers.
+        dtype = dtype or _module_dtype(dit)
         clip = load("text_encoder", load_clip, dtype)
         t5 = load("text_encoder_2", load_t5, dtype)
 
@@ -292,9 +297,7 @@ class Flux:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         d = self.defaults
-        steps = d.steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        steps = _positive_int("steps", d.steps if steps is None else steps)
         if guidance is None:
             guidance = d.guidance if d.guidance is not None else 3.5
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -312,7 +315,7 @@ class Flux:
         if lat is not None and tuple(lat.shape[2:]) != (lat_h, lat_w):
             raise ValueError(f"latents: spatial size {tuple(lat.shape[2:])} does not match {height}x{width} pixels "
                              f"(expected {(lat_h, lat_w)} for VAE factor {f})")
-        max_len = max_sequence_length or d.max_sequence_length
+        max_len = _positive_int("max_sequence_length", max_sequence_length or d.max_sequence_length)
         self._check_memory(batch, lat_h, lat_w, max_len, height, width)
 
         timings, sync = {}, (torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None))
@@ -356,10 +359,11 @@ class Flux:
     # ----------------------------------------------------------------------------------------------------------
     def _round_size(self, height, width) -> tuple[int, int]:
         for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an int number of pixels, got {type(v).__name__}")
             if v < 16:
                 raise ValueError(f"{name}={v}: images must be at least 16 pixels on each side")
+        height, width = int(height), int(width)
         multiple = 2 * self.vae_scale_factor  # one 2x2 patch of latent cells
         h, w = height - height % multiple, width - width % multiple
         if (h, w) != (height, width):
@@ -395,13 +399,14 @@ class Flux:
     def _noise(self, batch: int, lat_h: int, lat_w: int, seed) -> torch.Tensor:
         shape = (self.latent_channels, lat_h, lat_w)
         if seed is None:
-            seed = secrets.randbits(63)
+            seed = secrets.randbelow(2**32)
         if isinstance(seed, (list, tuple)):
-            if len(seed) != batch or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+            if len(seed) != batch or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seed):
                 raise ValueError(f"seed: a list of seeds needs one int per prompt ({batch}), got {seed!r}")
-            seeds = list(seed)
+            seeds = [int(s) for s in seed]
             noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
-        elif isinstance(seed, int) and not isinstance(seed, bool):
+        elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seed = int(seed)
             seeds = [seed] * batch
             noise = torch.randn(batch, *shape, generator=torch.Generator("cpu").manual_seed(seed))
         else:
@@ -449,6 +454,12 @@ class Flux:
                 f"steps={self.defaults.steps}, max_sequence_length={self.defaults.max_sequence_length})")
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def _has_guidance(transformer: nn.Module) -> bool:
     params = getattr(transformer, "params", None)
     if params is not None and hasattr(params, "guidance_embed"):
@@ -465,16 +476,33 @@ def _scheduler_config(scheduler) -> dict:
     return read_json(p, what="scheduler config")
 
 
+def _embedded_model(name: str, given: dict) -> Path:
+    """Folder of an embedded model in nunchaku_lite/assets. "mini-w4a4" is either a full folder of its own or
+    just a quantized transformer (assets/mini-w4a4/transformer.safetensors or assets/mini-w4a4.safetensors)
+    used with the other components of "mini"."""
+    folder = ASSETS / name
+    if (folder / "model_index.json").is_file() or name == "mini":
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the embedded model '{name}' is not in this installation (expected {folder}); "
+                                    "pass the path of a FLUX model folder instead")
+        return folder
+    quantized = [p for p in (folder / "transformer.safetensors", folder / "transformer", ASSETS / f"{name}.safetensors")
+                 if p.exists()]
+    if not quantized:
+        raise FileNotFoundError(f"the embedded model '{name}' is not in this installation (expected {folder} "
+                                f"with transformer.safetensors, or {ASSETS / (name + '.safetensors')}); pass the "
+                                "path of a FLUX model folder instead")
+    if given["transformer"] is None:
+        given["transformer"] = quantized[0]
+    return _embedded_model("mini", given)
+
+
 def _resolve_root(path, given: dict) -> tuple[Path | None, dict | None]:
     """(diffusers-layout folder or None, its model_index.json or None) for from_pretrained's `path`."""
     if path is None:
         return None, None
-    if isinstance(path, str) and path in EMBEDDED_MODELS:
-        folder = ASSETS / path
-        if not folder.is_dir():
-            raise FileNotFoundError(f"the embedded model '{path}' is not in this installation (expected {folder}); "
-                                    "pass the path of a FLUX model folder instead")
-        path = folder
+    if isinstance(path, str) and path in EMBEDDED_MODELS and not Path(path).exists():
+        path = _embedded_model(path, given)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path not found: {path}")

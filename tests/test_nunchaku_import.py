@@ -155,11 +155,15 @@ def nunchaku_w4a4_tensors(prefix, L):
             f"{prefix}.lora_up": pack_lora_up(L["up"])}
 
 
+# AdaLN chunks holding a scale: (shift, SCALE, gate) x 2 for double blocks, (shift, SCALE, gate) for single ones
+SCALE_CHUNKS = {6: (1, 4), 3: (1,)}
+
+
 def stored_w4a16_bias(bias: torch.Tensor, splits: int) -> torch.Tensor:
-    """Nunchaku stores the scale chunks (1 and S-2) with +1 folded in (in bf16)."""
+    """Nunchaku stores the scale chunks with +1 folded in (in bf16)."""
     b = bias.float().clone()
     dm = b.shape[0] // splits
-    for c in (1, splits - 2):
+    for c in SCALE_CHUNKS[splits]:
         b[c * dm:(c + 1) * dm] += 1
     return bf16(b)
 
@@ -170,7 +174,7 @@ def nunchaku_w4a16_tensors(prefix, L, splits):
     stored = stored_w4a16_bias(L["bias"], splits).float()
     dm = stored.shape[0] // splits
     L["bias_bfl"] = stored.clone()
-    for c in (1, splits - 2):
+    for c in SCALE_CHUNKS[splits]:
         L["bias_bfl"][c * dm:(c + 1) * dm] -= 1
     return {f"{prefix}.qweight": pack_w4a16_qweight(L["codes"].numpy().astype(np.int64), splits),
             f"{prefix}.wscales": pack_w4a16_rows(L["wscales"], splits).T.contiguous(),
@@ -199,7 +203,8 @@ def build_truth(params: FluxParams, seed=0):
             truth[f"{pre}.{name}"] = L = make_w4a16(g, 6 * D, D)
             blocks.update(nunchaku_w4a16_tensors(f"{pre}.{name}", L, 6))
         for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            truth[f"{pre}.{name}.weight"] = blocks[f"{pre}.{name}.weight"] = bf16(1 + 0.2 * torch.randn(128, generator=g))
+            gain = bf16(1 + 0.2 * torch.randn(128, generator=g))
+            truth[f"{pre}.{name}.weight"] = blocks[f"{pre}.{name}.weight"] = gain
     for i in range(params.depth_single_blocks):
         pre = f"single_transformer_blocks.{i}"
         shared = bf16(torch.rand(D, generator=g) * 1.5 + 0.5)  # qkv_proj and mlp_fc1 share their smooth
@@ -211,7 +216,8 @@ def build_truth(params: FluxParams, seed=0):
         truth[f"{pre}.norm.linear"] = L = make_w4a16(g, 3 * D, D)
         blocks.update(nunchaku_w4a16_tensors(f"{pre}.norm.linear", L, 3))
         for name in ("norm_q", "norm_k"):
-            truth[f"{pre}.{name}.weight"] = blocks[f"{pre}.{name}.weight"] = bf16(1 + 0.2 * torch.randn(128, generator=g))
+            gain = bf16(1 + 0.2 * torch.randn(128, generator=g))
+            truth[f"{pre}.{name}.weight"] = blocks[f"{pre}.{name}.weight"] = gain
     unq_shapes = dict(UNQ)
     if params.guidance_embed:
         unq_shapes["time_text_embed.guidance_embedder.linear_1"] = (D, 256)
@@ -252,7 +258,8 @@ def dense_w4a4(L, unsigned):
 
 
 def dense_w4a16(L):
-    w = L["codes"].double() * L["wscales"].double().repeat_interleave(64, 1) + L["wzeros"].double().repeat_interleave(64, 1)
+    expand = lambda t: t.double().repeat_interleave(64, dim=1)  # noqa: E731
+    w = L["codes"].double() * expand(L["wscales"]) + expand(L["wzeros"])
     return w, L["bias_bfl"].double()
 
 
@@ -288,7 +295,8 @@ def dense_flux(params: FluxParams, truth) -> Flux:
         wo, bo = dense_w4a4(truth[f"{pre}.out_proj"], False)
         w2, b2 = dense_w4a4(truth[f"{pre}.mlp_fc2"], True)
         sd[f"{ours}.linear2.weight"], sd[f"{ours}.linear2.bias"] = torch.cat((wo, w2), dim=1), bo + b2
-        sd[f"{ours}.modulation.lin.weight"], sd[f"{ours}.modulation.lin.bias"] = dense_w4a16(truth[f"{pre}.norm.linear"])
+        w, b = dense_w4a16(truth[f"{pre}.norm.linear"])
+        sd[f"{ours}.modulation.lin.weight"], sd[f"{ours}.modulation.lin.bias"] = w, b
         for name, target in nk.SINGLE_NORMS.items():
             sd[f"{ours}.{target}"] = truth[f"{pre}.{name}"]
     for dname, bname in nk.UNQUANTIZED.items():
@@ -523,3 +531,40 @@ def test_unshared_smooth_falls_back_to_concat(tmp_path):
     model = nk.load_nunchaku_transformer(path)
     assert isinstance(model.single_blocks[1].linear1, ConcatOutputLinear)
     assert isinstance(model.single_blocks[0].linear1, W4A4Linear)
+
+
+def test_generic_loader_detects_nunchaku_files(dev_checkpoint, tmp_path):
+    from nunchaku_lite.loading import load_transformer
+    params, truth, path = dev_checkpoint
+    model = load_transformer(path, dtype=torch.float32, act_quant=False)
+    assert model.quant_config["method"] == "nunchaku-import"
+    assert isinstance(model.double_blocks[0].img_mlp[2], W4A4Linear) and model.double_blocks[0].img_mlp[2].act_unsigned
+    assert not model.double_blocks[0].img_mlp[2].act_quant
+
+
+def test_saved_import_metadata(dev_checkpoint, tmp_path):
+    from nunchaku_lite.quant.format import read_metadata, save_quantized
+    params, truth, path = dev_checkpoint
+    meta = read_metadata(save_quantized(nk.load_nunchaku_transformer(path), tmp_path / "m.safetensors"))
+    assert meta["method"] == "nunchaku-import" and meta["base_model"] == "dev"
+    assert meta["rank"] == str(truth["transformer_blocks.0.qkv_proj"]["down"].shape[0])
+    assert json.loads(meta["precision"])["double_blocks.0.img_mod.lin"] == "w4a16"
+
+
+def test_w4a16_zero_padded_groups_are_accepted(tmp_path):
+    """DeepCompressor's tinychat helper may pad the W4A16 group rows to a multiple of 16 with zeros (§3.6)."""
+    params = tiny_params(guidance=False)
+    truth, blocks, unq = build_truth(params, seed=7)
+    plain = tmp_path / "plain.safetensors"
+    write_single_file(plain, params, blocks, unq)
+    for field in ("wscales", "wzeros"):
+        key = f"transformer_blocks.0.norm1.linear.{field}"
+        blocks[key] = torch.cat((blocks[key], torch.zeros(14, blocks[key].shape[1], dtype=blocks[key].dtype)))
+    padded = tmp_path / "padded.safetensors"
+    write_single_file(padded, params, blocks, unq)
+    a, b = nk.load_nunchaku_transformer(plain), nk.load_nunchaku_transformer(padded)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    blocks["transformer_blocks.0.norm1.linear.wscales"][-1, 0] = 1.0
+    write_single_file(padded, params, blocks, unq)
+    with pytest.raises(ValueError, match="non-zero padding"):
+        nk.load_nunchaku_transformer(padded)

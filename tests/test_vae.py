@@ -79,6 +79,25 @@ def test_both_layouts_give_identical_weights(golden):
         assert torch.equal(conv[k], bfl[k]), k
 
 
+@torch.no_grad()
+def test_streaming_load_onto_meta(golden, vae_io):
+    """The loader's pattern: plan from key names, build on meta, fetch and convert one tensor at a time."""
+    from safetensors import safe_open
+
+    path = golden("vae", "weights_diffusers.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = keys_vae.native_shapes({k: f.get_slice(k).get_shape() for k in f.keys()})
+        params = keys_vae.params_from_shapes(shapes)
+        keys_vae.check_shapes(shapes, params, str(path))
+        plan = keys_vae.to_native_keys(list(f.keys()))
+        with torch.device("meta"):
+            ae = AutoEncoder(params)
+        state = {native: keys_vae.convert_tensor(f.get_tensor(src), op) for native, (src, op) in plan.items()}
+    ae.load_state_dict(state, strict=True, assign=True)
+    assert not any(t.is_meta for t in ae.state_dict().values())
+    torch.testing.assert_close(ae.decode(vae_io["z"]), vae_io["decoded"], **TOL)
+
+
 # ----------------------------------------------------------------------------------------- golden: pipeline/
 @torch.no_grad()
 def test_pipeline_vae_both_layouts_agree_and_match_bfl_decode(golden):
@@ -173,6 +192,10 @@ def test_params_from_config_errors_and_bfl_names():
         keys_vae.params_from_config({"block_out_channels": [128, 192]})
     with pytest.raises(ValueError, match="multiple of 32"):
         AutoEncoderParams(ch=48)
+    with pytest.raises(ValueError, match="z_channels"):
+        keys_vae.params_from_config({"z_channels": 0})
+    with pytest.raises(ValueError, match="non-numeric.*'abc'"):
+        keys_vae.params_from_config({"ch": "abc"})
 
 
 def test_real_flux_size_on_meta():
@@ -220,11 +243,11 @@ def test_trainable():
 
 
 @torch.no_grad()
-def test_bf16_close_to_fp32(golden, vae_io):
-    ae = build(golden("vae", "weights_bfl.safetensors"), golden("vae", "config_bfl.json"))
-    ae16 = build(golden("vae", "weights_bfl.safetensors"), golden("vae", "config_bfl.json")).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_close_to_fp32(golden, vae_io, dtype):
+    ae16 = build(golden("vae", "weights_bfl.safetensors"), golden("vae", "config_bfl.json")).to(dtype)
     out = ae16.decode(vae_io["z"])  # float32 input is cast to the weights' dtype
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     torch.testing.assert_close(out.float(), vae_io["decoded"], atol=3e-2 * vae_io["decoded"].abs().max(), rtol=0)
     enc = ae16.encode(vae_io["x"])
     torch.testing.assert_close(enc.float(), vae_io["encoded"], atol=3e-2 * vae_io["encoded"].abs().max(), rtol=0)
@@ -268,35 +291,13 @@ def test_tiled_blending_is_exact_for_a_pointwise_decoder():
 
 
 @torch.no_grad()
-def test_tiled_image_wide_norm_stats_are_exact_for_a_pointwise_decoder():
-    """Up path = GroupNorm -> 1x1 mix -> nearest upsample. norm_passes=1 must recover the whole-image GroupNorm
-    statistics exactly (each latent cell counted once), so tiled == full; per-tile statistics must not be."""
-    torch.manual_seed(0)
-    ae = AutoEncoder(tiny_params(ch_mult=(1, 1, 1)))
-    f, norm = ae.params.downsample_factor, ae.decoder.norm_out
-    mix = torch.randn(3, ae.decoder.conv_in.out_channels)
-    up = lambda h: torch.einsum("oc,bchw->bohw", mix, norm(h)).repeat_interleave(f, -1).repeat_interleave(f, -2)
-    ae.decoder.upsample_path = up
-    z = torch.randn(2, 16, 13, 22) * torch.linspace(0.5, 3, 22)  # non-stationary, so tiles' statistics differ
-    full = ae.decode(z)
-    for tile, overlap in [(8, 4), (6, 1), (9, 6)]:
-        torch.testing.assert_close(ae.decode_tiled(z, tile=tile, overlap=overlap, norm_passes=1), full,
-                                   atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(ae.decode_tiled(z, tile=8, overlap=4, norm_passes=0), full, atol=1e-2)
-    assert "forward" not in norm.__dict__  # the temporary patch is removed
-
-
-@torch.no_grad()
 def test_tiled_decode_close_to_full(golden, vae_io):
     ae = build(golden("vae", "weights_bfl.safetensors"), golden("vae", "config_bfl.json"))
     z = torch.cat([vae_io["z"], vae_io["z"].flip(-1)], dim=-1)  # [1, 16, 16, 32]
     full = ae.decode(z)
     torch.testing.assert_close(ae.decode_tiled(z, tile=32, overlap=8), full)  # one tile: the plain path
     rel = lambda t: ((t - full).norm() / full.norm()).item()
-    per_tile = rel(ae.decode_tiled(z, tile=16, overlap=8, norm_passes=0))
-    image_wide = rel(ae.decode_tiled(z, tile=16, overlap=8, norm_passes=1))
-    small_tiles = rel(ae.decode_tiled(z, tile=8, overlap=4, norm_passes=1))
+    big, small = rel(ae.decode_tiled(z, tile=16, overlap=8)), rel(ae.decode_tiled(z, tile=8, overlap=4))
     # Random tiny weights are a hard case (per-tile GroupNorm statistics differ a lot); a misplaced or
-    # mis-weighted tile gives rel. L2 ~1. Image-wide statistics and bigger tiles must deviate less.
-    assert image_wide < 0.03 and image_wide < per_tile < 0.1 and image_wide < small_tiles < 0.15, \
-        (per_tile, image_wide, small_tiles)
+    # mis-weighted tile gives rel. L2 ~1. Bigger tiles must deviate less.
+    assert big < 0.08 and big < small < 0.3, (big, small)

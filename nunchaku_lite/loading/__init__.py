@@ -272,11 +272,15 @@ def load_transformer(path, device="cpu", dtype=None, config=None, **kwargs) -> n
         return load_model(DIT, path, device, dtype, config)
     device = resolve_device(device) if device is not None else torch.device("cpu")
     dtype = resolve_dtype(dtype)
+    is_legacy_folder = path.is_dir() and (path / "transformer_blocks.safetensors").is_file()
+    if path.is_dir() and not is_legacy_folder:  # a component folder holding one quantized file
+        with Checkpoint.open(path) as ckpt:
+            if len(ckpt.files) != 1:
+                raise CheckpointError(f"{path}: expected one quantized safetensors file, found "
+                                      f"{', '.join(f.name for f in ckpt.files)}")
+            path = ckpt.files[0]
     if fmt == "nunchaku_lite":
         from ..quant.format import load_quantized_transformer
-        if path.is_dir():  # a component folder holding our single quantized file
-            with Checkpoint.open(path) as ckpt:
-                path = ckpt.files[0]
         return load_quantized_transformer(path, device=device, dtype=dtype, **kwargs)
     try:
         from ..quant.nunchaku import load_nunchaku_transformer

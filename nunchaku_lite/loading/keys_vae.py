@@ -101,13 +101,15 @@ def plan_vae_keys(keys: Iterable[str]) -> tuple[str, dict[str, tuple[str, str]]]
             else:
                 unexpected.append(k)
     else:
-        levels = {int(m.group(1)) for k in inner if (m := re.match(r"(?:encoder|decoder)\.(?:down|up)_blocks\.(\d+)\.",
-                                                                   k[len(prefix):]))}
+        # The decoder's level count fixes the index reversal (diffusers up_blocks.0 == BFL up.{n-1}).
+        levels = {int(m.group(1)) for k in inner if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k[len(prefix):]))}
         num_levels = max(levels) + 1 if levels else 0
         for k in inner:
             native = _diffusers_to_bfl(k[len(prefix):], num_levels)
             if native is None:
                 unexpected.append(k)
+            elif native[0] in plan:
+                raise ValueError(f"VAE checkpoint has two keys for `{native[0]}`: {plan[native[0]][0]} and {k}")
             else:
                 plan[native[0]] = (k, native[1])
     if unexpected:
@@ -136,10 +138,13 @@ def native_shapes(shapes: Mapping[str, Iterable[int]]) -> dict[str, tuple[int, .
     return out
 
 
-def to_native_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Eager convenience: a whole state dict of either layout -> native names (tensors converted, not copied)."""
-    _, plan = plan_vae_keys(state_dict.keys())
-    return {native: convert_tensor(state_dict[src], op) for native, (src, op) in plan.items()}
+def to_native_keys(state_dict_or_keys: Mapping[str, torch.Tensor] | Iterable[str]):
+    """A state dict of either layout -> {native_key: tensor} (converted, not copied);
+    an iterable of key names -> the plan {native_key: (source_key, op)} (as `plan_vae_keys`)."""
+    if not isinstance(state_dict_or_keys, Mapping):
+        return plan_vae_keys(state_dict_or_keys)[1]
+    _, plan = plan_vae_keys(state_dict_or_keys.keys())
+    return {native: convert_tensor(state_dict_or_keys[src], op) for native, (src, op) in plan.items()}
 
 
 def params_from_config(config: Mapping) -> AutoEncoderParams:
@@ -157,23 +162,31 @@ def params_from_config(config: Mapping) -> AutoEncoderParams:
             if key in config and config[key] != ok:
                 raise ValueError(f"VAE config: {key}={config[key]!r} is not supported (the FLUX autoencoder has "
                                  f"{key}={ok!r})")
-        blocks = [int(c) for c in config.get("block_out_channels", [d.ch * m for m in d.ch_mult])]
-        if not blocks or any(c % blocks[0] for c in blocks):
-            raise ValueError(f"VAE config: block_out_channels {blocks} must be multiples of the first entry")
-        shift = config.get("shift_factor", d.shift_factor)
-        return AutoEncoderParams(
-            resolution=int(config.get("sample_size", d.resolution)),
-            in_channels=int(config.get("in_channels", d.in_channels)),
-            ch=blocks[0],
-            out_ch=int(config.get("out_channels", d.out_ch)),
-            ch_mult=tuple(c // blocks[0] for c in blocks),
-            num_res_blocks=int(config.get("layers_per_block", d.num_res_blocks)),
-            z_channels=int(config.get("latent_channels", d.z_channels)),
-            scale_factor=float(config.get("scaling_factor", d.scale_factor)),
-            shift_factor=0.0 if shift is None else float(shift),  # SD-style VAEs have none
-        )
+        try:
+            return _params_from_diffusers(config, d)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"VAE config (diffusers AutoencoderKL names): bad value: {e}") from None
     names = AutoEncoderParams.__dataclass_fields__.keys()
-    return AutoEncoderParams(**{k: (tuple(v) if k == "ch_mult" else v) for k, v in config.items() if k in names})
+    return AutoEncoderParams(**{k: v for k, v in config.items() if k in names})
+
+
+def _params_from_diffusers(config: Mapping, d: AutoEncoderParams) -> AutoEncoderParams:
+    """block_out_channels -> ch and ch_mult, layers_per_block -> num_res_blocks, latent_channels -> z_channels."""
+    blocks = [int(c) for c in config.get("block_out_channels", [d.ch * m for m in d.ch_mult])]
+    if not blocks or any(c % blocks[0] for c in blocks):
+        raise ValueError(f"block_out_channels {blocks} must be multiples of the first entry")
+    shift = config.get("shift_factor", d.shift_factor)
+    return AutoEncoderParams(
+        resolution=int(config.get("sample_size", d.resolution)),
+        in_channels=int(config.get("in_channels", d.in_channels)),
+        ch=blocks[0],
+        out_ch=int(config.get("out_channels", d.out_ch)),
+        ch_mult=tuple(c // blocks[0] for c in blocks),
+        num_res_blocks=int(config.get("layers_per_block", d.num_res_blocks)),
+        z_channels=int(config.get("latent_channels", d.z_channels)),
+        scale_factor=float(config.get("scaling_factor", d.scale_factor)),
+        shift_factor=0.0 if shift is None else float(shift),  # SD-style VAEs have none
+    )
 
 
 def params_from_shapes(shapes: Mapping[str, Iterable[int]], scale_factor: float | None = None,

@@ -9,7 +9,7 @@ layers nest their parts: `single_blocks.0.linear2.parts.1.qweight`), plus the 16
     format          "nunchaku_lite.svdquant"
     format_version  "1"             (any other version is refused with a clear error)
     method          e.g. "svdquant", "naive", "smooth", "w4a16", "nunchaku-import"
-    rank            largest low-rank branch rank among the W4A4 layers
+    rank            the quantizer's rank (`quant_config["rank"]`), else the largest W4A4 low-rank rank
     group_size      "64"
     base_model      "dev" | "schnell"   (from guidance_embed)
     flux_params     JSON of FluxParams (BFL names)
@@ -77,7 +77,7 @@ def build_metadata(model: nn.Module, method: str | None = None) -> dict[str, str
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": str(method or qcfg.get("method", "svdquant")),
-        "rank": str(max(ranks, default=0)),
+        "rank": str(max(ranks, default=0) if qcfg.get("rank") is None else qcfg["rank"]),
         "group_size": "64",
         "base_model": "dev" if params.guidance_embed else "schnell",
         "flux_params": json.dumps(dataclasses.asdict(params)),

@@ -7,11 +7,13 @@ kernels (nunchaku_lite.native) run instead when they are built.
 K (in_features) that is not a multiple of the group size 64 is padded with zero columns at build time (a
 warning says so); the forward pads its input the same way, so callers still pass in_features columns.
 
-Two small composites exist for layers that one quantized GEMM cannot express (used by the Nunchaku import):
-`SplitInputLinear` (sum of parts over slices of the input: FLUX's single-block linear2 = attention out_proj
-on the first D inputs + signed, and mlp_fc2 on the rest, unsigned and shifted) and `ConcatOutputLinear`
-(outputs of parts concatenated: used only when two row blocks do not share a smooth vector).
+Two small composites exist for layers that one quantized GEMM cannot express: `SplitInputLinear` (sum of
+parts over consecutive slices of the input; FLUX's single-block linear2 with unsigned fc2 inputs = attention
+out_proj on the first D inputs, signed, + mlp_fc2 on the other F inputs, unsigned and shifted, as in Nunchaku)
+and `ConcatOutputLinear` (outputs of parts concatenated; the Nunchaku import uses it only when two row blocks
+of a fused linear do not share a smooth vector).
 """
+import functools
 import warnings
 
 import torch
@@ -23,8 +25,10 @@ from . import ops
 GROUP = ops.GROUP
 
 
+@functools.cache
 def _native():
-    """The native kernel module if it is built and usable, else None (the package works without it)."""
+    """The native kernel module if it is built and usable, else None (the package works without it).
+    Decided once per process (a failing import is not retried on every forward)."""
     try:
         from .. import native
     except Exception:  # not built yet, no CUDA toolkit, cffi failure: the reference ops take over
@@ -42,15 +46,33 @@ def _warn_pad(k: int, name: str):
                   "(weights and inputs), which costs memory and compute but not accuracy", stacklevel=3)
 
 
-class W4A4Linear(nn.Module):
+class _KeepsExactBuffers(nn.Module):
+    """`.to(dtype)`, `.half()`, `.bfloat16()` move but never re-round the buffers that define the quantized
+    values (weight scales, zero points, smooth): a cast would silently change the 4-bit weights."""
+
+    _exact: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        keep = {name: self._buffers[name] for name in self._exact if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        device = self.qweight.device  # uint8: moved by fn, never cast
+        for name, t in keep.items():
+            self._buffers[name] = t.to(device)
+        return self
+
+
+class W4A4Linear(_KeepsExactBuffers):
     """y = W4A4(x / smooth) + (x @ lora_down^T) @ lora_up^T + bias (see ops.w4a4_linear).
 
     Buffers (Kp = in_features rounded up to 64): qweight uint8 [N, Kp/2] (canonical packing), wscales
     [N, Kp/64] (`scale_dtype`), smooth float32 [Kp], lora_down [rank, Kp] (reads the raw input: 1/smooth is
     folded in), lora_up [N, rank], bias [N]. `act_unsigned`/`act_shift`: unsigned u4 activations of
     (x + shift) / smooth, for post-GELU inputs. `act_quant=False` keeps the 4-bit weight but runs 16-bit
-    activations (ablations, layer-by-layer checks of an import).
+    activations (ablations, layer-by-layer checks of an import). `.to(dtype)` casts only lora_down, lora_up
+    and bias (see _KeepsExactBuffers).
     """
+
+    _exact = ("wscales", "smooth")
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  act_unsigned: bool = False, act_shift: float = 0.0, act_quant: bool = True,
@@ -77,7 +99,7 @@ class W4A4Linear(nn.Module):
                     scale_dtype: torch.dtype = torch.bfloat16) -> "W4A4Linear":
         """Build from the quantizer's results for `linear` (its bias is copied).
 
-        residual [N, K]: the smoothed weight minus the low-rank part (W * smooth - lora_up @ lora_down_s),
+        residual [N, K]: the smoothed weight minus the low-rank part, W * smooth - lora_up @ (lora_down * smooth),
         quantized here. smooth [K] (None: ones). lora_down [r, K] must already read the RAW input (1/smooth
         folded in); lora_up [N, r]. The bias is copied as is: with `act_shift` s the quantized part computes
         ((x + s) / smooth) @ Rq^T = x @ (Rq / smooth)^T + s * rowsum(Rq / smooth), so a caller that wants an
@@ -145,7 +167,9 @@ class W4A4Linear(nn.Module):
             return self._forward_fake_act(x)
         native = _native() if x.is_cuda else None
         if native is not None and hasattr(native, "w4a4_linear"):
-            return native.w4a4_linear(x, self)
+            y = native.w4a4_linear(x, self)  # NotImplemented: a shape/rank/device the kernels do not cover
+            if y is not NotImplemented:
+                return y
         lora = (self.lora_down, self.lora_up) if self.rank else (None, None)
         return ops.w4a4_linear(x, self.qweight, self.wscales, *lora, self.bias, self.smooth,
                                self.act_unsigned, self.act_shift)
@@ -165,12 +189,15 @@ class W4A4Linear(nn.Module):
         return s + ("" if self.act_quant else ", act_quant=False")
 
 
-class W4A16Linear(nn.Module):
+class W4A16Linear(_KeepsExactBuffers):
     """y = x @ W^T + bias with 4-bit weights (per-row groups of 64) and 16-bit activations (see ops.w4a16_linear).
 
     Buffers: qweight uint8 [N, Kp/2], wscales [N, Kp/64], bias [N]; with `zero_point=True` also wzeros
     [N, Kp/64] and unsigned codes (W = U * s + z, Nunchaku's AWQ layers), else signed codes (W = C * s).
+    `.to(dtype)` casts only the bias.
     """
+
+    _exact = ("wscales", "wzeros")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, zero_point: bool = False,
                  dtype: torch.dtype = torch.bfloat16, scale_dtype: torch.dtype = torch.bfloat16, device=None):
@@ -221,7 +248,9 @@ class W4A16Linear(nn.Module):
             x = F.pad(x, (0, pad))
         native = _native() if x.is_cuda else None
         if native is not None and hasattr(native, "w4a16_linear"):
-            return native.w4a16_linear(x, self)
+            y = native.w4a16_linear(x, self)
+            if y is not NotImplemented:
+                return y
         return ops.w4a16_linear(x, self.qweight, self.wscales, self.bias, self.wzeros)
 
     def extra_repr(self) -> str:

@@ -321,7 +321,7 @@ class _Converter:
         bias = _deinterleave(self._get(f"{prefix}.bias", (n,)), splits).float()
         # the scale chunks (1 and S-2) carry +1 for Nunchaku's `norm(x) * scale`; ours adds the 1 itself
         dm = n // splits
-        for c in (1, splits - 2):
+        for c in sorted({1, splits - 2}):  # S=6: chunks 1, 4; S=3: chunk 1 (once)
             bias[c * dm:(c + 1) * dm] -= 1.0
         bufs = {
             "qweight": ops.pack_int4(codes),
@@ -355,8 +355,20 @@ def _merge_rows(a: tuple[W4A4Linear, dict], b: tuple[W4A4Linear, dict], act_quan
     return m, bufs
 
 
-def _prefixed(prefix: str, bufs: dict) -> dict:
-    return {f"{prefix}.{k}": v for k, v in bufs.items()}
+def _known_keys(params) -> set[str]:
+    """Every tensor name a Nunchaku INT4 file of this FLUX may hold (anything else is refused)."""
+    keys = {f"{d}.{f}" for d in UNQUANTIZED for f in ("weight", "bias")}
+    for i in range(params.depth):
+        pre = f"transformer_blocks.{i}"
+        keys |= {f"{pre}.{n}.{f}" for n in DOUBLE_W4A4 for f in W4A4_FIELDS}
+        keys |= {f"{pre}.{n}.{f}" for n in DOUBLE_W4A16 for f in W4A16_FIELDS}
+        keys |= {f"{pre}.{n}" for n in DOUBLE_NORMS}
+    for i in range(params.depth_single_blocks):
+        pre = f"single_transformer_blocks.{i}"
+        keys |= {f"{pre}.{n}.{f}" for n in ("qkv_proj", "mlp_fc1", "out_proj", "mlp_fc2") for f in W4A4_FIELDS}
+        keys |= {f"{pre}.norm.linear.{f}" for f in W4A16_FIELDS}
+        keys |= {f"{pre}.{n}" for n in SINGLE_NORMS}
+    return keys
 
 
 def load_nunchaku_transformer(path, device=None, dtype: torch.dtype | None = None,
@@ -372,6 +384,11 @@ def load_nunchaku_transformer(path, device=None, dtype: torch.dtype | None = Non
     where = str(path)
     _check_int4(src, where)
     params = _params(src, path)
+    unknown = sorted(set(src.keys()) - _known_keys(params))
+    if unknown:
+        raise ValueError(f"{where}: unexpected tensors for a FLUX.1 model with {params.depth} double and "
+                         f"{params.depth_single_blocks} single blocks: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
     probe = next(k for k in src.keys() if k.endswith(".qkv_proj.wscales"))
     dtype = dtype or src.get(probe).dtype  # published files: bf16 (§1.3)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -380,74 +397,58 @@ def load_nunchaku_transformer(path, device=None, dtype: torch.dtype | None = Non
     shapes = {"qkv_proj": (3 * d, d), "qkv_proj_context": (3 * d, d), "out_proj": (d, d),
               "out_proj_context": (d, d), "mlp_fc1": (f, d), "mlp_context_fc1": (f, d),
               "mlp_fc2": (d, f), "mlp_context_fc2": (d, f)}
-
     layers: dict[str, nn.Module] = {}
     tensors: dict[str, torch.Tensor] = {}
-    used = set()
 
-    def take(key):
-        used.add(key)
-        return src.get(key)
+    def put(path: str, module_and_buffers: tuple[nn.Module, dict]):
+        module, bufs = module_and_buffers
+        layers[path] = module
+        tensors.update({f"{path}.{k}": v for k, v in bufs.items()})
+
+    def put_16bit(ours: str, key: str):
+        tensors[ours] = src.get(key).to(device, dtype)
 
     for i in range(params.depth):
         pre, ours = f"transformer_blocks.{i}", f"double_blocks.{i}"
         for name, (target, unsigned) in DOUBLE_W4A4.items():
-            m, bufs = conv.w4a4(f"{pre}.{name}", *shapes[name], unsigned)
-            layers[f"{ours}.{target}"] = m
-            tensors.update(_prefixed(f"{ours}.{target}", bufs))
-            used.update(f"{pre}.{name}.{fld}" for fld in W4A4_FIELDS)
+            put(f"{ours}.{target}", conv.w4a4(f"{pre}.{name}", *shapes[name], unsigned))
         for name, target in DOUBLE_W4A16.items():
-            m, bufs = conv.w4a16(f"{pre}.{name}", 6 * d, d, 6)
-            layers[f"{ours}.{target}"] = m
-            tensors.update(_prefixed(f"{ours}.{target}", bufs))
-            used.update(f"{pre}.{name}.{fld}" for fld in W4A16_FIELDS)
+            put(f"{ours}.{target}", conv.w4a16(f"{pre}.{name}", 6 * d, d, 6))
         for name, target in DOUBLE_NORMS.items():
-            tensors[f"{ours}.{target}"] = take(f"{pre}.{name}").to(device, dtype)
+            put_16bit(f"{ours}.{target}", f"{pre}.{name}")
 
     for i in range(params.depth_single_blocks):
         pre, ours = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         qkv = conv.w4a4(f"{pre}.qkv_proj", 3 * d, d, False)
         fc1 = conv.w4a4(f"{pre}.mlp_fc1", f, d, False)
-        if torch.equal(qkv[1]["smooth"], fc1[1]["smooth"]) and qkv[0].bias is not None and fc1[0].bias is not None:
-            m, bufs = _merge_rows(qkv, fc1, act_quant)
-            layers[f"{ours}.linear1"] = m
-            tensors.update(_prefixed(f"{ours}.linear1", bufs))
+        if torch.equal(qkv[1]["smooth"], fc1[1]["smooth"]) and "bias" in qkv[1] and "bias" in fc1[1]:
+            put(f"{ours}.linear1", _merge_rows(qkv, fc1, act_quant))
         else:
-            layers[f"{ours}.linear1"] = ConcatOutputLinear([qkv[0], fc1[0]])
-            tensors.update(_prefixed(f"{ours}.linear1.parts.0", qkv[1]))
-            tensors.update(_prefixed(f"{ours}.linear1.parts.1", fc1[1]))
+            put(f"{ours}.linear1", (ConcatOutputLinear([qkv[0], fc1[0]]), {}))
+            put(f"{ours}.linear1.parts.0", qkv)
+            put(f"{ours}.linear1.parts.1", fc1)
         out = conv.w4a4(f"{pre}.out_proj", d, d, False)
         fc2 = conv.w4a4(f"{pre}.mlp_fc2", d, f, True)
-        layers[f"{ours}.linear2"] = SplitInputLinear([out[0], fc2[0]])
-        tensors.update(_prefixed(f"{ours}.linear2.parts.0", out[1]))
-        tensors.update(_prefixed(f"{ours}.linear2.parts.1", fc2[1]))
-        for name in ("qkv_proj", "mlp_fc1", "out_proj", "mlp_fc2"):
-            used.update(f"{pre}.{name}.{fld}" for fld in W4A4_FIELDS)
-        m, bufs = conv.w4a16(f"{pre}.norm.linear", 3 * d, d, 3)
-        layers[f"{ours}.modulation.lin"] = m
-        tensors.update(_prefixed(f"{ours}.modulation.lin", bufs))
-        used.update(f"{pre}.norm.linear.{fld}" for fld in W4A16_FIELDS)
+        put(f"{ours}.linear2", (SplitInputLinear([out[0], fc2[0]]), {}))
+        put(f"{ours}.linear2.parts.0", out)
+        put(f"{ours}.linear2.parts.1", fc2)
+        put(f"{ours}.modulation.lin", conv.w4a16(f"{pre}.norm.linear", 3 * d, d, 3))
         for name, target in SINGLE_NORMS.items():
-            tensors[f"{ours}.{target}"] = take(f"{pre}.{name}").to(device, dtype)
+            put_16bit(f"{ours}.{target}", f"{pre}.{name}")
 
     for dname, bname in UNQUANTIZED.items():
         for field in ("weight", "bias"):
-            key = f"{dname}.{field}"
-            if key not in src:
-                continue
-            t = take(key).to(device, dtype)
-            if dname == "norm_out.linear":
-                scale, shift = t.chunk(2, dim=0)
-                t = torch.cat((shift, scale), dim=0)
-            tensors[f"{bname}.{field}"] = t
+            if f"{dname}.{field}" in src:
+                put_16bit(f"{bname}.{field}", f"{dname}.{field}")
+    for field in ("weight", "bias"):  # diffusers [scale; shift] -> BFL [shift; scale]
+        key = f"final_layer.adaLN_modulation.1.{field}"
+        if key in tensors:
+            scale, shift = tensors[key].chunk(2, dim=0)
+            tensors[key] = torch.cat((shift, scale), dim=0)
 
-    unknown = sorted(k for k in src.keys() if k not in used)
-    if unknown:
-        raise ValueError(f"{where}: unexpected tensors for a FLUX.1 model with {params.depth} double and "
-                         f"{params.depth_single_blocks} single blocks: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
-
-    model = build_quantized_flux(params, {k: m.config() for k, m in layers.items()}, act_quant)
+    top = {k: m for k, m in layers.items() if ".parts." not in k}  # composites rebuild their parts
+    model = build_quantized_flux(params, {k: m.config() for k, m in top.items()}, act_quant)
     load_tensors_into(model, tensors, where)
-    model.quant_config = {"method": "nunchaku-import", "source": path.name}
+    rank = src.shape("transformer_blocks.0.qkv_proj.lora_down")[-1] if params.depth else None
+    model.quant_config = {"method": "nunchaku-import", "rank": rank, "source": path.name}
     return model.eval()

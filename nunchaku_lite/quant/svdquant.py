@@ -67,6 +67,7 @@ class QuantConfig:
     grid: int = 20  # alpha grid: a = 1/grid .. (grid-1)/grid
     refine_iters: int = 4  # low-rank refinement steps (stop early when the output error stops improving)
     fc2_unsigned: bool = False
+    gptq: bool = True  # GPTQ rounding of the INT4 residual (and of W4A16 weights) instead of round-to-nearest
     max_tokens: int = 1024  # input tokens kept per layer for the search and the error figures
     seed: int = 0
 
@@ -83,6 +84,8 @@ class QuantConfig:
             raise ValueError("quantize: refine_iters must be >= 0 and max_tokens >= 1")
         if self.method in ("smooth", "naive", "w4a16"):
             self.rank = 0  # these methods have no low-rank branch by definition
+        if self.method == "naive":
+            self.gptq = False  # plain round-to-nearest W4A4, the baseline
 
     @property
     def searches(self) -> bool:
@@ -113,17 +116,16 @@ def is_fc2(name: str, block_kind: str) -> bool:
 
 
 class InputStats:
-    """Running per-channel max|x| of a linear's input plus a uniform random sample of <= max_tokens tokens.
+    """Streaming statistics of a linear's input x: per-channel max|x|, the second moment H = sum x^T x (for
+    GPTQ; optional) and a uniform random sample of <= max_tokens tokens.
 
     The sample keeps the tokens with the largest i.i.d. uniform keys seen so far, i.e. a uniform sample
-    without replacement over all tokens ever seen, in O(max_tokens * K) memory.
+    without replacement over all tokens ever seen, in O(max_tokens * K) memory; H costs K * K floats.
     """
 
-    def __init__(self, max_tokens: int, generator: torch.Generator):
-        self.max_tokens, self.gen = max_tokens, generator
-        self.absmax = None
-        self.keys = None
-        self.rows = None
+    def __init__(self, max_tokens: int, generator: torch.Generator, hessian: bool = False, sample: bool = True):
+        self.max_tokens, self.gen, self.want_hessian, self.want_sample = max_tokens, generator, hessian, sample
+        self.absmax = self.keys = self.rows = self.hessian = None
         self.count = 0
 
     def update(self, x: torch.Tensor):
@@ -131,6 +133,18 @@ class InputStats:
         amax = x.abs().amax(dim=0).float()
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         self.count += x.shape[0]
+        if self.want_hessian:
+            xf = x.float()
+            # 16-bit inputs are exact in TF32, so the fast TF32 product loses nothing (fp32 accumulation)
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = x.dtype in (torch.bfloat16, torch.float16)
+            try:
+                h = xf.T @ xf
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+        if not self.want_sample:
+            return
         keys = torch.rand(x.shape[0], generator=self.gen, device=self.gen.device).to(x.device)
         if x.shape[0] > self.max_tokens:
             keys, idx = keys.topk(self.max_tokens)
@@ -198,6 +212,69 @@ def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> tor
     t, k = codes.shape
     deq = (codes.float().view(t, -1, ops.GROUP) * scales[..., None]).view(t, k)
     return deq - shift / smooth if unsigned else deq
+
+
+_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _group_scale(wg: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Per-row scale of one 64-column group [N, 64]: (clip * absmax) / 7 with the clip ratio of least squared
+    rounding error (weights only; the format allows any scale), rounded to `scale_dtype`."""
+    amax = wg.abs().amax(dim=1)
+    best_s, best_e = None, None
+    for clip in _CLIP_RATIOS:
+        s = (amax * clip / 7.0).to(scale_dtype)
+        sf = s.float()[:, None]
+        safe = torch.where(sf > 0, sf, torch.ones_like(sf))
+        e = (torch.round(wg / safe).clamp_(-8, 7) * sf - wg).pow(2).sum(dim=1)
+        if best_s is None:
+            best_s, best_e = s, e
+        else:
+            better = e < best_e
+            best_s, best_e = torch.where(better, s, best_s), torch.minimum(e, best_e)
+    return best_s
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, block: int = 128,
+                  scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ: quantize w [N, K] column by column to INT4 (per row, groups of 64, symmetric), pushing each
+    column's rounding error onto the not yet quantized columns through the inverse of H = sum x^T x [K, K],
+    which minimizes the output error sum ||x (W - Q)^T||^2 over the calibration inputs.
+
+    Group scales are chosen when the group is reached, from its weights as updated so far: absmax/7 times the
+    clip ratio in 1.0 .. 0.75 of least squared rounding error, rounded to `scale_dtype`. Returns (codes int8 [N, K], scales [N, K//64]) in ops.quantize_weight's conventions.
+    """
+    n, k = w.shape
+    g = ops.GROUP
+    w = w.float().clone()
+    h = hessian.double().clone()
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    # upper Cholesky factor of H^-1: row i holds the update coefficients of column i onto columns > i
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
+    scales = torch.zeros(n, k // g, dtype=scale_dtype, device=w.device)
+    block = max(g, block // g * g)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                s = _group_scale(w1[:, i:i + g], scale_dtype)
+                scales[:, col // g] = s
+                s = s.float()
+                safe = torch.where(s > 0, s, torch.ones_like(s))
+            q = torch.round(w1[:, i] / safe).clamp_(-8, 7)
+            codes[:, col] = q.to(torch.int8)
+            err = (w1[:, i] - q * s) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, scales
 
 
 def smoothing_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -279,9 +356,11 @@ def _pad_k(t: torch.Tensor, k_padded: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(t, (0, k_padded - t.shape[-1]), value=value) if t.shape[-1] != k_padded else t
 
 
-def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool) -> W4A4Linear:
+def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
+               hessian: torch.Tensor | None = None) -> W4A4Linear:
     """The W4A4Linear for `linear` from a search result; the residual is computed against the low-rank
-    factors as they will be stored (rounded to the model dtype), so their rounding error gets quantized too."""
+    factors as they will be stored (rounded to the model dtype), so their rounding error gets quantized too.
+    With `hessian` (sum x^T x of the raw inputs) the residual is rounded by GPTQ in the smoothed space."""
     k = linear.in_features
     w = linear.weight.detach().float()
     lam = result.smooth[:k].float()
@@ -295,9 +374,29 @@ def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool) -> W4A4Li
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
     layer = W4A4Linear.from_linear(linear, resid, smooth=lam, lora_down=lora_down, lora_up=lora_up,
                                    act_unsigned=unsigned, act_shift=shift)
+    if hessian is not None:
+        kp = layer.smooth.shape[0]
+        lam_p = layer.smooth.double()
+        h = F.pad(hessian.double(), (0, kp - k, 0, kp - k)) / (lam_p[:, None] * lam_p[None, :])  # of x / lambda
+        _set_codes(layer, *gptq_quantize(_pad_k(resid, kp), h, scale_dtype=layer.wscales.dtype))
     if unsigned:  # (x + s)/lambda . Rq^T = x/lambda . Rq^T + s * rowsum(Rq / lambda): take the second term out
         rq = layer.dequantized_weight() / layer.smooth
         layer.bias.copy_((layer.bias.float() - shift * rq.sum(dim=1)).to(layer.bias.dtype))
+    return layer
+
+
+def _set_codes(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor):
+    layer.qweight.copy_(ops.pack_int4(codes))
+    layer.wscales.copy_(scales)
+
+
+def build_w4a16(linear: nn.Linear, hessian: torch.Tensor | None = None) -> W4A16Linear:
+    """W4A16Linear for `linear`: round-to-nearest, or GPTQ when the input second moment `hessian` is given."""
+    layer = W4A16Linear.from_linear(linear)
+    if hessian is not None:
+        k, kp = linear.in_features, layer.wscales.shape[1] * ops.GROUP
+        w = _pad_k(linear.weight.detach().float(), kp)
+        _set_codes(layer, *gptq_quantize(w, F.pad(hessian, (0, kp - k, 0, kp - k)), scale_dtype=layer.wscales.dtype))
     return layer
 
 
@@ -331,7 +430,8 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
         if is_modulation(name) or cfg.method == "w4a16":
             if is_modulation(name) and cfg.modulation == "bf16" and cfg.method != "w4a16":
                 continue
-            new, rec = W4A16Linear.from_linear(linear), dict(precision="w4a16")
+            new = build_w4a16(linear, st.hessian if st is not None and cfg.gptq else None)
+            rec = dict(precision="w4a16")
         else:
             unsigned = cfg.fc2_unsigned and is_fc2(name, kind) and linear.bias is not None
             if unsigned and kind == "single":  # concat(attn, gelu(mlp)): signed attention part + unsigned MLP part
@@ -340,7 +440,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                 for lo, hi, uns in ((0, hidden, False), (hidden, linear.in_features, True)):
                     sub = _linear_part(linear, lo, hi, with_bias=uns)
                     res, naive = _search(sub, st.absmax[lo:hi], st.rows[:, lo:hi], cfg, uns, generator)
-                    parts.append(build_w4a4(sub, res, uns))
+                    parts.append(build_w4a4(sub, res, uns, _hessian(st, cfg, lo, hi)))
                     naives.append(naive)
                     alphas.append((res.alpha, res.beta))
                 new = SplitInputLinear(parts)
@@ -348,7 +448,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                            beta=alphas[1][1])
             else:
                 res, naive = _search(linear, st.absmax, st.rows, cfg, unsigned, generator)
-                new = build_w4a4(linear, res, unsigned)
+                new = build_w4a4(linear, res, unsigned, _hessian(st, cfg))
                 rec = dict(precision="w4a4", naive_err=math.sqrt(naive), alpha=res.alpha, beta=res.beta)
         if st is not None and st.rows is not None:
             x = st.rows.to(linear.weight.dtype)
@@ -357,6 +457,10 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
         block.set_submodule(name, new)
         records.append(dict(layer=name, **rec))
     return records
+
+
+def _hessian(st: InputStats, cfg: QuantConfig, lo: int = 0, hi: int | None = None) -> torch.Tensor | None:
+    return st.hessian[lo:hi, lo:hi] if cfg.gptq and st.hessian is not None else None
 
 
 def _search(linear: nn.Linear, absmax: torch.Tensor, rows: torch.Tensor, cfg: QuantConfig, unsigned: bool,
@@ -386,7 +490,10 @@ def _bind(fn, args, kwargs) -> dict:
 
 
 def _detach_cpu(v):
-    return v.detach().to("cpu") if isinstance(v, torch.Tensor) else v
+    if not isinstance(v, torch.Tensor):
+        return v
+    with torch.inference_mode(False):  # the pipeline runs in inference mode; keep ordinary tensors
+        return v.detach().to("cpu", copy=True).clone()
 
 
 def collect_pipeline_inputs(pipeline, prompts, steps: int | None = None, seed: int = 0, **call_kwargs) -> list[dict]:
@@ -413,14 +520,15 @@ def collect_pipeline_inputs(pipeline, prompts, steps: int | None = None, seed: i
     return captured
 
 
-def calibration_inputs(calibration, pipeline=None, steps=None, samples=None, seed=0) -> list[dict]:
+def calibration_inputs(calibration, pipeline=None, steps=None, samples=None, seed=0,
+                       pipeline_kwargs: dict | None = None) -> list[dict]:
     """Normalize `calibration` (list of DiT kwarg dicts, or prompts with `pipeline=`) to a list of dicts,
     keeping at most `samples` of them (a seeded random subset in original order)."""
     if isinstance(calibration, str) or (isinstance(calibration, (list, tuple)) and calibration
                                         and all(isinstance(c, str) for c in calibration)):
         if pipeline is None:
             raise ValueError("quantize: calibration prompts need `pipeline=` (a nunchaku_lite.Flux) to run them")
-        inputs = collect_pipeline_inputs(pipeline, calibration, steps, seed)
+        inputs = collect_pipeline_inputs(pipeline, calibration, steps, seed, **(pipeline_kwargs or {}))
     elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, dict) for c in calibration):
         inputs = list(calibration)
         for i, c in enumerate(inputs):
@@ -465,7 +573,7 @@ def _check_model(dit: nn.Module, cfg: QuantConfig):
                                      f"[{lin.out_features} x {lin.in_features}]")
     if padded:
         warnings.warn(f"quantize: {len(padded)} linears have K not a multiple of {ops.GROUP} (e.g. {padded[0]}); "
-                      "their weights and inputs are zero-padded to the next multiple", stacklevel=3)
+                      "their weights and inputs are zero-padded to the next multiple", stacklevel=4)
 
 
 def _to_device(sample: dict, device, dtype) -> dict:
@@ -528,28 +636,32 @@ def _log_block(name, seconds, records, file):
 
 @torch.no_grad()
 def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 32, *, modulation: str = "w4a16",
-             grid: int = 20, refine_iters: int = 4, fc2_unsigned: bool = False, max_tokens: int = 1024,
+             grid: int = 20, refine_iters: int = 4, fc2_unsigned: bool = False, gptq: bool = True,
+             max_tokens: int = 1024,
              device=None, progress=True, pipeline=None, steps: int | None = None, samples: int | None = None,
-             seed: int = 0) -> nn.Module:
+             seed: int = 0, pipeline_kwargs: dict | None = None) -> nn.Module:
     """Quantize a FLUX DiT IN PLACE (its linears are swapped for quantized modules) and return it.
 
     dit: a 16-bit nunchaku_lite Flux (e.g. from `load_transformer`), on any device (CPU RAM is fine).
     calibration: a list of dicts of the transformer's keyword inputs (img, img_ids, txt, txt_ids, timesteps, y,
         guidance), or a list of prompts together with `pipeline=` (their DiT inputs at every one of the `steps`
-        sampler steps are captured); `samples` keeps a random subset of that many inputs.
+        sampler steps are captured; `pipeline_kwargs` such as height/width go to each pipeline call);
+        `samples` keeps a random subset of that many inputs.
     method: "svdquant" | "smooth" | "naive" | "w4a16"; rank: low-rank branch rank (svdquant; 0 allowed).
     modulation: "w4a16" (4-bit weights, 16-bit activations) or "bf16" (kept in the model's 16-bit dtype).
     grid: alpha steps of 1/grid in the smoothing search; refine_iters: low-rank refinement iterations.
     fc2_unsigned: unsigned shifted activations for the MLP output linears (Nunchaku's choice).
+    gptq: round the INT4 weights (W4A4 residuals, W4A16 layers) with GPTQ using the calibration inputs'
+        second moments, instead of round-to-nearest (method "naive" always rounds to nearest).
     max_tokens: input tokens sampled per layer for the search and the reported errors.
     device: where each block is quantized (default: CUDA if available, else the model's device).
     progress: True prints one line per block to stderr; a callable receives (block_name, seconds, records).
 
     The result has `quant_config` (settings, saved by `save_quantized`) and `quant_report` (per-layer errors).
     """
-    cfg = QuantConfig(method, rank, modulation, grid, refine_iters, fc2_unsigned, max_tokens, seed)
+    cfg = QuantConfig(method, rank, modulation, grid, refine_iters, fc2_unsigned, gptq, max_tokens, seed)
     _check_model(dit, cfg)
-    inputs = calibration_inputs(calibration, pipeline, steps, samples, seed)
+    inputs = calibration_inputs(calibration, pipeline, steps, samples, seed, pipeline_kwargs)
     home = _device_of(dit)
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else home)
@@ -570,9 +682,10 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
             block.to(device)
             stats, hooks = {}, []
             for name, lin in block_linears(block):
-                if is_modulation(name):
+                mod = is_modulation(name)
+                if mod and (cfg.modulation == "bf16" and cfg.method != "w4a16" or not cfg.gptq):
                     continue
-                stats[name] = st = InputStats(cfg.max_tokens, generator)
+                stats[name] = st = InputStats(cfg.max_tokens, generator, hessian=cfg.gptq, sample=not mod)
                 hooks.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0])))
             try:
                 outs = [block(*args) for args in states]
@@ -587,15 +700,12 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
             records = quantize_block(block, kind, stats, cfg, generator)
             del stats
             block.to(block_home)
-            name = f"{kind}_blocks.{i}"
-            for r in records:
-                r["layer"] = f"{name}.{r['layer']}"
-            report += records
-            seconds = time.perf_counter() - t0
+            name, seconds = f"{kind}_blocks.{i}", time.perf_counter() - t0
             if callable(progress):
                 progress(name, seconds, records)
             elif progress:
                 _log_block(name, seconds, records, sys.stderr)
+            report += [dict(r, layer=f"{name}.{r['layer']}") for r in records]
     if progress is True:
         print(f"[quantize] done: {len(blocks)} blocks in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     dit.quant_config = dict(asdict(cfg), samples=len(inputs))

@@ -1,0 +1,24 @@
+"""python -m nunchaku_lite.bench kernels [--quick] [--json PATH] | smoke"""
+import sys
+
+from . import kernels
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("  kernels  time the W4A4 kernels at FLUX shapes (table + JSON)")
+        print("  smoke    small odd-shaped run of every kernel (for compute-sanitizer)")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "kernels":
+        return kernels.main(rest)
+    if cmd == "smoke":
+        return kernels.smoke(rest)
+    print(f"unknown benchmark {cmd!r}; expected 'kernels' or 'smoke'", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

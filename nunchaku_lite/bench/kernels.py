@@ -1,0 +1,204 @@
+"""Kernel benchmark at FLUX.1 shapes: native W4A4 (fused low-rank, without low-rank, unfused) vs torch bf16
+matmul and torch fp8 `_scaled_mm`, plus the quantize kernel's bandwidth against a device copy.
+
+Timing: each variant is captured in a CUDA graph of `--reps` back-to-back calls (so Python launch overhead
+is not measured) and the graph is replayed `--replays` times between CUDA events; the reported time is the
+median replay divided by reps. All variants of a shape run in one process, side by side.
+Tokens M: 4608 = 1024x1024 image (4096) + 512 text, 1536 = 512x512 (1024) + 512. Weight N x K.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from .. import native
+from ..quant import ops
+
+SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
+TOKENS = [4608, 1536]
+RANK = 32
+
+
+def time_ms(fn, reps=10, replays=25):
+    """Median milliseconds per call of fn (CUDA-graph replays; falls back to an event-timed loop)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        run = graph.replay
+    except Exception as e:  # capture not possible: time the plain launches (includes launch gaps)
+        print(f"  (graph capture failed: {e}; timing eager launches)", file=sys.stderr)
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(reps):
+                fn()
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, GB/s counting bytes read plus written."""
+    x = torch.empty(2 ** 29, device="cuda", dtype=torch.bfloat16).normal_()
+    y = torch.empty_like(x)
+    t = time_ms(lambda: y.copy_(x), reps=5, replays=15)
+    return 2 * x.numel() * 2 / t / 1e6
+
+
+def make_layer(k, n, rank=RANK, seed=0):
+    """Random layer in the ops layout + its prepared copy; bf16 weights for the baselines."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
+    wscales = (torch.rand(n, k // 64, generator=g, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    lora_down = (torch.randn(rank, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    lora_up = (torch.randn(n, rank, generator=g, device="cuda") * 0.1).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
+    smooth = torch.rand(k, generator=g, device="cuda") + 0.5
+    qweight = ops.pack_int4(codes)
+    prep = native.prepare_w4a4(qweight, wscales, lora_down, lora_up, bias, smooth)
+    prep0 = native.prepare_w4a4(qweight, wscales, None, None, bias, smooth)
+    return prep, prep0, lora_down, lora_up
+
+
+def bench_shape(m, k, n, path, exact=False):
+    torch.manual_seed(m + k + n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    prep, prep0, lora_down, lora_up = make_layer(k, n)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    act = native.quantize_act(x, prep.smooth, prep.lora_down)
+    act0 = native.quantize_act(x, prep.smooth)
+    r = dict(M=m, K=k, N=n, path=path, rank=RANK)
+
+    def fused():
+        a = native.quantize_act(x, prep.smooth, prep.lora_down)
+        native.w4a4_gemm(a, prep, out=out, path=path, exact=exact)
+
+    def nolora():
+        a = native.quantize_act(x, prep0.smooth)
+        native.w4a4_gemm(a, prep0, out=out, path=path, exact=exact)
+
+    def unfused():  # separate quantize, GEMM, low-rank down and up (torch), add
+        a = native.quantize_act(x, prep0.smooth)
+        y = native.w4a4_gemm(a, prep0, out=out, path=path, exact=exact)
+        y.addmm_(torch.mm(x, lora_down.t()), lora_up.t())
+
+    r["fused_ms"] = time_ms(fused)
+    r["fused_gemm_ms"] = time_ms(lambda: native.w4a4_gemm(act, prep, out=out, path=path, exact=exact))
+    r["nolora_ms"] = time_ms(nolora)
+    r["nolora_gemm_ms"] = time_ms(lambda: native.w4a4_gemm(act0, prep0, out=out, path=path, exact=exact))
+    r["unfused_ms"] = time_ms(unfused)
+    r["quantize_ms"] = time_ms(lambda: native.quantize_act(x, prep.smooth, prep.lora_down))
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    r["bf16_ms"] = time_ms(lambda: torch.mm(x, w.t(), out=out))
+    try:
+        x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        sa = torch.ones(m, 1, device="cuda")
+        sb = torch.ones(1, n, device="cuda")
+        r["fp8_ms"] = time_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+    except Exception as e:
+        print(f"  fp8 _scaled_mm unavailable: {e}", file=sys.stderr)
+        r["fp8_ms"] = float("nan")
+    flops = 2 * m * n * k
+    r["fused_tops"] = flops / r["fused_ms"] / 1e9
+    r["fused_gemm_tops"] = flops / r["fused_gemm_ms"] / 1e9
+    r["bf16_tflops"] = flops / r["bf16_ms"] / 1e9
+    r["speedup_vs_bf16"] = r["bf16_ms"] / r["fused_ms"]
+    r["gemm_speedup_vs_bf16"] = r["bf16_ms"] / r["fused_gemm_ms"]
+    r["speedup_vs_fp8"] = r["fp8_ms"] / r["fused_ms"]
+    r["lowrank_overhead"] = r["fused_ms"] / r["nolora_ms"] - 1
+    r["unfused_over_fused"] = r["unfused_ms"] / r["fused_ms"]
+    q_bytes = m * k * 2 + m * k // 2 + (k // 64) * native.padded_rows(m) * 4 + m * RANK * 4 + RANK * k * 2
+    r["quantize_gbps"] = q_bytes / r["quantize_ms"] / 1e6
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m nunchaku_lite.bench kernels", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
+    ap.add_argument("--quick", action="store_true", help="M=4608 and two shapes only")
+    ap.add_argument("--path", choices=["auto", "s4", "s8"], default="auto")
+    ap.add_argument("--exact", action="store_true", help="time the bit-exact accumulation mode")
+    args = ap.parse_args(argv)
+    if not native.available():
+        print(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}", file=sys.stderr)
+        return 1
+    path = native.default_path() if args.path == "auto" else args.path
+    dev = torch.cuda.get_device_name()
+    print(f"device: {dev}  torch {torch.__version__}  path {path}{'  exact' if args.exact else ''}")
+    copy_gbps = copy_bandwidth()
+    print(f"device copy: {copy_gbps:.0f} GB/s (read + write)")
+    rows = []
+    tokens = [4608] if args.quick else TOKENS
+    shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
+    for m in tokens:
+        for k, n in shapes:
+            r = bench_shape(m, k, n, path, args.exact)
+            r["quantize_pct_of_copy"] = 100 * r["quantize_gbps"] / copy_gbps
+            rows.append(r)
+            print(f"  M={m} K={k} N={n}: fused {r['fused_ms']:.3f} ms ({r['speedup_vs_bf16']:.2f}x bf16)", flush=True)
+    hdr = (f"{'M':>5} {'K':>5} {'N':>5} | {'fused':>7} {'gemm':>7} {'nolora':>7} {'unfused':>7} {'quant':>6} "
+           f"{'bf16':>7} {'fp8':>7} | {'TOPS':>5} {'xbf16':>5} {'gemm':>5} {'xfp8':>5} {'LRov%':>6} {'q%cp':>5}")
+    print("\nms per call (fused/nolora/unfused include the quantize kernel; gemm = GEMM kernel alone)")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {r['fused_ms']:7.3f} {r['fused_gemm_ms']:7.3f} "
+              f"{r['nolora_ms']:7.3f} {r['unfused_ms']:7.3f} {r['quantize_ms']:6.3f} {r['bf16_ms']:7.3f} "
+              f"{r['fp8_ms']:7.3f} | {r['fused_tops']:5.0f} {r['speedup_vs_bf16']:5.2f} "
+              f"{r['gemm_speedup_vs_bf16']:5.2f} {r['speedup_vs_fp8']:5.2f} {100 * r['lowrank_overhead']:6.1f} "
+              f"{r['quantize_pct_of_copy']:5.0f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(dict(device=dev, torch=torch.__version__, path=path, exact=args.exact, copy_gbps=copy_gbps,
+                       rows=rows), f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def smoke(argv=None):
+    """Every kernel once on small, odd shapes (tile tails), both paths: for compute-sanitizer runs."""
+    if not native.available():
+        print(f"native kernels unavailable: {native.library_error()}", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    for m, k, n, rank in [(1, 64, 128, 16), (37, 192, 256, 32), (130, 256, 384, 48), (300, 3072, 128, 128)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        codes = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
+        wscales = torch.rand(n, k // 64, device="cuda").to(torch.bfloat16)
+        down = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16)
+        up = torch.randn(n, rank, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        for unsigned in (False, True):
+            prep = native.prepare_w4a4(ops.pack_int4(codes), wscales, down, up, bias, torch.rand(k, device="cuda") + 1,
+                                       unsigned, 0.171875 if unsigned else 0.0)
+            for path in ("s4", "s8"):
+                for exact in (False, True):
+                    native.w4a4_linear_prepared(x, prep, path=path, exact=exact)
+                native.w4a4_linear_prepared(x, prep, epilogue="gelu_tanh", path=path)
+        for zeros in (None, wscales):
+            p16 = native.prepare_w4a16(ops.pack_int4(codes), wscales, bias, zeros)
+            native.w4a16_gemm(x[: min(m, 5)].contiguous(), p16)
+    torch.cuda.synchronize()
+    print("smoke ok")
+    return 0

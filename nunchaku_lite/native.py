@@ -1,0 +1,469 @@
+"""Python binding of the native W4A4 kernels (native/*.cu) through cffi in ABI mode.
+
+The shared library `nunchaku_lite/lib/libnunchaku_lite.so` is built by `make` (nvcc; sm_80/86/89/90a). Its C
+declarations are read from `nunchaku_lite.h` (the block between CDEF BEGIN/END) and the library is opened with
+`ffi.dlopen`: no PyTorch C++ extension. When the library or a CUDA device is missing, `available()` returns
+False and warns once with the reason; quant/modules.py then runs the reference ops (quant/ops.py).
+
+Every wrapper checks dtype, device, contiguity and shapes of its torch tensors in Python (ValueError naming the
+argument), passes data pointers, sizes and the current CUDA stream, and turns a non-zero return code into an
+exception carrying the kernel's message (ValueError for a bad argument, NativeError otherwise).
+
+Entry points: `quantize_act` (codes + scales + low-rank activation), `repack_weight`, `prepare_w4a4` (the
+load-time conversion of a layer), `w4a4_gemm`, `w4a4_linear(x, module)` and `w4a16_linear(x, module)` (the
+dispatch used by W4A4Linear / W4A16Linear; both cache the converted weights on the module).
+
+Compute path: NL_PATH_AUTO picks 8-bit tensor cores on sm_90 and native 4-bit ones on sm_80..89; the
+environment variable NUNCHAKU_LITE_MMA_PATH=s4|s8 (or the `path` argument) forces one, e.g. to test the s4
+path on an H100.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+GROUP = 64
+_PKG = Path(__file__).resolve().parent
+LIB_PATH = Path(os.environ.get("NUNCHAKU_LITE_LIB", _PKG / "lib" / "libnunchaku_lite.so"))
+_HEADER_CANDIDATES = (LIB_PATH.parent / "nunchaku_lite.h", _PKG.parent / "native" / "nunchaku_lite.h")
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_PATHS = {"auto": 0, "s4": 1, "s8": 2}
+_EPILOGUES = {"none": 0, "gelu_tanh": 1}
+
+_lock = threading.Lock()
+_state: dict = {}  # "ffi", "lib", "error" once loading was attempted
+_warned: set = set()
+
+
+class NativeError(RuntimeError):
+    """A native kernel failed (CUDA error or unsupported configuration)."""
+
+
+def _warn_once(reason: str):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"nunchaku_lite.native unavailable: {reason}; using the reference ops (slow)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def cdef_source(header: Path) -> str:
+    """The plain C declarations of the header (the CDEF BEGIN/END block) for ffi.cdef."""
+    text = header.read_text()
+    m = re.search(r"/\* CDEF BEGIN \*/(.*?)/\* CDEF END \*/", text, re.S)
+    if not m:
+        raise ValueError(f"{header}: no CDEF BEGIN/END block")
+    return m.group(1)
+
+
+def _load():
+    """Open the library once; remember the failure reason instead of raising."""
+    with _lock:
+        if _state:
+            return _state.get("lib")
+        try:
+            import cffi
+        except ImportError as e:  # cffi is a declared dependency, but never crash on its absence
+            _state["error"] = f"cffi is not installed ({e})"
+            return None
+        header = next((h for h in _HEADER_CANDIDATES if h.is_file()), None)
+        if not LIB_PATH.is_file():
+            _state["error"] = f"library {LIB_PATH} not found (build it with `make`)"
+            return None
+        if header is None:
+            _state["error"] = f"header nunchaku_lite.h not found beside {LIB_PATH} or in native/"
+            return None
+        try:
+            ffi = cffi.FFI()
+            ffi.cdef(cdef_source(header))
+            lib = ffi.dlopen(str(LIB_PATH))
+            version = lib.nl_version()
+        except Exception as e:  # a broken or foreign .so, missing libcudart, ...
+            _state["error"] = f"could not load {LIB_PATH}: {e}"
+            return None
+        _state.update(ffi=ffi, lib=lib, version=version)
+        return lib
+
+
+def library_error() -> str | None:
+    """Why the library could not be loaded (None when it loaded)."""
+    _load()
+    return _state.get("error")
+
+
+def available(device: torch.device | int | None = None) -> bool:
+    """True when the library loaded and a CUDA device of compute capability >= 8.0 is present.
+
+    Warns once (RuntimeWarning) with the reason when it is False; never raises.
+    """
+    if _load() is None:
+        _warn_once(_state["error"])
+        return False
+    try:
+        if not torch.cuda.is_available():
+            _warn_once("no CUDA device")
+            return False
+        major, minor = torch.cuda.get_device_capability(device)
+    except Exception as e:  # driver problems
+        _warn_once(f"CUDA query failed: {e}")
+        return False
+    if major < 8:
+        _warn_once(f"compute capability {major}.{minor} < 8.0")
+        return False
+    return True
+
+
+def _lib():
+    lib = _load()
+    if lib is None:
+        raise NativeError(f"nunchaku_lite native library unavailable: {_state['error']}")
+    return lib, _state["ffi"]
+
+
+def _needs_lib(fn):
+    """Public kernel wrappers fail with NativeError (not an argument error) when the library is missing."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _lib()
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _call(name: str, *args):
+    lib, ffi = _lib()
+    rc = getattr(lib, name)(*args)
+    if rc != 0:
+        msg = ffi.string(lib.nl_last_error()).decode(errors="replace") or name
+        raise (ValueError if rc == 1 else NativeError)(msg)
+
+
+def _ptr(t: torch.Tensor | None, ctype: str = "void *"):
+    _, ffi = _lib()
+    return ffi.NULL if t is None else ffi.cast(ctype, t.data_ptr())
+
+
+def _stream(device: torch.device):
+    _, ffi = _lib()
+    return ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+
+
+def _check(t: torch.Tensor, name: str, kernel: str, dtypes=None, shape=None, device=None, align: int = 16):
+    """Validate one tensor argument; the error names the kernel and the argument."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{kernel}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_cuda:
+        raise ValueError(f"{kernel}: {name} must be on a CUDA device, got {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{kernel}: {name} is on {t.device}, expected {device}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{kernel}: {name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{kernel}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{kernel}: {name} must be contiguous")
+    if t.data_ptr() % align:
+        raise ValueError(f"{kernel}: {name} must be {align}-byte aligned")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (copies only when needed)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def default_path(device=None) -> str:
+    """'s8' on sm_90 (Hopper: no native 4-bit tensor cores), 's4' on sm_80..89; env NUNCHAKU_LITE_MMA_PATH wins."""
+    env = os.environ.get("NUNCHAKU_LITE_MMA_PATH", "auto").lower()
+    if env not in _PATHS:
+        raise ValueError(f"NUNCHAKU_LITE_MMA_PATH={env!r}: expected auto, s4 or s8")
+    if env != "auto":
+        return env
+    major, _ = torch.cuda.get_device_capability(device)
+    return "s8" if major == 9 else "s4"
+
+
+def padded_rows(m: int) -> int:
+    """Row stride (ldm) of the activation-scale layout: M rounded up to the GEMM's 128-row tile."""
+    return max(128, -(-m // 128) * 128)
+
+
+class QuantizedActivation(NamedTuple):
+    """Output of `quantize_act`, already in the GEMM's operand order."""
+    codes: torch.Tensor            # uint8 [M, K/2], canonical packing (ops.pack_int4 order)
+    scales: torch.Tensor           # float32 [K/64, ldm]; ops.quantize_act's scales are scales[:, :M].T
+    lora_act: torch.Tensor | None  # float32 [M, rank] = x @ lora_down^T, or None
+    unsigned: bool
+
+
+@_needs_lib
+def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down: torch.Tensor | None = None,
+                 unsigned: bool = False, shift: float = 0.0) -> QuantizedActivation:
+    """INT4 codes/scales of x (as ops.quantize_act, bit-identical) and the low-rank activation x @ lora_down^T.
+
+    x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None; lora_down [r, K] of x's dtype,
+    r a multiple of 16 up to 128, or None.
+    """
+    kname = "quantize_act"
+    _check(x, "x", kname, (torch.bfloat16, torch.float16))
+    if x.dim() != 2:
+        raise ValueError(f"{kname}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    m, k = x.shape
+    if k % GROUP:
+        raise ValueError(f"{kname}: K={k} is not a multiple of {GROUP}")
+    if smooth is not None:
+        _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
+    rank = 0
+    if lora_down is not None:
+        _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
+        if lora_down.dim() != 2 or lora_down.shape[1] != k:
+            raise ValueError(f"{kname}: lora_down has shape {tuple(lora_down.shape)}, expected [rank, {k}]")
+        rank = lora_down.shape[0]
+    ldm = padded_rows(m)
+    codes = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(k // GROUP, ldm, dtype=torch.float32, device=x.device)
+    lora_act = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
+    if m:
+        _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
+              int(bool(unsigned)), _ptr(lora_down if rank else None), rank, _ptr(codes, "uint8_t *"),
+              _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _stream(x.device))
+    return QuantizedActivation(codes, scales, lora_act, bool(unsigned))
+
+
+@_needs_lib
+def repack_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical packed weight uint8 [N, K/2] -> the GEMM's tile order (same bytes, new order), on the GPU."""
+    kname = "repack_weight"
+    _check(qweight, "qweight", kname, (torch.uint8,))
+    if qweight.dim() != 2:
+        raise ValueError(f"{kname}: qweight must be 2-D [N, K/2], got shape {tuple(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    out = torch.empty_like(qweight)
+    _call("nl_repack_weight", _ptr(qweight, "uint8_t *"), n, k, _ptr(out, "uint8_t *"), _stream(qweight.device))
+    return out
+
+
+def _scales_exact_for_fast_path(wscales: torch.Tensor) -> bool:
+    """The fast promotion needs weight scales with <= 11 significant bits (any bf16/fp16 value)."""
+    if wscales.dtype in (torch.bfloat16, torch.float16):
+        return True
+    return bool(((wscales.float().view(torch.int32) & 0x1FFF) == 0).all())
+
+
+@dataclass
+class PreparedW4A4:
+    """A W4A4 layer converted once for the kernels (see `prepare_w4a4`)."""
+    w_tiled: torch.Tensor          # uint8 tile order [Np * K/2]
+    w_scales: torch.Tensor         # float32 [K/64, Np]
+    bias: torch.Tensor | None      # float32 [Np]
+    smooth: torch.Tensor | None    # float32 [K]
+    lora_down: torch.Tensor | None  # [r, K] in the activation dtype
+    lora_up: torch.Tensor | None   # [Np, r] 16-bit
+    n: int                         # real output features (Np = n rounded up to 128)
+    k: int
+    rank: int
+    act_unsigned: bool
+    act_shift: float
+    fast_ok: bool                  # weight scales allow the fast (fma) promotion
+
+
+@_needs_lib
+def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smooth=None, act_unsigned=False,
+                 act_shift=0.0, dtype=torch.bfloat16) -> PreparedW4A4:
+    """Load-time conversion of one W4A4 layer (canonical ops layout) for the kernels; run once per layer.
+
+    Pads N to a multiple of 128 (zero rows), repacks the weight into tile order on the GPU, transposes the
+    weight scales to float32 [K/64, N], converts bias to float32 and the low-rank weights to `dtype` (the
+    activation dtype, bf16 or fp16).
+    """
+    kname = "prepare_w4a4"
+    _check(qweight, "qweight", kname, (torch.uint8,))
+    dev = qweight.device
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if k % GROUP:
+        raise ValueError(f"{kname}: K={k} is not a multiple of {GROUP}")
+    if tuple(wscales.shape) != (n, k // GROUP):
+        raise ValueError(f"{kname}: wscales has shape {tuple(wscales.shape)}, expected ({n}, {k // GROUP})")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{kname}: dtype must be bfloat16 or float16, got {dtype}")
+    npad = -(-n // 128) * 128 - n
+    pad_rows = (lambda t: torch.cat([t, t.new_zeros(npad, *t.shape[1:])])) if npad else (lambda t: t)
+    rank = 0 if lora_down is None else int(lora_down.shape[0])
+    if rank:
+        if tuple(lora_down.shape) != (rank, k) or lora_up is None or tuple(lora_up.shape) != (n, rank):
+            raise ValueError(f"{kname}: lora_down {tuple(lora_down.shape)} / lora_up "
+                             f"{None if lora_up is None else tuple(lora_up.shape)} do not fit [{n}, {k}]")
+        if rank % 16 or rank > 128:
+            raise ValueError(f"{kname}: rank={rank} must be a multiple of 16 and at most 128")
+    if smooth is not None and tuple(smooth.shape) != (k,):
+        raise ValueError(f"{kname}: smooth has shape {tuple(smooth.shape)}, expected ({k},)")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{kname}: bias has shape {tuple(bias.shape)}, expected ({n},)")
+    tiled = repack_weight(_aligned(pad_rows(qweight.to(dev))))
+    return PreparedW4A4(
+        w_tiled=tiled,
+        w_scales=_aligned(pad_rows(wscales.to(dev)).float().t()),
+        bias=None if bias is None else _aligned(pad_rows(bias.to(dev).float())),
+        smooth=None if smooth is None else _aligned(smooth.to(dev).float()),
+        lora_down=_aligned(lora_down.to(dev, dtype)) if rank else None,
+        lora_up=_aligned(pad_rows(lora_up.to(dev, dtype))) if rank else None,
+        n=n, k=k, rank=rank, act_unsigned=bool(act_unsigned), act_shift=float(act_shift),
+        fast_ok=_scales_exact_for_fast_path(wscales))
+
+
+@_needs_lib
+def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dtype = torch.bfloat16,
+              epilogue: str = "none", path: str | None = None, exact: bool = False,
+              use_lora: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, Np] = W4A4 GEMM of quantized activations with the prepared weight, + low-rank + bias (+ GELU).
+
+    exact=True reproduces ops.w4a4_linear's fp32 group accumulation bit for bit (slower); otherwise each
+    group is folded in with fused multiply-adds (one rounding per group instead of three). use_lora=False
+    skips the low-rank branch (benchmarks). path: 's4', 's8' or None (default_path()).
+    """
+    kname = "w4a4_gemm"
+    codes, scales, lora_act = act.codes, act.scales, act.lora_act
+    _check(codes, "act.codes", kname, (torch.uint8,))
+    dev = codes.device
+    m, k = codes.shape[0], codes.shape[1] * 2
+    if k != prep.k:
+        raise ValueError(f"{kname}: activations have K={k}, the weight has K={prep.k}")
+    ldm = scales.shape[1]
+    _check(scales, "act.scales", kname, (torch.float32,), (k // GROUP, ldm), dev)
+    npad = prep.w_scales.shape[1]
+    if out_dtype not in _DTYPE_CODE:
+        raise ValueError(f"{kname}: out_dtype {out_dtype} is not float32/bfloat16/float16")
+    if epilogue not in _EPILOGUES:
+        raise ValueError(f"{kname}: epilogue {epilogue!r} not in {sorted(_EPILOGUES)}")
+    path = path or default_path(dev)
+    if path not in ("s4", "s8"):
+        raise ValueError(f"{kname}: path {path!r} must be 's4' or 's8'")
+    rank = prep.rank if use_lora else 0
+    if rank:
+        if lora_act is None or tuple(lora_act.shape) != (m, rank):
+            raise ValueError(f"{kname}: act.lora_act must be [{m}, {rank}] (quantize_act with the layer's lora_down)")
+        _check(lora_act, "act.lora_act", kname, (torch.float32,), None, dev)
+    if out is None:
+        out = torch.empty(m, npad, dtype=out_dtype, device=dev)
+    else:
+        _check(out, "out", kname, (out_dtype,), (m, npad), dev, align=8)
+    if m:
+        _call("nl_w4a4_gemm", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, int(act.unsigned),
+              _ptr(prep.w_tiled, "uint8_t *"), _ptr(prep.w_scales, "float *"),
+              _ptr(lora_act if rank else None, "float *"), _ptr(prep.lora_up if rank else None),
+              _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank, _ptr(prep.bias, "float *"), _ptr(out),
+              _DTYPE_CODE[out_dtype], npad, m, npad, k, _EPILOGUES[epilogue], _PATHS[path],
+              int(exact or not prep.fast_ok), _stream(dev))
+    return out
+
+
+def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "none", path: str | None = None,
+                         exact: bool = False) -> torch.Tensor:
+    """y [..., n] = the SVDQuant linear of x [..., K] with a prepared layer: quantize kernel + GEMM kernel."""
+    lead = x.shape[:-1]
+    x2 = _aligned(x.reshape(-1, x.shape[-1]))
+    act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift)
+    y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact)
+    if y.shape[1] != prep.n:
+        y = y[:, : prep.n]
+    return y.reshape(*lead, prep.n)
+
+
+def _cache_key(module, dtype, names):
+    key = [dtype]
+    for name in names:
+        t = getattr(module, name, None)
+        key.append(None if t is None else (t.data_ptr(), t._version, t.device))
+    return tuple(key)
+
+
+_W4A4_BUFFERS = ("qweight", "wscales", "lora_down", "lora_up", "bias", "smooth")
+
+
+def prepared_for(module, dtype: torch.dtype) -> PreparedW4A4:
+    """The module's prepared copy for activations of `dtype`, rebuilt when a buffer changed."""
+    key = _cache_key(module, dtype, _W4A4_BUFFERS)
+    cached = getattr(module, "_native_prepared", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    rank = int(getattr(module, "rank", 0))
+    prep = prepare_w4a4(module.qweight, module.wscales, module.lora_down if rank else None,
+                        module.lora_up if rank else None, module.bias, module.smooth,
+                        module.act_unsigned, module.act_shift, dtype)
+    object.__setattr__(module, "_native_prepared", (key, prep))  # plain attribute: not a buffer, not saved
+    return prep
+
+
+def w4a4_linear(x: torch.Tensor, module):
+    """Dispatch target of quant.modules.W4A4Linear (x already padded to the module's K).
+
+    Returns NotImplemented for inputs the kernels do not cover (fp32 activations, rank > 128 or not a
+    multiple of 16), so the module falls back to the reference ops.
+    """
+    rank = int(getattr(module, "rank", 0))
+    if x.dtype not in (torch.bfloat16, torch.float16) or (rank and (rank % 16 or rank > 128)):
+        return NotImplemented
+    return w4a4_linear_prepared(x, prepared_for(module, x.dtype))
+
+
+@dataclass
+class PreparedW4A16:
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bias: torch.Tensor | None
+    n: int
+    k: int
+
+
+@_needs_lib
+def prepare_w4a16(qweight, wscales, bias=None, wzeros=None) -> PreparedW4A16:
+    """float32 scales/zeros/bias for the W4A16 kernel (the weight stays in canonical order)."""
+    kname = "prepare_w4a16"
+    _check(qweight, "qweight", kname, (torch.uint8,))
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if tuple(wscales.shape) != (n, k // GROUP):
+        raise ValueError(f"{kname}: wscales has shape {tuple(wscales.shape)}, expected ({n}, {k // GROUP})")
+    if wzeros is not None and tuple(wzeros.shape) != (n, k // GROUP):
+        raise ValueError(f"{kname}: wzeros has shape {tuple(wzeros.shape)}, expected ({n}, {k // GROUP})")
+    f32 = lambda t: None if t is None else _aligned(t.to(qweight.device).float())
+    return PreparedW4A16(_aligned(qweight), f32(wscales), f32(wzeros), f32(bias), n, k)
+
+
+@_needs_lib
+def w4a16_gemm(x: torch.Tensor, prep: PreparedW4A16) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(W)^T + bias (x bf16/fp16; fp32 math)."""
+    kname = "w4a16_gemm"
+    _check(x, "x", kname, (torch.bfloat16, torch.float16), None, prep.qweight.device)
+    m, k = x.shape
+    if k != prep.k:
+        raise ValueError(f"{kname}: x has K={k}, the weight has K={prep.k}")
+    out = torch.empty(m, prep.n, dtype=x.dtype, device=x.device)
+    if m:
+        _call("nl_w4a16_gemm", _ptr(x), _DTYPE_CODE[x.dtype], k, _ptr(prep.qweight, "uint8_t *"),
+              _ptr(prep.scales, "float *"), _ptr(prep.zeros, "float *"), _ptr(prep.bias, "float *"), _ptr(out),
+              prep.n, m, prep.n, k, _stream(x.device))
+    return out
+
+
+def w4a16_linear(x: torch.Tensor, module):
+    """Dispatch target of quant.modules.W4A16Linear; NotImplemented for fp32 activations."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return NotImplemented
+    names = ("qweight", "wscales", "wzeros", "bias")
+    key = _cache_key(module, None, names)
+    cached = getattr(module, "_native_prepared", None)
+    if cached is None or cached[0] != key:
+        prep = prepare_w4a16(module.qweight, module.wscales, module.bias, getattr(module, "wzeros", None))
+        object.__setattr__(module, "_native_prepared", (key, prep))
+    prep = module._native_prepared[1]
+    lead = x.shape[:-1]
+    y = w4a16_gemm(_aligned(x.reshape(-1, x.shape[-1])), prep)
+    return y.reshape(*lead, prep.n)
