@@ -25,18 +25,26 @@
 //   With sw' = sw / s and -C sw' exact (sw has <= 11 significant bits: bf16/fp16 values), the fma
 //   fb * sw' - C sw' is exactly dot * sw. Promotion thus costs two FFMA per output per group (fast mode).
 #include "common.cuh"
+#include <stdlib.h>
 
 namespace {
 
-constexpr int BM = 128, BN = 128, STAGES = 4, THREADS = 256;
-constexpr int A_BYTES = BM * 32, B_BYTES = BN * 32, SA_BYTES = BM * 4, SW_BYTES = BN * 4;
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES + SA_BYTES + SW_BYTES;
-constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+constexpr int BM = 128, STAGES = 4, THREADS = 256;
 constexpr int LR = 32;                       // rank chunk of the low-rank epilogue
 constexpr int LA_STRIDE = LR + 8;            // floats per row (conflict-free float2 reads)
 constexpr int LU_STRIDE = LR + 8;            // 16-bit values per row
-constexpr int EPI_BYTES = BM * LA_STRIDE * 4 + BN * LU_STRIDE * 2;
-constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+constexpr int TILE_BYTES = 128 * 32;         // one repacked [128 rows x 64 k] weight tile
+
+// WNT = 8-column tiles per warp along N: 4 (warp 64x32, block 128x128) or 8 (warp 64x64, block 128x256).
+template <int WNT>
+struct Tile {
+  static constexpr int BN = 32 * WNT;
+  static constexpr int A_BYTES = BM * 32, B_BYTES = BN * 32, SA_BYTES = BM * 4, SW_BYTES = BN * 4;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + SA_BYTES + SW_BYTES;
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int EPI_BYTES = BM * LA_STRIDE * 4 + BN * LU_STRIDE * 2;
+  static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+};
 constexpr uint32_t MAGIC_I = 0x4B400000u;    // bits of 12582912.0f = 1.5 * 2^23
 constexpr float MAGIC_F = 12582912.0f;
 
@@ -102,9 +110,10 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 // acc += lora_act[block rows, :] @ lora_up[block cols, :]^T on tensor cores (hi/lo split of the fp32 side).
-template <typename T>
-__device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *smem, float (&acc)[4][4][4],
+template <typename T, int WNT>
+__device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *smem, float (&acc)[4][WNT][4],
                                                  int m0, int n0, int wm, int wn, int lane) {
+  constexpr int BN = Tile<WNT>::BN;
   float *la = reinterpret_cast<float *>(smem);
   T *lu = reinterpret_cast<T *>(smem + BM * LA_STRIDE * 4);
   const T *lora_up = static_cast<const T *>(p.lora_up);
@@ -126,10 +135,10 @@ __device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *s
 #pragma unroll
     for (int kk = 0; kk < LR / 16; ++kk) {
       if (kk * 16 >= len) break;
-      uint32_t b[4][2];
+      uint32_t b[WNT][2];
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const T *src = lu + (wn * 32 + ni * 8 + (lane >> 2)) * LU_STRIDE + kk * 16 + (lane & 3) * 2;
+      for (int ni = 0; ni < WNT; ++ni) {
+        const T *src = lu + (wn * WNT * 8 + ni * 8 + (lane >> 2)) * LU_STRIDE + kk * 16 + (lane & 3) * 2;
         b[ni][0] = *reinterpret_cast<const uint32_t *>(src);
         b[ni][1] = *reinterpret_cast<const uint32_t *>(src + 8);
       }
@@ -148,7 +157,7 @@ __device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *s
           lo[j] = pack2<T>(f[j].x - h.x, f[j].y - h.y);
         }
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
+        for (int ni = 0; ni < WNT; ++ni) {
           mma_16816<T>(acc[mi][ni], hi, b[ni][0], b[ni][1]);
           mma_16816<T>(acc[mi][ni], lo, b[ni][0], b[ni][1]);
         }
@@ -157,14 +166,18 @@ __device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *s
   }
 }
 
-template <int PATH, bool UNS, bool EXACT>
+template <int PATH, bool UNS, bool EXACT, int WNT>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams p) {
+  using TL = Tile<WNT>;
+  constexpr int BN = TL::BN, A_BYTES = TL::A_BYTES, B_BYTES = TL::B_BYTES, SA_BYTES = TL::SA_BYTES;
+  constexpr int STAGE_BYTES = TL::STAGE_BYTES;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
   const int G = p.K / 64;
-  const uint8_t *w_strip = p.w_tiled + (int64_t)blockIdx.x * G * B_BYTES;
+  // this block's weight strip: BN/128 consecutive 128-row tile columns of [K/64] tiles each
+  const uint8_t *w_strip = p.w_tiled + (int64_t)blockIdx.x * (BN / 128) * G * TILE_BYTES;
 
   auto load_stage = [&](int g, int s) {
     uint8_t *st = smem + s * STAGE_BYTES;
@@ -173,19 +186,22 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
       const uint8_t *src = p.act_codes + (int64_t)(m < p.M ? m : 0) * (p.K / 2) + g * 32 + c * 16;
       cp_async16(st + row * 32 + ((c ^ ((row >> 2) & 1)) << 4), src, m < p.M ? 16 : 0);
     }
-    cp_async16(st + A_BYTES + tid * 16, w_strip + (int64_t)g * B_BYTES + tid * 16);  // B: pre-swizzled, linear
+#pragma unroll
+    for (int sub = 0; sub < BN / 128; ++sub)  // B: pre-swizzled 4 KB tiles, linear copies
+      cp_async16(st + A_BYTES + sub * TILE_BYTES + tid * 16,
+                 w_strip + ((int64_t)sub * G + g) * TILE_BYTES + tid * 16);
     if (tid < 32)
       cp_async16(st + A_BYTES + B_BYTES + tid * 16, p.act_scales + (int64_t)g * p.ldm + m0 + tid * 4);
-    else if (tid < 64)
+    else if (tid < 32 + BN / 4)
       cp_async16(st + A_BYTES + B_BYTES + SA_BYTES + (tid - 32) * 16,
                  p.w_scales + (int64_t)g * p.N + n0 + (tid - 32) * 4);
   };
 
-  float acc[4][4][4];
+  float acc[4][WNT][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < WNT; ++j)
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
 
@@ -208,35 +224,35 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
     const float *sSA = reinterpret_cast<const float *>(st + A_BYTES + B_BYTES);
     const float *sSW = reinterpret_cast<const float *>(st + A_BYTES + B_BYTES + SA_BYTES);
 
-    uint32_t a[4][4], b[2][4];
+    uint32_t a[4][4], b[WNT / 2][4];
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
       const int row = wm * 64 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = lane >> 4;
       ldmatrix_x4(a[mi], sA + row * 32 + ((c ^ ((row >> 2) & 1)) << 4));
     }
 #pragma unroll
-    for (int np = 0; np < 2; ++np) {
-      const int row = wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8, c = (lane >> 3) & 1;
+    for (int np = 0; np < WNT / 2; ++np) {
+      const int row = wn * WNT * 8 + np * 16 + (lane & 7) + (lane >> 4) * 8, c = (lane >> 3) & 1;
       ldmatrix_x4(b[np], sB + row * 32 + ((c ^ ((row >> 2) & 1)) << 4));
     }
-    float sa[4][2], sw[4][2], ncs[4][2];
+    float sa[4][2], sw[WNT][2], ncs[WNT][2];
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
       sa[mi][0] = sSA[wm * 64 + mi * 16 + (lane >> 2)];
       sa[mi][1] = sSA[wm * 64 + mi * 16 + (lane >> 2) + 8];
     }
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const float2 w2 = *reinterpret_cast<const float2 *>(sSW + wn * 32 + ni * 8 + (lane & 3) * 2);
+    for (int ni = 0; ni < WNT; ++ni) {
+      const float2 w2 = *reinterpret_cast<const float2 *>(sSW + wn * WNT * 8 + ni * 8 + (lane & 3) * 2);
       sw[ni][0] = w2.x * INV_S;
       sw[ni][1] = w2.y * INV_S;
       ncs[ni][0] = -MAGIC_F * sw[ni][0];
       ncs[ni][1] = -MAGIC_F * sw[ni][1];
     }
 
-    uint32_t bx[4][4];  // per n-tile: the 8-bit widened b0 (lo, hi), b1 (lo, hi); or the raw s4 pair
+    uint32_t bx[WNT][4];  // per n-tile: the 8-bit widened b0 (lo, hi), b1 (lo, hi); or the raw s4 pair
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
+    for (int ni = 0; ni < WNT; ++ni) {
       const uint32_t b0 = b[ni >> 1][(ni & 1) * 2], b1 = b[ni >> 1][(ni & 1) * 2 + 1];
       if constexpr (PATH == P_S8) {
         bx[ni][0] = nib_lo16(b0); bx[ni][1] = nib_hi16(b0);
@@ -253,7 +269,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
         for (int j = 0; j < 4; ++j) { ax[2 * j] = nib_lo16(a[mi][j]); ax[2 * j + 1] = nib_hi16(a[mi][j]); }
       }
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
+      for (int ni = 0; ni < WNT; ++ni) {
         int d[4];
         if constexpr (PATH == P_S8) {
           // k 0..31 of the group: regs a0 (row g), a1 (row g+8); lo bytes then hi bytes.
@@ -281,15 +297,15 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
 
   if (p.rank > 0) {
     if (p.lora_dtype == NL_BF16)
-      lowrank_epilogue<__nv_bfloat16>(p, smem, acc, m0, n0, wm, wn, lane);
+      lowrank_epilogue<__nv_bfloat16, WNT>(p, smem, acc, m0, n0, wm, wn, lane);
     else
-      lowrank_epilogue<__half>(p, smem, acc, m0, n0, wm, wn, lane);
+      lowrank_epilogue<__half, WNT>(p, smem, acc, m0, n0, wm, wn, lane);
   }
 
   // bias, activation, store (each thread: 2 adjacent columns x 2 rows per 16x8 tile)
 #pragma unroll
-  for (int ni = 0; ni < 4; ++ni) {
-    const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+  for (int ni = 0; ni < WNT; ++ni) {
+    const int col = n0 + wn * WNT * 8 + ni * 8 + (lane & 3) * 2;
     const float2 bias = p.bias ? *reinterpret_cast<const float2 *>(p.bias + col) : make_float2(0.f, 0.f);
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
@@ -313,9 +329,10 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
   }
 }
 
-template <int PATH, bool UNS, bool EXACT>
+template <int PATH, bool UNS, bool EXACT, int WNT>
 int launch_gemm(const GemmParams &p, cudaStream_t stream) {
-  auto kern = w4a4_gemm_kernel<PATH, UNS, EXACT>;
+  constexpr int BN = Tile<WNT>::BN, SMEM_BYTES = Tile<WNT>::SMEM_BYTES;
+  auto kern = w4a4_gemm_kernel<PATH, UNS, EXACT, WNT>;
   static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
   int dev = 0;
   NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_w4a4_gemm");
@@ -330,11 +347,24 @@ int launch_gemm(const GemmParams &p, cudaStream_t stream) {
   return NL_OK;
 }
 
-template <int PATH>
+template <int PATH, int WNT>
 int dispatch_gemm(const GemmParams &p, int act_unsigned, int exact, cudaStream_t s) {
   if (act_unsigned)
-    return exact ? launch_gemm<PATH, true, true>(p, s) : launch_gemm<PATH, true, false>(p, s);
-  return exact ? launch_gemm<PATH, false, true>(p, s) : launch_gemm<PATH, false, false>(p, s);
+    return exact ? launch_gemm<PATH, true, true, WNT>(p, s) : launch_gemm<PATH, true, false, WNT>(p, s);
+  return exact ? launch_gemm<PATH, false, true, WNT>(p, s) : launch_gemm<PATH, false, false, WNT>(p, s);
+}
+
+// Block width: 256 columns (warp tile 64x64: fewer shared loads and nibble widenings per mma) when N allows;
+// NUNCHAKU_LITE_GEMM_BN=128 forces the narrow tile (benchmarks).
+template <int PATH>
+int dispatch_width(const GemmParams &p, int act_unsigned, int exact, cudaStream_t s) {
+  static int forced = -1;
+  if (forced < 0) {
+    const char *env = getenv("NUNCHAKU_LITE_GEMM_BN");
+    forced = env ? atoi(env) : 0;
+  }
+  if (p.N % 256 == 0 && forced != 128) return dispatch_gemm<PATH, 8>(p, act_unsigned, exact, s);
+  return dispatch_gemm<PATH, 4>(p, act_unsigned, exact, s);
 }
 
 }  // namespace
@@ -390,6 +420,6 @@ extern "C" int nl_w4a4_gemm(const uint8_t *act_codes, const float *act_scales, i
   GemmParams p{act_codes, act_scales, ldm, w_tiled, w_scales, lora_act, lora_up, lora_dtype, rank, bias, out,
                out_dtype, ldo, (int)M, (int)N, (int)K, epilogue};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return path == NL_PATH_S8 ? dispatch_gemm<P_S8>(p, act_unsigned, exact, s)
-                            : dispatch_gemm<P_S4>(p, act_unsigned, exact, s);
+  return path == NL_PATH_S8 ? dispatch_width<P_S8>(p, act_unsigned, exact, s)
+                            : dispatch_width<P_S4>(p, act_unsigned, exact, s);
 }

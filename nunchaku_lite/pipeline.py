@@ -185,7 +185,8 @@ class Flux:
             tokenizer/, tokenizer_2/, scheduler/), a BFL single-file transformer (other parts as keywords), the
             name of an embedded model ("mini", "mini-w4a4"), or None when every component is given.
         transformer, vae, text_encoder (CLIP), text_encoder_2 (T5): a folder, a safetensors file, or a loaded
-            module; each overrides the folder's component. tokenizer (CLIP) / tokenizer_2 (T5): a folder or a
+            module (moved to `device`; cast to `dtype` if given, except a transformer module, which keeps its
+            dtype); each overrides the folder's component. tokenizer (CLIP) / tokenizer_2 (T5): a folder or a
             tokenizer object. scheduler: a scheduler folder, its JSON file, or a dict.
         device: default cuda when available, else cpu.
         dtype: the transformer and text encoders' dtype (default: the transformer's stored dtype); the VAE
@@ -245,7 +246,8 @@ class Flux:
         tok = load_clip_tokenizer(tok) if isinstance(tok, (str, Path)) else tok
         tok2 = parts["tokenizer_2"]
         tok2 = load_t5_tokenizer(tok2, defaults.max_sequence_length) if isinstance(tok2, (str, Path)) else tok2
-        return cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=dtype)
+        # Latents and the DiT's inputs take the transformer's own dtype (a module passed in keeps its dtype).
+        return cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=_module_dtype(dit))
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -318,6 +320,7 @@ class Flux:
         max_len = _positive_int("max_sequence_length", max_sequence_length or d.max_sequence_length)
         self._check_memory(batch, lat_h, lat_w, max_len, height, width)
 
+        callback = self._progress_callback(progress)
         timings, sync = {}, (torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None))
         start = time.perf_counter()
         txt, vec = self.encode_prompt(prompts, max_len)
@@ -331,7 +334,6 @@ class Flux:
         img = sampling.pack(lat.to(device=self.device, dtype=self.dtype))
         img_ids, txt_ids = sampling.prepare_ids(batch, lat_h, lat_w, txt.shape[1], device=self.device)
         timesteps = schedule(steps, img.shape[1], d)
-        callback = self._progress_callback(progress)
         t0 = time.perf_counter()
         img = sampling.denoise(self.transformer, img, img_ids, txt, txt_ids, vec, timesteps,
                                guidance=float(guidance) if self.kind == "dev" else None, callback=callback)
@@ -417,7 +419,7 @@ class Flux:
     def _check_memory(self, batch, lat_h, lat_w, txt_len, height, width) -> None:
         """Refuse sizes that cannot fit before allocating anything. A lower bound of the activation memory: the
         DiT's joint sequence (hidden + MLP activations of one block) and the VAE decoder's full-resolution
-        feature maps (two live maps of its widest full-resolution level)."""
+        feature maps (four live maps of its full-resolution level: input, normed, conv output, residual)."""
         bytes_per = torch.finfo(self.dtype).bits // 8
         p = getattr(self.transformer, "params", None)
         hidden = getattr(p, "hidden_size", 3072)
@@ -426,7 +428,7 @@ class Flux:
         dit = batch * seq * hidden * (3 + mlp) * bytes_per
         vp = getattr(self.vae, "params", None)
         ch = getattr(vp, "ch", 128) * (getattr(vp, "ch_mult", (1,))[0])
-        vae = 2 * batch * ch * height * width * bytes_per
+        vae = 4 * batch * ch * height * width * (torch.finfo(_module_dtype(self.vae)).bits // 8)
         need = dit + vae
         avail = _available_memory(self.device)
         if avail is not None and need > avail:

@@ -270,3 +270,15 @@ def test_nunchaku_checkpoints_are_delegated(tmp_path, monkeypatch):
     assert load_transformer(legacy) == "imported"
     assert calls[0] == (f, {"device": torch.device("cpu"), "dtype": None, "act_quant": False})
     assert calls[1][0] == legacy
+
+
+def test_single_file_config_beside_the_file(golden, tmp_path):
+    """flux_X.safetensors + flux_X.json: the RoPE axes (not visible in shapes) come from the sibling JSON."""
+    sd = load_file(str(golden("dit", "schnell", "weights_bfl.safetensors")))
+    f = tmp_path / "flux_small.safetensors"
+    save_file(sd, str(f))
+    with pytest.raises(ValueError, match="axes_dim"):
+        load_transformer(f)  # head dim 32: no default for the axes
+    (tmp_path / "flux_small.json").write_text(golden("dit", "schnell", "config_bfl.json").read_text())
+    ref = load_file(str(golden("dit", "schnell", "outputs.safetensors")))["out"]
+    torch.testing.assert_close(_dit_out(load_transformer(f), golden, "schnell"), ref, atol=1e-4, rtol=1e-4)

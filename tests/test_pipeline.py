@@ -104,8 +104,10 @@ def test_schedules_match_the_reference_sigmas(dev, schnell, io):
 def test_bfl_single_files(golden, io, prompts, kind):
     name = "flux_tiny" if kind == "schnell" else "flux_tiny_dev"
     params = json.loads(golden("pipeline", "bfl_params.json").read_text())
-    pipe = Flux.from_pretrained(golden("pipeline", f"{name}.safetensors"), device="cpu",
-                                configs={"transformer": params[name]}, **_bfl_parts(golden))
+    # schnell: the RoPE axes come from the sibling bfl_params.json; dev: given explicitly
+    configs = {"transformer": params[name]} if kind == "dev" else None
+    pipe = Flux.from_pretrained(golden("pipeline", f"{name}.safetensors"), device="cpu", configs=configs,
+                                **_bfl_parts(golden))
     assert pipe.kind == kind
     steps = 4 if kind == "schnell" else 6
     assert pipe.vae_scale_factor == 2  # tiny VAE: ch_mult (1, 1)
@@ -154,6 +156,14 @@ def test_seeds(schnell):
     schnell("a cat", seed=None, **kw)
     used = schnell.last_seeds
     assert len(used) == 1 and isinstance(used[0], int)
+
+
+def test_seed_noise_is_the_reference_cpu_draw(schnell):
+    """seed s gives the noise torch.randn([B, 16, h, w], generator=manual_seed(s)) on the CPU, as diffusers'
+    prepare_latents and BFL's get_noise draw it."""
+    kw = dict(height=32, width=48, steps=2, output_type="latent")
+    noise = torch.randn(2, 16, 16, 24, generator=torch.Generator("cpu").manual_seed(11))
+    torch.testing.assert_close(schnell(["a", "b"], seed=11, **kw), schnell(["a", "b"], latents=noise, **kw))
 
 
 def test_random_seed_is_reported_and_reproducible(schnell):

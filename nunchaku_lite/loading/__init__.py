@@ -11,7 +11,9 @@
 
 Each model loader takes device= (default cpu), dtype= (default: the checkpoint's stored dtype, float8 ->
 bfloat16) and config= (a dict or JSON file in BFL or diffusers/transformers names; default: the folder's
-config.json, else dimensions inferred from tensor shapes). The module is built on the meta device and every
+config.json, or for a single file X.safetensors a sibling X.json or the entry "X" of a sibling
+bfl_params.json; without any, dimensions are inferred from tensor shapes, and what shapes cannot show takes
+the real models' values). The module is built on the meta device and every
 tensor is read once, converted straight to the target device and dtype, and assigned into place, so peak
 memory is the model itself plus one tensor (no float32 detour, no second copy).
 """
@@ -145,8 +147,16 @@ VAE = ModelKind("autoencoder", _vae_plan, _vae_params, _vae_build)
 # The generic loader
 
 def _folder_config(path: Path) -> dict | None:
-    if path.is_dir() and (path / "config.json").is_file():
-        return read_json(path / "config.json", what="config file")
+    """The config that travels with a checkpoint: a component folder's config.json; for a single file X.safetensors
+    a sibling X.json, or the entry "X" of a sibling bfl_params.json (BFL params of several single files)."""
+    if path.is_dir():
+        return read_json(path / "config.json", what="config file") if (path / "config.json").is_file() else None
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
+    if (path.parent / f"{stem}.json").is_file():
+        return read_json(path.parent / f"{stem}.json", what="config file")
+    if (path.parent / "bfl_params.json").is_file():
+        entry = read_json(path.parent / "bfl_params.json", what="config file").get(stem)
+        return entry if isinstance(entry, dict) else None
     return None
 
 
@@ -163,10 +173,10 @@ def load_model(kind: ModelKind, path, device="cpu", dtype=None, config=None) -> 
         try:
             plan = kind.plan(ckpt)
             params = kind.params(plan, ckpt, config)
+            with torch.device("meta"):  # no memory, no init: every tensor is assigned from the file below
+                module = kind.build(params)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{where}: cannot load as a {kind.name}: {_msg(e)}") from None
-        with torch.device("meta"):
-            module = kind.build(params)
         _check_against_module(module, plan, ckpt, kind.name)
         target = dtype if dtype is not None else ckpt.float_dtype()
 
