@@ -10,9 +10,10 @@
 // Layouts: act codes uint8 [M, K/2] (canonical), act scales float [K/64, ldm], weights in tile order
 //   [N/128][K/64][128 rows][32 bytes] with the two 16-byte halves of row r swapped when (r >> 2) & 1
 //   (that XOR swizzle makes ldmatrix conflict-free; repack.cu writes it), weight scales float [K/64, N].
-// Tiles: block 128 (M) x 128 (N), 8 warps as 2 x 4, warp tile 64 x 32; one 64-wide K group per
-//   pipeline stage, STAGES-deep cp.async ring (A, B, and both scale vectors per stage); operands by
-//   ldmatrix.x4. Requires N % 128 == 0 and K % 64 == 0; M arbitrary: rows >= M are zero-filled on load
+// Tiles: block 128 (M) x 128 (N), 8 warps as 2 x 4, warp tile 64 x 32 (WNT = 4 n-tiles of 8); one
+//   64-wide K group per pipeline stage, STAGES-deep cp.async ring (A, B, and both scale vectors per stage);
+//   operands by ldmatrix.x4. Software pipeline: group g-1's int32 results are promoted tile by tile just
+//   before group g's mma reuses their registers, hiding the tensor-core latency behind a whole group. Requires N % 128 == 0 and K % 64 == 0; M arbitrary: rows >= M are zero-filled on load
 //   and never stored. Rank: any multiple of 16 (chunks of 32 through shared memory).
 // Paths (template PATH):
 //   S4 (sm_80/86/89): one mma.m16n8k64.s4.s4 (u4.s4 for unsigned activations) per 16x8 tile and group.
@@ -25,7 +26,6 @@
 //   With sw' = sw / s and -C sw' exact (sw has <= 11 significant bits: bf16/fp16 values), the fma
 //   fb * sw' - C sw' is exactly dot * sw. Promotion thus costs two FFMA per output per group (fast mode).
 #include "common.cuh"
-#include <stdlib.h>
 
 namespace {
 
@@ -61,12 +61,12 @@ enum { P_S4 = 1, P_S8 = 2 };
 template <bool UNS>
 __device__ __forceinline__ void mma_s4(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (UNS)
-    asm volatile("mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+    asm("mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%10,%10,%10,%10};\n"
                  : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(MAGIC_I));
   else
-    asm volatile("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+    asm("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%10,%10,%10,%10};\n"
                  : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(MAGIC_I));
@@ -78,23 +78,23 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
                                        uint32_t b0, uint32_t b1) {
   if constexpr (FIRST) {
     if constexpr (UNS)
-      asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                    "{%10,%10,%10,%10};\n"
                    : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(MAGIC_I));
     else
-      asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                    "{%10,%10,%10,%10};\n"
                    : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(MAGIC_I));
   } else {
     if constexpr (UNS)
-      asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                    "{%0,%1,%2,%3};\n"
                    : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     else
-      asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                    "{%0,%1,%2,%3};\n"
                    : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -208,6 +208,38 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
   // s: integer scale of the mma result (S8 path works on codes x 16 on both sides).
   constexpr float INV_S = PATH == P_S8 ? 1.f / 256.f : 1.f;
 
+  // Software pipeline across groups: the int32 tile results d of group g-1 are promoted (with the scales of
+  // g-1, kept in registers) right before the mma of group g overwrites the same registers, so the tensor-core
+  // latency is covered by a whole group of work and the FFMAs interleave with the mma stream. d starts at the
+  // magic constant (dot = 0) and the scales at 0, which makes the first promotion add exactly 0.
+  int d[4][WNT][4];
+  float psa[4][2], psw[WNT][2], pncs[WNT][2];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+    psa[mi][0] = psa[mi][1] = 0.f;
+#pragma unroll
+    for (int ni = 0; ni < WNT; ++ni)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) d[mi][ni][i] = (int)MAGIC_I;
+  }
+#pragma unroll
+  for (int ni = 0; ni < WNT; ++ni) psw[ni][0] = psw[ni][1] = pncs[ni][0] = pncs[ni][1] = 0.f;
+
+  auto promote = [&](int mi, int ni) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float fb = __int_as_float(d[mi][ni][i]);  // = 1.5 * 2^23 + s * dot, exactly
+      const float s_a = psa[mi][i >> 1], s_w = psw[ni][i & 1];
+      if constexpr (EXACT) {
+        const float prod = __fmul_rn(__fmul_rn(s_a, s_w), __fsub_rn(fb, MAGIC_F));
+        acc[mi][ni][i] = __fadd_rn(acc[mi][ni][i], prod);
+      } else {
+        const float t = __fmaf_rn(fb, s_w, pncs[ni][i & 1]);  // = dot * sw, exact
+        acc[mi][ni][i] = __fmaf_rn(t, s_a, acc[mi][ni][i]);
+      }
+    }
+  };
+
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < G) load_stage(s, s);
@@ -235,7 +267,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
       const int row = wn * WNT * 8 + np * 16 + (lane & 7) + (lane >> 4) * 8, c = (lane >> 3) & 1;
       ldmatrix_x4(b[np], sB + row * 32 + ((c ^ ((row >> 2) & 1)) << 4));
     }
-    float sa[4][2], sw[WNT][2], ncs[WNT][2];
+    float sa[4][2], sw[WNT][2];
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi) {
       sa[mi][0] = sSA[wm * 64 + mi * 16 + (lane >> 2)];
@@ -246,8 +278,6 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
       const float2 w2 = *reinterpret_cast<const float2 *>(sSW + wn * WNT * 8 + ni * 8 + (lane & 3) * 2);
       sw[ni][0] = w2.x * INV_S;
       sw[ni][1] = w2.y * INV_S;
-      ncs[ni][0] = -MAGIC_F * sw[ni][0];
-      ncs[ni][1] = -MAGIC_F * sw[ni][1];
     }
 
     uint32_t bx[WNT][4];  // per n-tile: the 8-bit widened b0 (lo, hi), b1 (lo, hi); or the raw s4 pair
@@ -270,29 +300,27 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
       }
 #pragma unroll
       for (int ni = 0; ni < WNT; ++ni) {
-        int d[4];
+        promote(mi, ni);  // group g-1 (a no-op at g = 0)
         if constexpr (PATH == P_S8) {
           // k 0..31 of the group: regs a0 (row g), a1 (row g+8); lo bytes then hi bytes.
-          mma_s8<UNS, true>(d, ax[0], ax[2], ax[1], ax[3], bx[ni][0], bx[ni][1]);
-          mma_s8<UNS, false>(d, ax[4], ax[6], ax[5], ax[7], bx[ni][2], bx[ni][3]);
+          mma_s8<UNS, true>(d[mi][ni], ax[0], ax[2], ax[1], ax[3], bx[ni][0], bx[ni][1]);
+          mma_s8<UNS, false>(d[mi][ni], ax[4], ax[6], ax[5], ax[7], bx[ni][2], bx[ni][3]);
         } else {
-          mma_s4<UNS>(d, a[mi], bx[ni][0], bx[ni][1]);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float fb = __int_as_float(d[i]);  // = 1.5 * 2^23 + s * dot, exactly
-          const float s_a = sa[mi][i >> 1], s_w = sw[ni][i & 1];
-          if constexpr (EXACT) {
-            const float prod = __fmul_rn(__fmul_rn(s_a, s_w), __fsub_rn(fb, MAGIC_F));
-            acc[mi][ni][i] = __fadd_rn(acc[mi][ni][i], prod);
-          } else {
-            const float t = __fmaf_rn(fb, s_w, ncs[ni][i & 1]);  // = dot * sw, exact
-            acc[mi][ni][i] = __fmaf_rn(t, s_a, acc[mi][ni][i]);
-          }
+          mma_s4<UNS>(d[mi][ni], a[mi], bx[ni][0], bx[ni][1]);
         }
       }
     }
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) psa[mi][0] = sa[mi][0], psa[mi][1] = sa[mi][1];
+#pragma unroll
+    for (int ni = 0; ni < WNT; ++ni)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) psw[ni][j] = sw[ni][j], pncs[ni][j] = -MAGIC_F * sw[ni][j];
   }
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < WNT; ++ni) promote(mi, ni);  // the last group
   cp_async_wait<0>();
 
   if (p.rank > 0) {
@@ -354,16 +382,10 @@ int dispatch_gemm(const GemmParams &p, int act_unsigned, int exact, cudaStream_t
   return exact ? launch_gemm<PATH, false, true, WNT>(p, s) : launch_gemm<PATH, false, false, WNT>(p, s);
 }
 
-// Block width: 256 columns (warp tile 64x64: fewer shared loads and nibble widenings per mma) when N allows;
-// NUNCHAKU_LITE_GEMM_BN=128 forces the narrow tile (benchmarks).
+// One block shape: 128 x 128 (warp tile 64 x 32). The 64 x 64 warp tile (WNT = 8) measured no faster on the
+// H100 and leaves no registers for the cross-group software pipeline.
 template <int PATH>
 int dispatch_width(const GemmParams &p, int act_unsigned, int exact, cudaStream_t s) {
-  static int forced = -1;
-  if (forced < 0) {
-    const char *env = getenv("NUNCHAKU_LITE_GEMM_BN");
-    forced = env ? atoi(env) : 0;
-  }
-  if (p.N % 256 == 0 && forced != 128) return dispatch_gemm<PATH, 8>(p, act_unsigned, exact, s);
   return dispatch_gemm<PATH, 4>(p, act_unsigned, exact, s);
 }
 

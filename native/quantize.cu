@@ -10,19 +10,18 @@
 // Layout written: codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] (rows >= M get 0),
 // lora_act float [M, rank].
 //
-// Tiling: a block owns BM = 16*MT tokens and all of K; its 4 warps split the K groups round-robin (warp w
-// takes g = w, w+4, ...), each with its own cp.async pipeline of STAGES tiles [BM x 64] of x and
+// Tiling: a block owns BM = 16*MT tokens and all of K; its WARPS warps split the K groups round-robin (warp w
+// takes g = w, w+WARPS, ...), each with its own cp.async pipeline of STAGES tiles [BM x 64] of x and
 // [rank x 64] of lora_down in shared memory (16-byte chunks XOR-swizzled by row so ldmatrix is
 // conflict-free). Quantization: 8 lanes per (token, group), 8 elements each, amax by 3 shuffles; each lane
 // writes one 32-bit word of codes. Low-rank: mma.m16n8k16 per warp on its groups, partial sums reduced over
-// the 4 warps through shared memory in a fixed order (deterministic).
+// the warps through shared memory in a fixed order (deterministic). The kernel is latency-bound (IEEE
+// divisions, shuffles), so it is shaped for many resident warps: 16 tokens per block, 8 warps (rank <= 32).
 #include "common.cuh"
 
 namespace {
 
-constexpr int QWARPS = 4;
-
-template <typename T, int MT, int MAXR, int STAGES>
+template <typename T, int MT, int MAXR, int STAGES, int QWARPS>
 struct QuantCfg {
   static constexpr int BM = 16 * MT;
   static constexpr int X_BYTES = BM * 128;      // BM rows x 64 elements x 2 bytes
@@ -34,13 +33,13 @@ struct QuantCfg {
   static constexpr int SMEM = PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES;
 };
 
-template <typename T, int MT, int MAXR, int STAGES>
+template <typename T, int MT, int MAXR, int STAGES, int QWARPS>
 __global__ void __launch_bounds__(QWARPS * 32)
 quantize_act_kernel(const T *__restrict__ x, int M, int K, int64_t ldx, const float *__restrict__ smooth,
                     float shift, int act_unsigned, const T *__restrict__ lora_down, int rank,
                     uint8_t *__restrict__ codes, float *__restrict__ scales, int64_t ldm,
                     float *__restrict__ lora_act) {
-  using C = QuantCfg<T, MT, MAXR, STAGES>;
+  using C = QuantCfg<T, MT, MAXR, STAGES, QWARPS>;
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int m0 = blockIdx.x * C::BM;
@@ -182,22 +181,12 @@ quantize_act_kernel(const T *__restrict__ x, int M, int K, int64_t ldx, const fl
   }
 }
 
-int sm_count() {
-  int dev = 0, n = 0;
-  cudaGetDevice(&dev);
-  static int cached[64] = {0};
-  if (dev < 64 && cached[dev]) return cached[dev];
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  if (dev < 64) cached[dev] = n;
-  return n > 0 ? n : 1;
-}
-
-template <typename T, int MT, int MAXR, int STAGES>
+template <typename T, int MT, int MAXR, int STAGES, int QWARPS>
 int launch_quantize(const void *x, int M, int K, int64_t ldx, const float *smooth, float shift, int act_unsigned,
                     const void *lora_down, int rank, uint8_t *codes, float *scales, int64_t ldm, float *lora_act,
                     cudaStream_t stream) {
-  using C = QuantCfg<T, MT, MAXR, STAGES>;
-  auto kern = quantize_act_kernel<T, MT, MAXR, STAGES>;
+  using C = QuantCfg<T, MT, MAXR, STAGES, QWARPS>;
+  auto kern = quantize_act_kernel<T, MT, MAXR, STAGES, QWARPS>;
   static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
   int dev = 0;
   NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_quantize_act");
@@ -218,18 +207,13 @@ template <typename T>
 int dispatch_quantize(const void *x, int M, int K, int64_t ldx, const float *smooth, float shift, int act_unsigned,
                       const void *lora_down, int rank, uint8_t *codes, float *scales, int64_t ldm, float *lora_act,
                       cudaStream_t stream) {
-  // Two tokens tiles per block when that still gives every SM a block; one otherwise (small M).
-  const bool big = ldm / 32 >= sm_count();
-  if (rank <= 32) {
-    return big ? launch_quantize<T, 2, 32, 3>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes,
-                                              scales, ldm, lora_act, stream)
-               : launch_quantize<T, 1, 32, 3>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes,
-                                              scales, ldm, lora_act, stream);
-  }
-  return big ? launch_quantize<T, 2, 128, 2>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes,
-                                             scales, ldm, lora_act, stream)
-             : launch_quantize<T, 1, 128, 2>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes,
-                                             scales, ldm, lora_act, stream);
+  // 16 tokens per block (M = 4608 gives 288 blocks); 8 warps x 2 stages (96 KB: two blocks per SM) for
+  // rank <= 32, 4 warps for larger ranks (their lora_down tiles are bigger).
+  if (rank <= 32)
+    return launch_quantize<T, 1, 32, 2, 8>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes,
+                                           scales, ldm, lora_act, stream);
+  return launch_quantize<T, 1, 128, 2, 4>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes, scales,
+                                          ldm, lora_act, stream);
 }
 
 }  // namespace

@@ -5,6 +5,15 @@
                                 text_encoder="clip_l.safetensors", text_encoder_2="t5xxl_fp16.safetensors",
                                 tokenizer="FLUX.1-dev/tokenizer", tokenizer_2="FLUX.1-dev/tokenizer_2")
     images = pipe("a red fox in the snow", seed=0)            # list of PIL images
+    pipe = Flux.from_pretrained("FLUX.1-dev", transformer="flux1-dev-w4a4.safetensors", device="cuda",
+                                offload="model", t5_quant="w4a16")                 # small-GPU mode
+
+Memory modes: offload="model" keeps only the DiT resident on the GPU; the text encoders and the VAE wait in
+(pinned) CPU memory and are lent to the GPU only while they run. t5_quant="w4a16" loads T5 with 4-bit weights,
+quantized one layer at a time as the checkpoint streams in. vae_tiling ("auto", True, False) decodes large
+images in overlapping tiles (models/vae.py decode_tiled); "auto" tiles above `vae_tile_above` pixels per call
+(1024x1024 per image, or 512x512 when offloading) or when a full decode would not fit the free memory.
+Images of a batch are decoded one at a time, so the decoder's memory does not grow with the batch.
 
 Defaults follow the model kind, detected from the weights (guidance embedding present -> dev):
 schnell 4 steps, T5 length 256, no schedule shift, guidance unused; dev 50 steps, T5 length 512, resolution-
@@ -28,6 +37,7 @@ import torch
 from torch import nn
 
 from . import sampling
+from .memory import CPUOffload, load_t5_w4a16, on_device, quantize_w4a16_
 from .loading import load_clip, load_clip_tokenizer, load_t5, load_t5_tokenizer, load_transformer, load_vae
 from .loading.files import read_json
 from .loading.options import resolve_config, resolve_device, resolve_dtype
@@ -36,6 +46,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODELS = ("mini", "mini-w4a4")
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OFFLOAD_MODES = ("none", "model")
+T5_QUANT = (None, "w4a16")
+OFFLOADED = ("text_encoder", "text_encoder_2", "vae")
 
 
 @dataclass
@@ -173,12 +186,48 @@ class Flux:
         self.latent_channels = getattr(getattr(transformer, "params", None), "in_channels", 64) // 4
         self.last_timings: dict[str, float] = {}
         self.last_seeds: list[int] | None = None
+        self.offload = "none"
+        self._offloaded: dict[str, CPUOffload] = {}  # component name -> its lender, when offloaded
+        self.vae_tiling = "auto"
+        self.vae_tile_above = 1024 * 1024  # "auto" tiles calls with more pixels than this (all images together)
+        self.vae_tile, self.vae_tile_overlap = 64, 16  # latent cells (512 and 128 pixels for FLUX's VAE)
+
+    def enable_model_offload(self) -> "Flux":
+        """Keep only the DiT on the device: the text encoders and the VAE move to (pinned) CPU memory and are
+        lent to the device only while they run. A no-op on a CPU pipeline. Returns self."""
+        if self.device.type == "cpu" or self._offloaded:
+            self.offload = "model" if self.device.type != "cpu" else self.offload
+            return self
+        for name in OFFLOADED:
+            self._offloaded[name] = CPUOffload(getattr(self, name), self.device)
+        self.offload = "model"
+        self.vae_tile_above = min(self.vae_tile_above, 512 * 512)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self
+
+    def compile_transformer(self, **compile_kwargs) -> "Flux":
+        """torch.compile each DiT block in place (nn.Module.compile; kwargs such as mode="max-autotune" go to
+        torch.compile). The first call at a new size compiles (tens of seconds), later calls reuse it. Quantized
+        linears whose kernels are foreign calls run between compiled regions (graph breaks). Returns self."""
+        blocks = [*getattr(self.transformer, "double_blocks", ()), *getattr(self.transformer, "single_blocks", ())]
+        if not blocks:
+            raise ValueError("compile: the transformer has no double_blocks/single_blocks to compile")
+        for block in blocks:
+            block.compile(**compile_kwargs)
+        return self
+
+    def _on_device(self, name: str):
+        """`with self._on_device("vae") as vae:` the component, its weights on the pipeline device meanwhile."""
+        return on_device(getattr(self, name), self._offloaded.get(name))
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path=None, device=None, dtype=None, *, transformer=None, vae=None, text_encoder=None,
                         text_encoder_2=None, tokenizer=None, tokenizer_2=None, scheduler=None, kind: str | None = None,
-                        configs: dict | None = None, transformer_kwargs: dict | None = None) -> "Flux":
+                        configs: dict | None = None, transformer_kwargs: dict | None = None,
+                        offload: str = "none", t5_quant: str | None = None, vae_tiling="auto",
+                        compile: bool = False) -> "Flux":
         """Load a pipeline.
 
         path: a diffusers-layout folder (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/,
@@ -195,9 +244,21 @@ class Flux:
         configs: {component: config dict or JSON path} for checkpoints whose sizes cannot be read from the
             shapes (e.g. RoPE axes of a non-standard BFL single file).
         transformer_kwargs: passed to load_transformer (e.g. {"act_quant": False} for quantized checkpoints).
+        offload: "none" (everything resident on `device`) or "model" (only the DiT resident; the text encoders
+            and VAE are loaded into CPU memory and lent to the device while they run: see enable_model_offload).
+        t5_quant: None (16-bit T5) or "w4a16" (4-bit weights, per-row groups of 64, quantized at load time one
+            layer at a time on `device`; a T5 module passed in is quantized in place).
+        vae_tiling: "auto", True or False: decode in tiles (see the module docstring).
+        compile: torch.compile the DiT blocks (see compile_transformer); off by default.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype)
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        if t5_quant not in T5_QUANT:
+            raise ValueError(f"t5_quant must be None or 'w4a16', got {t5_quant!r}")
+        if vae_tiling not in ("auto", True, False):
+            raise ValueError(f"vae_tiling must be 'auto', True or False, got {vae_tiling!r}")
         configs = dict(configs or {})
         unknown = sorted(set(configs) - set(COMPONENTS))
         if unknown:
@@ -222,6 +283,9 @@ class Flux:
             config = resolve_config(configs.get(name), f"configs['{name}']")
             return loader(part, device=device, dtype=dtype, config=config, **kw)
 
+        if t5_quant == "w4a16" and isinstance(parts["text_encoder_2"], nn.Module):
+            quantize_w4a16_(parts["text_encoder_2"])  # where it is, before any move: never 16-bit on the GPU
+
         dit = load("transformer", load_transformer, None if isinstance(parts["transformer"], nn.Module) else dtype,
                    **(transformer_kwargs or {}))
         # The VAE runs in the requested dtype, except float16 (whose range FLUX's VAE overflows, hence
@@ -231,7 +295,7 @@ class Flux:
         # The text encoders run in the pipeline dtype (default: the transformer's), as in diffusers.
         dtype = dtype or _module_dtype(dit)
         clip = load("text_encoder", load_clip, dtype)
-        t5 = load("text_encoder_2", load_t5, dtype)
+        t5 = load("text_encoder_2", load_t5_w4a16 if t5_quant == "w4a16" else load_t5, dtype)
 
         detected = "dev" if _has_guidance(dit) else "schnell"
         defaults = SamplingDefaults.for_kind(kind or detected)
@@ -247,7 +311,11 @@ class Flux:
         tok2 = parts["tokenizer_2"]
         tok2 = load_t5_tokenizer(tok2, defaults.max_sequence_length) if isinstance(tok2, (str, Path)) else tok2
         # Latents and the DiT's inputs take the transformer's own dtype (a module passed in keeps its dtype).
-        return cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=_module_dtype(dit))
+        pipe = cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=_module_dtype(dit))
+        pipe.vae_tiling = vae_tiling
+        if compile:
+            pipe.compile_transformer()
+        return pipe.enable_model_offload() if offload == "model" else pipe
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -256,8 +324,10 @@ class Flux:
         max_len = max_sequence_length or self.defaults.max_sequence_length
         t5_ids = self._tokenize(self.tokenizer_2, prompts, "T5", max_len)
         clip_ids = self._tokenize(self.tokenizer, prompts, "CLIP", None)
-        txt = self.text_encoder_2(t5_ids.to(self.device))
-        _, vec = self.text_encoder(clip_ids.to(self.device))
+        with self._on_device("text_encoder_2") as t5:
+            txt = t5(t5_ids.to(self.device))
+        with self._on_device("text_encoder") as clip:
+            _, vec = clip(clip_ids.to(self.device))
         return txt.to(self.dtype), vec.to(self.dtype)
 
     @staticmethod
@@ -348,7 +418,7 @@ class Flux:
             t0 = time.perf_counter()
             # sampling.unpack takes pixel sizes of an 8x VAE; give it the equivalent so any VAE factor works.
             z = sampling.unpack(img.float(), lat_h * 8, lat_w * 8)
-            decoded = self.vae.decode(z.to(_module_dtype(self.vae)))
+            decoded = self.decode(z)
             images = to_images(decoded)
             out = torch.from_numpy(images).permute(0, 3, 1, 2) if output_type == "pt" else \
                 images if output_type == "np" else to_pil(images)
@@ -357,6 +427,41 @@ class Flux:
         timings["total"] = time.perf_counter() - start
         self.last_timings = timings
         return out
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unpacked latent [B, 16, h, w] -> image [B, 3, H, W] on the [-1, 1] scale, tiled per `vae_tiling`.
+        Images are decoded one at a time: the decoder's activations (GBs per megapixel) then stay those of one
+        image, a batch decodes exactly like its images alone, and one image already fills a GPU."""
+        h, w = z.shape[2:]
+        tiled = self._tiled(h, w)
+        with torch.inference_mode(), self._on_device("vae") as vae:
+            z = z.to(_module_dtype(vae))
+            if tiled:
+                return torch.cat([vae.decode_tiled(zi, tile=self.vae_tile, overlap=self.vae_tile_overlap)
+                                  for zi in z.split(1)])
+            return torch.cat([vae.decode(zi) for zi in z.split(1)])
+
+    def _tiled(self, lat_h: int, lat_w: int) -> bool:
+        """Whether to decode a latent of lat_h x lat_w in tiles: `vae_tiling` True/False, or "auto": an image of
+        more than `vae_tile_above` pixels, or one whose full decode would not fit the memory available now."""
+        if self.vae_tiling != "auto":
+            return bool(self.vae_tiling)
+        f = self.vae_scale_factor
+        if lat_h * lat_w * f * f > self.vae_tile_above:
+            return True
+        avail = _available_memory(self.device)
+        return avail is not None and self._decode_bytes(1, lat_h * f, lat_w * f) > avail
+
+    def _decode_bytes(self, batch: int, height: int, width: int, tiled: bool = False) -> int:
+        """Lower bound of the decoder's activation memory: four live maps of its full-resolution level (input,
+        normed, conv output, residual); tiled: one tile's worth plus the float32 output image."""
+        vp = getattr(self.vae, "params", None)
+        ch = getattr(vp, "ch", 128) * (getattr(vp, "ch_mult", (1,))[0])
+        size = torch.finfo(_module_dtype(self.vae)).bits // 8
+        if tiled:
+            side = self.vae_tile * self.vae_scale_factor
+            return 4 * batch * ch * min(height, side) * min(width, side) * size + batch * 3 * height * width * 4
+        return 4 * batch * ch * height * width * size
 
     # ----------------------------------------------------------------------------------------------------------
     def _round_size(self, height, width) -> tuple[int, int]:
@@ -426,9 +531,8 @@ class Flux:
         mlp = getattr(p, "mlp_ratio", 4.0)
         seq = (lat_h // 2) * (lat_w // 2) + txt_len
         dit = batch * seq * hidden * (3 + mlp) * bytes_per
-        vp = getattr(self.vae, "params", None)
-        ch = getattr(vp, "ch", 128) * (getattr(vp, "ch_mult", (1,))[0])
-        vae = 4 * batch * ch * height * width * (torch.finfo(_module_dtype(self.vae)).bits // 8)
+        f = self.vae_scale_factor
+        vae = self._decode_bytes(1, lat_h * f, lat_w * f, self._tiled(lat_h, lat_w))  # one image at a time
         need = dit + vae
         avail = _available_memory(self.device)
         if avail is not None and need > avail:
@@ -453,7 +557,8 @@ class Flux:
 
     def __repr__(self):
         return (f"Flux(kind={self.kind!r}, device={self.device}, dtype={self.dtype}, "
-                f"steps={self.defaults.steps}, max_sequence_length={self.defaults.max_sequence_length})")
+                f"steps={self.defaults.steps}, max_sequence_length={self.defaults.max_sequence_length}, "
+                f"offload={self.offload!r})")
 
 
 def _positive_int(name: str, value) -> int:

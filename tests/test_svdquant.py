@@ -17,7 +17,8 @@ FAST = dict(grid=6, refine_iters=2, progress=False)  # a coarser search than the
 def tiny_params(hidden=128, **kw) -> FluxParams:
     heads = 2
     head = hidden // heads
-    axes = (head - 2 * (head * 3 // 8), head * 3 // 8, head * 3 // 8)
+    side = head * 3 // 8 // 2 * 2  # even RoPE axes summing to the head dim
+    axes = (head - 2 * side, side, side)
     return FluxParams(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=hidden,
                       num_heads=heads, depth=1, depth_single_blocks=1, axes_dim=axes, **kw)
 

@@ -275,6 +275,17 @@ def sample_from_spec(spec: dict, seed: int, index: int = 0) -> Sample:
     return Sample(render(background, shapes), "", background, shapes)
 
 
+def make_captions(n: int, seed: int = 0, start: int = 0, exclude: frozenset = HELD_OUT) -> list[str]:
+    """The captions make_dataset would give, without drawing the images (same random stream)."""
+    out = []
+    for i in range(start, start + n):
+        rng = _rng(seed, i)
+        n_shapes = 2 if rng.random() < TWO_SHAPE_FRACTION else 1
+        background, shapes = random_shapes(rng, n_shapes, exclude)
+        out.append(random_caption(rng, background, shapes))
+    return out
+
+
 def make_dataset(n: int, seed: int = 0, start: int = 0, exclude: frozenset = HELD_OUT):
     """(images uint8 [n, H, W, 3], captions list[str], attrs list[dict]) for indices start..start+n-1."""
     samples = [make_sample(seed, start + i, exclude) for i in range(n)]

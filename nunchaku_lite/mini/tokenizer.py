@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, decoders, trainers
 
-from .data import all_captions_vocabulary, make_dataset
+from .data import all_captions_vocabulary, make_captions
 
 CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -39,8 +39,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def training_captions(n_samples: int = 2000) -> list[str]:
     """Every single-shape caption form plus sampled two-shape captions (the words 'and' etc.)."""
-    _, two_shape, _ = make_dataset(n_samples, seed=4321)
-    return all_captions_vocabulary() + [c for c in two_shape if " and " in c]
+    sampled = make_captions(n_samples, seed=4321)
+    return all_captions_vocabulary() + [c for c in sampled if " and " in c]
 
 
 def train_clip_bpe(captions: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:

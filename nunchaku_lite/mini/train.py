@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -75,9 +76,13 @@ class TrainConfig:
     # sampling defaults recorded in model_index.json and used by the eval
     default_steps: int = 20
     shift: bool = True
+    eval_other_steps: str = ""  # comma-separated step counts also benchmarked (accuracy only), e.g. "8,12"
     eval_single: int = 84
     eval_double: int = 24
     export: str = ""
+    # continue from an exported model (diffusers folder): the VAE encoder stays frozen (so the latent space
+    # the DiT learned is kept) while stage 1 fine-tunes the decoder; stage 2 continues the DiT and encoders
+    init_from: str = ""
 
 
 def model_configs(clip_vocab: int, t5_vocab: int, tiny: bool = False):
@@ -255,11 +260,17 @@ def vae_loss(ae: AutoEncoder, x: torch.Tensor, kl_weight: float, gen: torch.Gene
     return l1 + l2 + kl_weight * kl, {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
 
 
-def train_vae(cfg: TrainConfig, ap: AutoEncoderParams, images: torch.Tensor, out: Path, deadline: Deadline):
+def train_vae(cfg: TrainConfig, ap: AutoEncoderParams, images: torch.Tensor, out: Path, deadline: Deadline,
+              init_state: dict | None = None):
+    """Stage 1. With init_state (a trained AutoEncoder's weights) only the decoder is trained."""
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     ae = AutoEncoder(ap).to(dev)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if init_state is not None:
+        ae.load_state_dict(init_state)
+        ae.encoder.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=cfg.vae_lr, betas=(0.9, 0.99),
+                            weight_decay=0.0)
     ckpt, start = out / "vae_ckpt.pt", 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=dev)
@@ -280,7 +291,7 @@ def train_vae(cfg: TrainConfig, ap: AutoEncoderParams, images: torch.Tensor, out
             loss, parts = vae_loss(ae, x, cfg.kl_weight, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in ae.parameters() if p.requires_grad], 1.0)
         opt.step()
         if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
             rows.append({"step": step, "loss": loss.item(), **parts, "lr": opt.param_groups[0]["lr"]})
@@ -357,11 +368,15 @@ class TextToImage(torch.nn.Module):
         return self.flux(img=x_t, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=vec)
 
 
-def train_dit(cfg: TrainConfig, model_cfgs, latents, t5_ids, clip_ids, out: Path, deadline: Deadline):
+def train_dit(cfg: TrainConfig, model_cfgs, latents, t5_ids, clip_ids, out: Path, deadline: Deadline,
+              init_state: dict | None = None):
+    """Stage 2; init_state: TextToImage weights to start from (model and EMA alike)."""
     dev = torch.device(cfg.device)
     fp, tc, cc = model_cfgs
     torch.manual_seed(cfg.seed + 1)
     model = TextToImage(fp, tc, cc).to(dev)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.0)
     ckpt, start = out / "dit_ckpt.pt", 0
@@ -396,7 +411,8 @@ def train_dit(cfg: TrainConfig, model_cfgs, latents, t5_ids, clip_ids, out: Path
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        # EMA warm-up (short memory early on), except when continuing a trained model, whose EMA is kept.
+        decay = cfg.ema_decay if init_state is not None else min(cfg.ema_decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
         if step % cfg.log_every == 0 or step == cfg.dit_steps - 1:
             rows.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
@@ -429,24 +445,33 @@ def run(cfg: TrainConfig) -> dict | None:
     dev = torch.device(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    vocab = train_tokenizers(out, t5_max_length=T5_MAX_LENGTH, clip_max_length=CLIP_MAX_LENGTH)
-    fp, tc, cc, ap = model_configs(vocab["clip_vocab_size"], vocab["t5_vocab_size"], cfg.tiny)
+    init = load_exported(cfg.init_from) if cfg.init_from else None
+    if init is None:
+        vocab = train_tokenizers(out, t5_max_length=T5_MAX_LENGTH, clip_max_length=CLIP_MAX_LENGTH)
+        fp, tc, cc, ap = model_configs(vocab["clip_vocab_size"], vocab["t5_vocab_size"], cfg.tiny)
+    else:
+        for name in ("tokenizer", "tokenizer_2"):  # the trained encoders' vocabularies, unchanged
+            shutil.copytree(Path(cfg.init_from) / name, out / name, dirs_exist_ok=True)
+        fp, tc, cc, ap = init["configs"]
     images, t5_ids, clip_ids = build_data(cfg, out)
     images = torch.from_numpy(images).to(dev)
     t5_ids, clip_ids = t5_ids.to(dev), clip_ids.to(dev)
 
-    ae = train_vae(cfg, ap, images, out, deadline)
+    ae = train_vae(cfg, ap, images, out, deadline, init_state=init and init["vae"])
     if ae is None:
         return None
     ae.eval()
-    shift, scale = latent_stats(ae, images, dev)
-    ap.shift_factor, ap.scale_factor = shift, scale
-    ae.shift_factor, ae.scale_factor = shift, scale
-    print(f"vae: latent shift_factor {shift:.4f} scale_factor {scale:.4f}")
+    if init is None:
+        shift, scale = latent_stats(ae, images, dev)
+        ap.shift_factor, ap.scale_factor = shift, scale
+        ae.shift_factor, ae.scale_factor = shift, scale
+    # (continuing: the frozen encoder's factors are kept, so latents match what the DiT was trained on)
+    print(f"vae: latent shift_factor {ae.shift_factor:.4f} scale_factor {ae.scale_factor:.4f}")
     latents = encode_all(ae, images, dev)
     del images
 
-    ema, steps_done = train_dit(cfg, (fp, tc, cc), latents, t5_ids, clip_ids, out, deadline)
+    ema, steps_done = train_dit(cfg, (fp, tc, cc), latents, t5_ids, clip_ids, out, deadline,
+                                init_state=init and init["text_to_image"])
     result = evaluate_run(cfg, ema, ae, out)
     result["dit_steps_done"] = steps_done
     if cfg.export:
@@ -461,6 +486,23 @@ def run(cfg: TrainConfig) -> dict | None:
     return result
 
 
+def load_exported(folder) -> dict:
+    """Weights and configs of an exported mini model, read with the engine's own loaders (float32)."""
+    from ..loading import load_clip, load_t5, load_transformer, load_vae
+
+    folder = Path(folder)
+    flux = load_transformer(folder / "transformer", dtype=torch.float32)
+    t5 = load_t5(folder / "text_encoder_2", dtype=torch.float32)
+    clip = load_clip(folder / "text_encoder", dtype=torch.float32)
+    ae = load_vae(folder / "vae", dtype=torch.float32)
+    ap = copy.deepcopy(ae.params)
+    ap.scale_factor, ap.shift_factor = ae.scale_factor, ae.shift_factor
+    state = {**{"flux." + k: v for k, v in flux.state_dict().items()},
+             **{"t5." + k: v for k, v in t5.state_dict().items()},
+             **{"clip." + k: v for k, v in clip.state_dict().items()}}
+    return {"configs": (flux.params, t5.cfg, clip.cfg, ap), "vae": ae.state_dict(), "text_to_image": state}
+
+
 def evaluate_run(cfg: TrainConfig, ema: TextToImage, ae: AutoEncoder, out: Path) -> dict:
     """Held-out benchmark with the EMA weights in bf16 (what the exported 16-bit model runs)."""
     from .eval import evaluate, generate_with_modules, heldout_prompts
@@ -473,16 +515,24 @@ def evaluate_run(cfg: TrainConfig, ema: TextToImage, ae: AutoEncoder, out: Path)
     clip_tok = load_clip_tokenizer(out / "tokenizer", CLIP_MAX_LENGTH)
     t5_tok = load_t5_tokenizer(out / "tokenizer_2", T5_MAX_LENGTH)
 
-    def generate(prompts, seeds):
-        return generate_with_modules(model.flux, model.t5, model.clip, ae16, clip_tok, t5_tok, prompts, seeds,
-                                     steps=cfg.default_steps, shift=cfg.shift, dtype=dtype, device=dev)
+    def generator(steps):
+        def generate(prompts, seeds):
+            return generate_with_modules(model.flux, model.t5, model.clip, ae16, clip_tok, t5_tok, prompts, seeds,
+                                         steps=steps, shift=cfg.shift, dtype=dtype, device=dev)
+        return generate
 
     prompts = heldout_prompts(cfg.eval_single, cfg.eval_double)
-    res = evaluate(generate, prompts, batch_size=64)
+    res = evaluate(generator(cfg.default_steps), prompts, batch_size=64)
     acc = res["accuracy"]
+    other = {int(n): evaluate(generator(int(n)), prompts, batch_size=64)["accuracy"]
+             for n in cfg.eval_other_steps.split(",") if n.strip()}
     (out / "eval.json").write_text(json.dumps({"sample_steps": cfg.default_steps, "shift": cfg.shift, "accuracy": acc,
+                                               "accuracy_at_other_steps": other,
                                                "per_prompt": [{**p, **s} for p, s in zip(prompts, res["scores"])]},
                                               indent=1) + "\n")
+    for n, a in other.items():
+        print(f"eval at {n} steps: color_shape {a['color_shape']:.3f}, one_shape.color_shape "
+              f"{a.get('one_shape.color_shape', float('nan')):.3f}")
     n = min(24, len(prompts))
     pick = list(range(0, len(prompts), max(1, len(prompts) // n)))[:n]
     rows = [[res["images"][i] for i in pick[r: r + 6]] for r in range(0, len(pick), 6)]

@@ -40,7 +40,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="where blocks are quantized and the pipeline runs (default: cuda if available)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the transformer's stored dtype)")
     p.add_argument("--steps", type=int, help="sampler steps per calibration prompt (default: the model's)")
-    p.add_argument("--samples", type=int, help="keep at most N (prompt, step) calibration samples (random subset)")
+    p.add_argument("--samples", type=int, default=128,
+                   help="keep at most N (prompt, step) calibration samples, a random subset (default 128)")
     p.add_argument("--height", type=int, help="image height for calibration/evaluation (default: the model's)")
     p.add_argument("--width", type=int, help="image width for calibration/evaluation (default: the model's)")
     p.add_argument("--alpha-grid", type=int, default=20, help="smoothing search: alpha steps of 1/N (default 20)")

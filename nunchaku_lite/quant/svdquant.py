@@ -197,7 +197,7 @@ def low_rank(w: torch.Tensor, rank: int, basis: torch.Tensor | None = None, iter
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Dequantized INT4 weight [N, K] (float32), exactly as W4A4Linear stores it (bf16 scales)."""
+    """Round-to-nearest INT4 weight [N, K], dequantized (float32), as W4A4Linear.from_linear stores it."""
     return ops.dequantize(*ops.quantize_weight(w))
 
 

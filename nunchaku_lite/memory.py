@@ -1,0 +1,168 @@
+"""Memory modes: 4-bit text encoders, CPU offload of the parts used once per call, memory accounting.
+
+    t5 = load_w4a16(T5, "t5xxl_fp16.safetensors", device="cuda", dtype=torch.bfloat16)   # ~2.9 GB, not 9.5
+    with CPUOffload(t5, "cuda") as t5_on_gpu:    # weights lent to the GPU for the block, then dropped there
+        hidden = t5_on_gpu(ids)
+
+A FLUX generation uses the text encoders once at the start and the VAE once at the end, while the DiT runs
+every step; keeping only the DiT resident (`Flux.from_pretrained(..., offload="model")`) and T5 in 4-bit
+weights brings a 1024x1024 FLUX.1-dev generation with the W4A4 DiT from ~30 GiB to under 10 GiB of GPU memory.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .quant.modules import W4A16Linear
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.device, t.data_ptr()) if not t.is_meta else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _w4a16_from_tensors(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> W4A16Linear:
+    """A W4A16Linear on weight's device from a dense weight [N, K] (quantized in float32 there)."""
+    n, k = weight.shape
+    with torch.device("meta"):
+        dense = nn.Linear(k, n, bias=bias is not None)
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        dense.bias = nn.Parameter(bias, requires_grad=False)
+    with warnings.catch_warnings():  # tiny test models have K < 64: padding is expected there, not news
+        warnings.simplefilter("ignore", UserWarning)
+        return W4A16Linear.from_linear(dense, dtype=dtype)
+
+
+def quantize_w4a16_(module: nn.Module, select=lambda name: True) -> nn.Module:
+    """Replace every nn.Linear of `module` whose name passes `select` by a W4A16Linear, in place, one layer
+    at a time on the layer's own device (so peak memory is the model plus one float32 weight). Returns module."""
+    names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and select(n)]
+    for name in names:
+        lin = module.get_submodule(name)
+        dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.bfloat16
+        q = _w4a16_from_tensors(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), dtype)
+        module.set_submodule(name, q)
+        del lin
+    return module
+
+
+def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda name: True) -> nn.Module:
+    """Load a model of `kind` (nunchaku_lite.loading.T5 or CLIP) with its linears in 4-bit weights.
+
+    Streams the checkpoint like the 16-bit loader (meta build, one tensor at a time), but each selected
+    linear's weight is quantized as soon as it arrives on `device` and only the 4-bit copy is kept: a full
+    16-bit model never exists there. Peak memory: the 4-bit model plus one float32 weight.
+    dtype: the activations' and the remaining tensors' dtype (default: the checkpoint's, float8 -> bfloat16).
+    """
+    from pathlib import Path
+
+    from .loading import Checkpoint, _check_against_module, _folder_config, _materialize_leftovers, _msg
+    from .loading.options import resolve_config, resolve_device, resolve_dtype
+
+    device = resolve_device(device) if device is not None else torch.device("cpu")
+    dtype, config, path = resolve_dtype(dtype), resolve_config(config), Path(path)
+    with Checkpoint.open(path) as ckpt:
+        if config is None:
+            config = _folder_config(path)
+        try:
+            plan = kind.plan(ckpt)
+            params = kind.params(plan, ckpt, config)
+            with torch.device("meta"):
+                module = kind.build(params)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{ckpt.description}: cannot load as a {kind.name}: {_msg(e)}") from None
+        _check_against_module(module, plan, ckpt, kind.name)
+        target = dtype if dtype is not None else ckpt.float_dtype()
+
+        def tensor(key: str) -> torch.Tensor:
+            srcs, build = plan.sources[key]
+            return build(lambda k: ckpt.get(k, device=device, dtype=target))
+
+        linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and select(n)]
+        for name in linears:
+            bias_key = f"{name}.bias"
+            bias = tensor(bias_key) if bias_key in plan.sources else None
+            module.set_submodule(name, _w4a16_from_tensors(tensor(f"{name}.weight"), bias, target))
+        quantized = {f"{n}.{leaf}" for n in linears for leaf in ("weight", "bias")}
+        rest = {k: tensor(k) for k in plan.sources if k not in quantized}
+        module.load_state_dict(rest, strict=False, assign=True)
+    _materialize_leftovers(module, device, target, kind.name)
+    return module.eval()
+
+
+def load_t5_w4a16(path, device="cpu", dtype=None, config=None) -> nn.Module:
+    """T5 encoder with every block linear in W4A16 (the embedding table and norms keep `dtype`)."""
+    from .loading import T5
+    return load_w4a16(T5, path, device, dtype, config)
+
+
+class CPUOffload:
+    """Keeps a module's weights in CPU memory and lends them to `device` inside a `with` block.
+
+    The CPU copies are pinned (when CUDA is present) so the upload runs at full PCIe speed, and since
+    inference never changes the weights, leaving the block just drops the device copies: nothing is copied
+    back. Device-side caches that kernels keep on modules (`_native_prepared`) are dropped with them.
+    With a CPU `device` the block is a no-op. Re-entrant: nested blocks upload once.
+    """
+
+    def __init__(self, module: nn.Module, device, pin: bool | None = None):
+        self.module, self.device, self.depth = module, torch.device(device), 0
+        module.to("cpu")
+        pin = torch.cuda.is_available() and self.device.type == "cuda" if pin is None else pin
+        self.slots = []  # (owner module, "_parameters" | "_buffers", name, cpu tensor)
+        for owner in module.modules():
+            for store in ("_parameters", "_buffers"):
+                for name, t in getattr(owner, store).items():
+                    if t is None:
+                        continue
+                    cpu = t.detach().pin_memory() if pin else t.detach()
+                    getattr(owner, store)[name] = nn.Parameter(cpu, requires_grad=False) \
+                        if store == "_parameters" else cpu
+                    self.slots.append((owner, store, name, cpu))
+
+    @property
+    def lent(self) -> bool:
+        return self.depth > 0
+
+    def __enter__(self) -> nn.Module:
+        self.depth += 1
+        if self.depth == 1 and self.device.type != "cpu":
+            for owner, store, name, cpu in self.slots:
+                t = cpu.to(self.device, non_blocking=True)
+                getattr(owner, store)[name] = nn.Parameter(t, requires_grad=False) if store == "_parameters" else t
+        return self.module
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0 and self.device.type != "cpu":
+            for owner, store, name, cpu in self.slots:
+                getattr(owner, store)[name] = nn.Parameter(cpu, requires_grad=False) \
+                    if store == "_parameters" else cpu
+            for owner in self.module.modules():
+                owner.__dict__.pop("_native_prepared", None)
+        return False
+
+
+@contextmanager
+def on_device(module: nn.Module, offload: CPUOffload | None):
+    """`with on_device(m, offload) as m:` lends m's weights to the GPU when it is offloaded; else m as is."""
+    if offload is None:
+        yield module
+    else:
+        with offload as m:
+            yield m
+
+
+def peak_memory(device) -> int | None:
+    """torch.cuda.max_memory_allocated for a CUDA device, None elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

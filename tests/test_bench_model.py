@@ -1,0 +1,58 @@
+"""`python -m nunchaku_lite.bench model` on the tiny architecture (CPU smoke test), and its building blocks."""
+import json
+
+import torch
+from torch import nn
+
+from nunchaku_lite.bench import model as bench
+from nunchaku_lite.bench.__main__ import main as bench_main
+from nunchaku_lite.models.dit import Flux as FluxDiT
+from nunchaku_lite.quant.modules import W4A4Linear, W4A16Linear
+from nunchaku_lite.quant.svdquant import is_modulation
+
+
+def test_model_bench_tiny_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_main(["model", "--arch", "tiny", "--size", "64", "--batch", "2", "--steps", "2",
+                       "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    names = [p["name"] for p in result["phases"]]
+    assert names == ["dit-16bit", "dit-w4a4", "t5-16bit", "clip", "vae-decode", "vae-decode-tiled",
+                     "pipeline-resident", "t5-w4a16", "pipeline-offload"]
+    for p in result["phases"]:
+        assert p["ms"] > 0 and len(p["ms_all"]) >= 1 and p["weight_gib"] > 0, p
+        assert p["ms_per_image"] == p["ms"] / 2
+        assert p["name"] in table
+    assert result["tokens_per_image"] == 4 * 4 + 32  # 64 px / 8 / 2 = 4x4 patches, 32 text tokens
+    r = result["ratios"]
+    assert r["dit_weight_ratio_16bit_over_w4a4"] > 1.3  # bf16 block linears -> 4-bit (tiny: embedders dominate)
+    assert r["t5_weight_ratio_16bit_over_w4a16"] > 1.5
+    w4a4 = result["phases"][1]
+    assert 0 < w4a4["rel_l2_vs_16bit"] < 0.5 and w4a4["native_kernels"] is False
+
+
+def test_quick_w4a4_replaces_block_linears_and_stays_close():
+    arch = bench.Arch.named("tiny")
+    dit = bench.build(lambda: FluxDiT(arch.dit), torch.device("cpu"), torch.float32)
+    dense = {n: m.weight.detach().clone() for n, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    bench.quick_w4a4_(dit, rank=16, mode="svd")
+    for name, m in dit.named_modules():
+        if name.startswith(("double_blocks.", "single_blocks.")) and name in dense:
+            assert isinstance(m, W4A16Linear if is_modulation(name) else W4A4Linear), name
+            rel = ((m.dense_weight() - dense[name]).norm() / dense[name].norm()).item()
+            assert rel < 0.15, (name, rel)  # INT4 residual of a random matrix: ~10%
+        elif name in dense:
+            assert isinstance(m, nn.Linear), name  # embedders and final layer stay 16-bit
+    assert dit.quant_config["method"] == "quick-svd"
+
+
+def test_random_build_fills_everything():
+    arch = bench.Arch.named("tiny")
+    dit = bench.build(lambda: FluxDiT(arch.dit), torch.device("cpu"), torch.bfloat16, seed=0)
+    params = dict(dit.named_parameters())
+    assert all(not p.is_meta and p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in params.values())
+    w = params["double_blocks.0.img_attn.qkv.weight"].float()
+    assert abs(w.std().item() - w.shape[1] ** -0.5) < 0.2 * w.shape[1] ** -0.5
+    assert torch.equal(params["double_blocks.0.img_attn.norm.query_norm.scale"].float(), torch.ones(64))
+    assert not params["img_in.bias"].any()
