@@ -10,11 +10,13 @@
 // Layouts: act codes uint8 [M, K/2] (canonical), act scales float [K/64, ldm], weights in tile order
 //   [N/128][K/64][128 rows][32 bytes] with the two 16-byte halves of row r swapped when (r >> 2) & 1
 //   (that XOR swizzle makes ldmatrix conflict-free; repack.cu writes it), weight scales float [K/64, N].
-// Tiles: block 128 (M) x 128 (N), 8 warps as 2 x 4, warp tile 64 x 32 (WNT = 4 n-tiles of 8); one
-//   64-wide K group per pipeline stage, STAGES-deep cp.async ring (A, B, and both scale vectors per stage);
+// Tiles: block 128 (M) x 128 (N), 8 warps as 2 x 4, warp tile 64 x 32 (WMT = 4 m-tiles of 16, WNT = 4
+//   n-tiles of 8; a 64 x 128 block with WMT = 2 is the alternative, see dispatch_width); one 64-wide K
+//   group per pipeline stage, STAGES-deep cp.async ring (A, B, and both scale vectors per stage);
 //   operands by ldmatrix.x4. Software pipeline: group g-1's int32 results are promoted tile by tile just
-//   before group g's mma reuses their registers, hiding the tensor-core latency behind a whole group. Requires N % 128 == 0 and K % 64 == 0; M arbitrary: rows >= M are zero-filled on load
-//   and never stored. Rank: any multiple of 16 (chunks of 32 through shared memory).
+//   before group g's mma reuses their registers, hiding the tensor-core latency behind a whole group.
+// Shapes: N % 128 == 0 and K % 64 == 0; M arbitrary (rows >= M are zero-filled on load and never stored);
+//   rank any multiple of 16 (chunks of 32 through shared memory).
 // Paths (template PATH):
 //   S4 (sm_80/86/89): one mma.m16n8k64.s4.s4 (u4.s4 for unsigned activations) per 16x8 tile and group.
 //   S8 (sm_90; also valid on sm_80+): the nibbles are widened in registers to 8-bit values times 16
@@ -26,18 +28,20 @@
 //   With sw' = sw / s and -C sw' exact (sw has <= 11 significant bits: bf16/fp16 values), the fma
 //   fb * sw' - C sw' is exactly dot * sw. Promotion thus costs two FFMA per output per group (fast mode).
 #include "common.cuh"
+#include <stdlib.h>
 
 namespace {
 
-constexpr int BM = 128, STAGES = 4, THREADS = 256;
+constexpr int STAGES = 4, THREADS = 256;
 constexpr int LR = 32;                       // rank chunk of the low-rank epilogue
 constexpr int LA_STRIDE = LR + 8;            // floats per row (conflict-free float2 reads)
 constexpr int LU_STRIDE = LR + 8;            // 16-bit values per row
 constexpr int TILE_BYTES = 128 * 32;         // one repacked [128 rows x 64 k] weight tile
 
-// WNT = 8-column tiles per warp along N: 4 (warp 64x32, block 128x128) or 8 (warp 64x64, block 128x256).
-template <int WNT>
+// WNT = 8-column tiles per warp along N, WMT = 16-row tiles per warp along M; 8 warps as 2 (M) x 4 (N).
+template <int WNT, int WMT>
 struct Tile {
+  static constexpr int BM = 32 * WMT;
   static constexpr int BN = 32 * WNT;
   static constexpr int A_BYTES = BM * 32, B_BYTES = BN * 32, SA_BYTES = BM * 4, SW_BYTES = BN * 4;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + SA_BYTES + SW_BYTES;
@@ -110,10 +114,10 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 // acc += lora_act[block rows, :] @ lora_up[block cols, :]^T on tensor cores (hi/lo split of the fp32 side).
-template <typename T, int WNT>
-__device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *smem, float (&acc)[4][WNT][4],
+template <typename T, int WNT, int WMT>
+__device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *smem, float (&acc)[WMT][WNT][4],
                                                  int m0, int n0, int wm, int wn, int lane) {
-  constexpr int BN = Tile<WNT>::BN;
+  constexpr int BN = Tile<WNT, WMT>::BN, BM = Tile<WNT, WMT>::BM;
   float *la = reinterpret_cast<float *>(smem);
   T *lu = reinterpret_cast<T *>(smem + BM * LA_STRIDE * 4);
   const T *lora_up = static_cast<const T *>(p.lora_up);
@@ -143,8 +147,8 @@ __device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *s
         b[ni][1] = *reinterpret_cast<const uint32_t *>(src + 8);
       }
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi) {
-        const int r = wm * 64 + mi * 16 + (lane >> 2), c = kk * 16 + (lane & 3) * 2;
+      for (int mi = 0; mi < WMT; ++mi) {
+        const int r = wm * WMT * 16 + mi * 16 + (lane >> 2), c = kk * 16 + (lane & 3) * 2;
         const float2 f[4] = {*reinterpret_cast<const float2 *>(la + r * LA_STRIDE + c),
                              *reinterpret_cast<const float2 *>(la + (r + 8) * LA_STRIDE + c),
                              *reinterpret_cast<const float2 *>(la + r * LA_STRIDE + c + 8),
@@ -166,9 +170,10 @@ __device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *s
   }
 }
 
-template <int PATH, bool UNS, bool EXACT, int WNT>
-__global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams p) {
-  using TL = Tile<WNT>;
+template <int PATH, bool UNS, bool EXACT, int WNT, int WMT>
+__global__ void __launch_bounds__(THREADS, WMT == 2 ? 2 : 1) w4a4_gemm_kernel(const GemmParams p) {
+  using TL = Tile<WNT, WMT>;
+  constexpr int BM = TL::BM;
   constexpr int BN = TL::BN, A_BYTES = TL::A_BYTES, B_BYTES = TL::B_BYTES, SA_BYTES = TL::SA_BYTES;
   constexpr int STAGE_BYTES = TL::STAGE_BYTES;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
 
   auto load_stage = [&](int g, int s) {
     uint8_t *st = smem + s * STAGE_BYTES;
-    {  // A: 128 rows x 2 chunks, one chunk per thread
+    if (tid < BM * 2) {  // A: BM rows x 2 chunks, one chunk per thread
       const int row = tid >> 1, c = tid & 1, m = m0 + row;
       const uint8_t *src = p.act_codes + (int64_t)(m < p.M ? m : 0) * (p.K / 2) + g * 32 + c * 16;
       cp_async16(st + row * 32 + ((c ^ ((row >> 2) & 1)) << 4), src, m < p.M ? 16 : 0);
@@ -190,14 +195,14 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
     for (int sub = 0; sub < BN / 128; ++sub)  // B: pre-swizzled 4 KB tiles, linear copies
       cp_async16(st + A_BYTES + sub * TILE_BYTES + tid * 16,
                  w_strip + ((int64_t)sub * G + g) * TILE_BYTES + tid * 16);
-    if (tid < 32)
+    if (tid < BM / 4)
       cp_async16(st + A_BYTES + B_BYTES + tid * 16, p.act_scales + (int64_t)g * p.ldm + m0 + tid * 4);
-    else if (tid < 32 + BN / 4)
-      cp_async16(st + A_BYTES + B_BYTES + SA_BYTES + (tid - 32) * 16,
-                 p.w_scales + (int64_t)g * p.N + n0 + (tid - 32) * 4);
+    else if (tid < BM / 4 + BN / 4)
+      cp_async16(st + A_BYTES + B_BYTES + SA_BYTES + (tid - BM / 4) * 16,
+                 p.w_scales + (int64_t)g * p.N + n0 + (tid - BM / 4) * 4);
   };
 
-  float acc[4][WNT][4];
+  float acc[WMT][WNT][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -212,10 +217,10 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
   // g-1, kept in registers) right before the mma of group g overwrites the same registers, so the tensor-core
   // latency is covered by a whole group of work and the FFMAs interleave with the mma stream. d starts at the
   // magic constant (dot = 0) and the scales at 0, which makes the first promotion add exactly 0.
-  int d[4][WNT][4];
-  float psa[4][2], psw[WNT][2], pncs[WNT][2];
+  int d[WMT][WNT][4];
+  float psa[WMT][2], psw[WNT][2], pncs[WNT][2];
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
+  for (int mi = 0; mi < WMT; ++mi) {
     psa[mi][0] = psa[mi][1] = 0.f;
 #pragma unroll
     for (int ni = 0; ni < WNT; ++ni)
@@ -256,10 +261,10 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
     const float *sSA = reinterpret_cast<const float *>(st + A_BYTES + B_BYTES);
     const float *sSW = reinterpret_cast<const float *>(st + A_BYTES + B_BYTES + SA_BYTES);
 
-    uint32_t a[4][4], b[WNT / 2][4];
+    uint32_t a[WMT][4], b[WNT / 2][4];
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
-      const int row = wm * 64 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = lane >> 4;
+    for (int mi = 0; mi < WMT; ++mi) {
+      const int row = wm * WMT * 16 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = lane >> 4;
       ldmatrix_x4(a[mi], sA + row * 32 + ((c ^ ((row >> 2) & 1)) << 4));
     }
 #pragma unroll
@@ -267,11 +272,11 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
       const int row = wn * WNT * 8 + np * 16 + (lane & 7) + (lane >> 4) * 8, c = (lane >> 3) & 1;
       ldmatrix_x4(b[np], sB + row * 32 + ((c ^ ((row >> 2) & 1)) << 4));
     }
-    float sa[4][2], sw[WNT][2];
+    float sa[WMT][2], sw[WNT][2];
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
-      sa[mi][0] = sSA[wm * 64 + mi * 16 + (lane >> 2)];
-      sa[mi][1] = sSA[wm * 64 + mi * 16 + (lane >> 2) + 8];
+    for (int mi = 0; mi < WMT; ++mi) {
+      sa[mi][0] = sSA[wm * WMT * 16 + mi * 16 + (lane >> 2)];
+      sa[mi][1] = sSA[wm * WMT * 16 + mi * 16 + (lane >> 2) + 8];
     }
 #pragma unroll
     for (int ni = 0; ni < WNT; ++ni) {
@@ -292,7 +297,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
       }
     }
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) {
+    for (int mi = 0; mi < WMT; ++mi) {
       uint32_t ax[8];
       if constexpr (PATH == P_S8) {
 #pragma unroll
@@ -311,23 +316,23 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
       }
     }
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi) psa[mi][0] = sa[mi][0], psa[mi][1] = sa[mi][1];
+    for (int mi = 0; mi < WMT; ++mi) psa[mi][0] = sa[mi][0], psa[mi][1] = sa[mi][1];
 #pragma unroll
     for (int ni = 0; ni < WNT; ++ni)
 #pragma unroll
       for (int j = 0; j < 2; ++j) psw[ni][j] = sw[ni][j], pncs[ni][j] = -MAGIC_F * sw[ni][j];
   }
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
+  for (int mi = 0; mi < WMT; ++mi)
 #pragma unroll
     for (int ni = 0; ni < WNT; ++ni) promote(mi, ni);  // the last group
   cp_async_wait<0>();
 
   if (p.rank > 0) {
     if (p.lora_dtype == NL_BF16)
-      lowrank_epilogue<__nv_bfloat16, WNT>(p, smem, acc, m0, n0, wm, wn, lane);
+      lowrank_epilogue<__nv_bfloat16, WNT, WMT>(p, smem, acc, m0, n0, wm, wn, lane);
     else
-      lowrank_epilogue<__half, WNT>(p, smem, acc, m0, n0, wm, wn, lane);
+      lowrank_epilogue<__half, WNT, WMT>(p, smem, acc, m0, n0, wm, wn, lane);
   }
 
   // bias, activation, store (each thread: 2 adjacent columns x 2 rows per 16x8 tile)
@@ -336,10 +341,10 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
     const int col = n0 + wn * WNT * 8 + ni * 8 + (lane & 3) * 2;
     const float2 bias = p.bias ? *reinterpret_cast<const float2 *>(p.bias + col) : make_float2(0.f, 0.f);
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
+    for (int mi = 0; mi < WMT; ++mi)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int m = m0 + wm * 64 + mi * 16 + (lane >> 2) + h * 8;
+        const int m = m0 + wm * WMT * 16 + mi * 16 + (lane >> 2) + h * 8;
         float v0 = __fadd_rn(acc[mi][ni][2 * h], bias.x), v1 = __fadd_rn(acc[mi][ni][2 * h + 1], bias.y);
         if (p.epilogue == NL_EPI_GELU_TANH) { v0 = gelu_tanh(v0); v1 = gelu_tanh(v1); }
         if (m < p.M) {
@@ -357,10 +362,10 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_gemm_kernel(const GemmParams 
   }
 }
 
-template <int PATH, bool UNS, bool EXACT, int WNT>
+template <int PATH, bool UNS, bool EXACT, int WNT, int WMT>
 int launch_gemm(const GemmParams &p, cudaStream_t stream) {
-  constexpr int BN = Tile<WNT>::BN, SMEM_BYTES = Tile<WNT>::SMEM_BYTES;
-  auto kern = w4a4_gemm_kernel<PATH, UNS, EXACT, WNT>;
+  constexpr int BN = Tile<WNT, WMT>::BN, BM = Tile<WNT, WMT>::BM, SMEM_BYTES = Tile<WNT, WMT>::SMEM_BYTES;
+  auto kern = w4a4_gemm_kernel<PATH, UNS, EXACT, WNT, WMT>;
   static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
   int dev = 0;
   NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_w4a4_gemm");
@@ -375,18 +380,22 @@ int launch_gemm(const GemmParams &p, cudaStream_t stream) {
   return NL_OK;
 }
 
-template <int PATH, int WNT>
+template <int PATH, int WNT, int WMT>
 int dispatch_gemm(const GemmParams &p, int act_unsigned, int exact, cudaStream_t s) {
   if (act_unsigned)
-    return exact ? launch_gemm<PATH, true, true, WNT>(p, s) : launch_gemm<PATH, true, false, WNT>(p, s);
-  return exact ? launch_gemm<PATH, false, true, WNT>(p, s) : launch_gemm<PATH, false, false, WNT>(p, s);
+    return exact ? launch_gemm<PATH, true, true, WNT, WMT>(p, s) : launch_gemm<PATH, true, false, WNT, WMT>(p, s);
+  return exact ? launch_gemm<PATH, false, true, WNT, WMT>(p, s) : launch_gemm<PATH, false, false, WNT, WMT>(p, s);
 }
 
-// One block shape: 128 x 128 (warp tile 64 x 32). The 64 x 64 warp tile (WNT = 8) measured no faster on the
-// H100 and leaves no registers for the cross-group software pipeline.
+// Block shapes: 128 x 128 (warp tile 64 x 32, ~230 registers, 8 warps per SM; the default) or 64 x 128
+// (warp tile 32 x 32, <= 128 registers, 16 warps per SM). On the H100 the second was not faster (0.293 vs
+// 0.278 ms at 4608 x 3072 x 3072), so occupancy is not what limits this kernel.
+// NUNCHAKU_LITE_GEMM_BM=64 selects it (read at every call, for tests and benchmarks).
 template <int PATH>
 int dispatch_width(const GemmParams &p, int act_unsigned, int exact, cudaStream_t s) {
-  return dispatch_gemm<PATH, 4>(p, act_unsigned, exact, s);
+  const char *env = getenv("NUNCHAKU_LITE_GEMM_BM");
+  if (env && atoi(env) == 64) return dispatch_gemm<PATH, 4, 2>(p, act_unsigned, exact, s);
+  return dispatch_gemm<PATH, 4, 4>(p, act_unsigned, exact, s);
 }
 
 }  // namespace

@@ -10,7 +10,8 @@
  *                                  rows M..ldm-1 are written as 0 by nl_quantize_act
  *   lora act      float [M, rank]  x @ lora_down^T (fp32)
  *   weight tiled  uint8 [N/128, K/64, 128, 32]: nl_repack_weight output (see repack.cu)
- *   weight scales float [K/64, N]  (values must have at most 11 significant bits: bf16 or fp16 values)
+ *   weight scales float [K/64, N]  (exact=0 needs values with <= 11 significant bits, i.e. bf16/fp16
+ *                                  values; the Python binding switches to exact=1 otherwise)
  *
  * N must be a multiple of 128 for the W4A4 GEMM and repacking, K a multiple of 64; M is arbitrary (>= 1).
  * The lines between CDEF BEGIN / CDEF END are parsed by cffi: keep them plain C declarations.

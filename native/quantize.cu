@@ -10,8 +10,8 @@
 // Layout written: codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] (rows >= M get 0),
 // lora_act float [M, rank].
 //
-// Tiling: a block owns BM = 16*MT tokens and all of K; its WARPS warps split the K groups round-robin (warp w
-// takes g = w, w+WARPS, ...), each with its own cp.async pipeline of STAGES tiles [BM x 64] of x and
+// Tiling: a block owns BM = 16*MT tokens and all of K; its QWARPS warps split the K groups round-robin (warp w
+// takes g = w, w+QWARPS, ...), each with its own cp.async pipeline of STAGES tiles [BM x 64] of x and
 // [rank x 64] of lora_down in shared memory (16-byte chunks XOR-swizzled by row so ldmatrix is
 // conflict-free). Quantization: 8 lanes per (token, group), 8 elements each, amax by 3 shuffles; each lane
 // writes one 32-bit word of codes. Low-rank: mma.m16n8k16 per warp on its groups, partial sums reduced over

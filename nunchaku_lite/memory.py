@@ -1,12 +1,14 @@
 """Memory modes: 4-bit text encoders, CPU offload of the parts used once per call, memory accounting.
 
-    t5 = load_w4a16(T5, "t5xxl_fp16.safetensors", device="cuda", dtype=torch.bfloat16)   # ~2.9 GB, not 9.5
+    t5 = load_w4a16(T5, "t5xxl_fp16.safetensors", device="cuda", dtype=torch.bfloat16)   # ~2.7 GB, not 9.5
     with CPUOffload(t5, "cuda") as t5_on_gpu:    # weights lent to the GPU for the block, then dropped there
         hidden = t5_on_gpu(ids)
 
 A FLUX generation uses the text encoders once at the start and the VAE once at the end, while the DiT runs
-every step; keeping only the DiT resident (`Flux.from_pretrained(..., offload="model")`) and T5 in 4-bit
-weights brings a 1024x1024 FLUX.1-dev generation with the W4A4 DiT from ~30 GiB to under 10 GiB of GPU memory.
+every step; keeping only the DiT resident (`Flux.from_pretrained(..., offload="model")`) with T5 in 4-bit
+weights aims at a 1024x1024 FLUX.1-dev generation with the W4A4 DiT under 10 GiB of GPU memory (weights: DiT
+~6.5 GiB resident, then T5 ~2.7 GiB or the VAE lent one at a time); `python -m nunchaku_lite.bench model`
+measures each mode's peak.
 """
 from __future__ import annotations
 
@@ -55,12 +57,14 @@ def quantize_w4a16_(module: nn.Module, select=lambda name: True) -> nn.Module:
     return module
 
 
-def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda name: True) -> nn.Module:
+def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda name: True,
+               work_device=None) -> nn.Module:
     """Load a model of `kind` (nunchaku_lite.loading.T5 or CLIP) with its linears in 4-bit weights.
 
     Streams the checkpoint like the 16-bit loader (meta build, one tensor at a time), but each selected
-    linear's weight is quantized as soon as it arrives on `device` and only the 4-bit copy is kept: a full
-    16-bit model never exists there. Peak memory: the 4-bit model plus one float32 weight.
+    linear's weight is quantized as soon as it arrives on `work_device` (default `device`; e.g. the GPU for a
+    model that will live in CPU memory) and only the 4-bit copy is kept, on `device`: a full 16-bit model
+    never exists on either. Peak memory: the 4-bit model plus one float32 weight.
     dtype: the activations' and the remaining tensors' dtype (default: the checkpoint's, float8 -> bfloat16).
     """
     from pathlib import Path
@@ -69,6 +73,7 @@ def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda 
     from .loading.options import resolve_config, resolve_device, resolve_dtype
 
     device = resolve_device(device) if device is not None else torch.device("cpu")
+    work = resolve_device(work_device, "work_device") if work_device is not None else device
     dtype, config, path = resolve_dtype(dtype), resolve_config(config), Path(path)
     with Checkpoint.open(path) as ckpt:
         if config is None:
@@ -83,15 +88,16 @@ def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda 
         _check_against_module(module, plan, ckpt, kind.name)
         target = dtype if dtype is not None else ckpt.float_dtype()
 
-        def tensor(key: str) -> torch.Tensor:
+        def tensor(key: str, where=device) -> torch.Tensor:
             srcs, build = plan.sources[key]
-            return build(lambda k: ckpt.get(k, device=device, dtype=target))
+            return build(lambda k: ckpt.get(k, device=where, dtype=target))
 
         linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and select(n)]
         for name in linears:
             bias_key = f"{name}.bias"
-            bias = tensor(bias_key) if bias_key in plan.sources else None
-            module.set_submodule(name, _w4a16_from_tensors(tensor(f"{name}.weight"), bias, target))
+            bias = tensor(bias_key, work) if bias_key in plan.sources else None
+            q = _w4a16_from_tensors(tensor(f"{name}.weight", work), bias, target)
+            module.set_submodule(name, q.to(device))
         quantized = {f"{n}.{leaf}" for n in linears for leaf in ("weight", "bias")}
         rest = {k: tensor(k) for k in plan.sources if k not in quantized}
         module.load_state_dict(rest, strict=False, assign=True)
@@ -99,10 +105,10 @@ def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda 
     return module.eval()
 
 
-def load_t5_w4a16(path, device="cpu", dtype=None, config=None) -> nn.Module:
-    """T5 encoder with every block linear in W4A16 (the embedding table and norms keep `dtype`)."""
+def load_t5_w4a16(path, device="cpu", dtype=None, config=None, work_device=None) -> nn.Module:
+    """T5 encoder with every block linear in W4A16 (the embedding table and norms keep `dtype`); see load_w4a16."""
     from .loading import T5
-    return load_w4a16(T5, path, device, dtype, config)
+    return load_w4a16(T5, path, device, dtype, config, work_device=work_device)
 
 
 class CPUOffload:

@@ -13,6 +13,10 @@ Entry points: `quantize_act` (codes + scales + low-rank activation), `repack_wei
 load-time conversion of a layer), `w4a4_gemm`, `w4a4_linear(x, module)` and `w4a16_linear(x, module)` (the
 dispatch used by W4A4Linear / W4A16Linear; both cache the converted weights on the module).
 
+Precision: codes and scales are bit-identical to ops.quantize_act. The GEMM folds each 64-group into the fp32
+accumulator with one rounding (fused multiply-adds; closer to the float64 truth than the reference's three);
+exact=True reproduces ops.w4a4_linear's group loop bit for bit. Low-rank and bias then add in fp32.
+
 Compute path: NL_PATH_AUTO picks 8-bit tensor cores on sm_90 and native 4-bit ones on sm_80..89; the
 environment variable NUNCHAKU_LITE_MMA_PATH=s4|s8 (or the `path` argument) forces one, e.g. to test the s4
 path on an H100.

@@ -22,6 +22,7 @@ and model_index.json may carry a "_nunchaku_lite" entry with defaults that win o
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -276,12 +277,15 @@ class Flux:
                 where = f" and {folder} has no '{name}/' folder" if folder is not None else ""
                 raise ValueError(f"from_pretrained: component '{name}' is missing: pass {name}=...{where}")
 
+        # Offloaded components are loaded straight into CPU memory: the device never holds them all at once.
+        home = {name: torch.device("cpu") if offload == "model" and name in OFFLOADED else device for name in COMPONENTS}
+
         def load(name, loader, dtype, **kw):
             part = parts[name]
             if isinstance(part, nn.Module):  # already loaded: only move it
-                return part.to(device) if dtype is None else part.to(device=device, dtype=dtype)
+                return part.to(home[name]) if dtype is None else part.to(device=home[name], dtype=dtype)
             config = resolve_config(configs.get(name), f"configs['{name}']")
-            return loader(part, device=device, dtype=dtype, config=config, **kw)
+            return loader(part, device=home[name], dtype=dtype, config=config, **kw)
 
         if t5_quant == "w4a16" and isinstance(parts["text_encoder_2"], nn.Module):
             quantize_w4a16_(parts["text_encoder_2"])  # where it is, before any move: never 16-bit on the GPU
@@ -295,7 +299,9 @@ class Flux:
         # The text encoders run in the pipeline dtype (default: the transformer's), as in diffusers.
         dtype = dtype or _module_dtype(dit)
         clip = load("text_encoder", load_clip, dtype)
-        t5 = load("text_encoder_2", load_t5_w4a16 if t5_quant == "w4a16" else load_t5, dtype)
+        # 4-bit T5: each layer is quantized on `device` (fast) and kept where T5 lives
+        t5 = load("text_encoder_2", functools.partial(load_t5_w4a16, work_device=device) if t5_quant == "w4a16"
+                  else load_t5, dtype)
 
         detected = "dev" if _has_guidance(dit) else "schnell"
         defaults = SamplingDefaults.for_kind(kind or detected)
@@ -355,8 +361,10 @@ class Flux:
         height, width: pixels, default the model's default size (1024 for FLUX). Rounded down to a multiple of
             2 x the VAE factor (16 for FLUX) with a warning; below 16 is refused.
         seed: an int, a list with one int per prompt, or None (random; the seeds used are in self.last_seeds).
-            One int for several prompts draws their noise in one go from one CPU generator, so the first image
-            equals a single-prompt call with the same seed. Noise is drawn in float32 on the CPU, then cast.
+            A list gives image i the noise of a single-prompt call with seed[i], so a batch reproduces each of
+            its images alone (up to the rounding of batched matmuls, ~1e-6). One int for several prompts draws
+            their noise in one go from one CPU generator (as diffusers does): the first image equals a
+            single-prompt call with that seed, the others cannot be reproduced alone. Noise is drawn in float32 on the CPU, then cast.
         latents: initial noise instead of a seed, unpacked [B, 16, h, w] (h = height / VAE factor) or packed
             [B, L, 64]; height/width default to the latent's size.
         output_type: "pil" -> list of PIL images; "np" -> float32 array [B, H, W, 3] in [0, 1]; "pt" -> float32

@@ -1,6 +1,7 @@
 """`python -m nunchaku_lite.bench model` on the tiny architecture (CPU smoke test), and its building blocks."""
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -11,7 +12,16 @@ from nunchaku_lite.quant.modules import W4A4Linear, W4A16Linear
 from nunchaku_lite.quant.svdquant import is_modulation
 
 
-def test_model_bench_tiny_runs_and_writes_json(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Tiny models run best on one thread, and do not stall when other processes load the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_model_bench_tiny_runs_and_writes_json(tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
     assert bench_main(["model", "--arch", "tiny", "--size", "64", "--batch", "2", "--steps", "2",
                        "--json", str(out)]) == 0

@@ -170,15 +170,26 @@ def test_batch_decodes_like_single_images(schnell):
 def test_cuda_model_offload_peak_and_placement(golden):
     root = golden("pipeline")
     kw = dict(height=64, width=64, steps=2, seed=[4, 5], output_type="np")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     resident = Flux.from_pretrained(root, device="cuda", dtype=torch.bfloat16)
     ref = resident(["a", "b"], **kw)
+    resident_peak = torch.cuda.max_memory_allocated()
     del resident
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     pipe = Flux.from_pretrained(root, device="cuda", dtype=torch.bfloat16, offload="model")
     assert pipe.offload == "model"
-    for name in OFFLOADED:
+    for name in OFFLOADED:  # loaded straight into CPU memory
         assert {p.device.type for p in getattr(pipe, name).parameters()} == {"cpu"}
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}
     out = pipe(["a", "b"], **kw)
     for name in OFFLOADED:  # lent during the call, back on the CPU after it
         assert {p.device.type for p in getattr(pipe, name).parameters()} == {"cpu"}
     assert abs(out - ref).max() < 1e-2
+    assert torch.cuda.max_memory_allocated() < resident_peak
+    # 4-bit T5 quantized on the GPU layer by layer, kept in CPU memory
+    quant = Flux.from_pretrained(root, device="cuda", dtype=torch.bfloat16, offload="model", t5_quant="w4a16")
+    assert {b.device.type for b in quant.text_encoder_2.buffers()} == {"cpu"}
+    assert set(_linears(quant.text_encoder_2).values()) == {W4A16Linear}
+    assert quant(["a", "b"], **kw).shape == (2, 64, 64, 3)

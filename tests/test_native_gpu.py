@@ -81,11 +81,18 @@ def test_quantize_without_smooth_or_lora():
     assert torch.equal(act.scales[:, :129].T.cpu(), ref_scales)
 
 
+@pytest.fixture(params=["64", "128"])
+def block_m(request, monkeypatch):
+    """Both GEMM block shapes (the C side reads NUNCHAKU_LITE_GEMM_BM at every call)."""
+    monkeypatch.setenv("NUNCHAKU_LITE_GEMM_BM", request.param)
+    return int(request.param)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("m,k,n,rank", [(1, 128, 128, 32), (77, 320, 256, 16), (300, 1024, 384, 32),
                                         (513, 3072, 640, 64)])
-def test_gemm_matches_float64(path, unsigned, m, k, n, rank):
+def test_gemm_matches_float64(path, unsigned, m, k, n, rank, block_m):
     gen = torch.Generator().manual_seed(m + k + n)
     qweight, wscales, lora_down, lora_up, bias, smooth = _rand_layer(n, k, rank, gen)
     x = _rand_act(m, k, torch.bfloat16, gen)
@@ -108,7 +115,7 @@ def test_gemm_matches_float64(path, unsigned, m, k, n, rank):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("unsigned", [False, True])
-def test_gemm_exact_mode_is_bit_identical(path, unsigned):
+def test_gemm_exact_mode_is_bit_identical(path, unsigned, block_m):
     gen = torch.Generator().manual_seed(5)
     m, k, n = 70, 512, 256
     qweight, wscales, _, _, bias, smooth = _rand_layer(n, k, 0, gen)
@@ -123,7 +130,7 @@ def test_gemm_exact_mode_is_bit_identical(path, unsigned):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_paths_agree_and_fast_mode_is_accurate(path):
+def test_paths_agree_and_fast_mode_is_accurate(path, block_m):
     gen = torch.Generator().manual_seed(9)
     m, k, n = 256, 3072, 512
     qweight, wscales, lora_down, lora_up, bias, smooth = _rand_layer(n, k, 32, gen)

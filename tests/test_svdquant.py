@@ -297,3 +297,29 @@ def test_calibration_from_pipeline(golden):
     out = pipe(["a blue square"], seed=1, output_type="np", **size)
     psnr = 10 * math.log10(1 / float(((out - ref) ** 2).mean()))
     assert psnr > 25, psnr
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    from nunchaku_lite.quant.svdquant import gptq_quantize, rtn_quantize
+
+    w = torch.randn(16, 192)
+    codes, scales = gptq_quantize(w, torch.eye(192))  # no correlation: nothing to compensate
+    rcodes, rscales = rtn_quantize(w)
+    assert torch.equal(codes, rcodes) and torch.equal(scales, rscales)
+    # MSE-clipped scales never round worse than plain absmax/7 ones (1.0 is among the clip ratios)
+    plain = ops.dequantize(*ops.quantize_weight(w))
+    assert (ops.dequantize(rcodes, rscales) - w).pow(2).sum() <= (plain - w).pow(2).sum()
+
+
+def test_gptq_lowers_output_error_on_correlated_inputs():
+    from nunchaku_lite.quant.svdquant import gptq_quantize, rtn_quantize
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(128, 128, generator=g)
+    x = torch.randn(2048, 128, generator=g) @ mix  # strongly correlated input channels
+    w = torch.randn(32, 128, generator=g)
+    codes, scales = gptq_quantize(w, x.T @ x)
+    assert codes.dtype == torch.int8 and codes.min() >= -8 and codes.max() <= 7
+    err_gptq = (x @ (ops.dequantize(codes, scales) - w).T).norm()
+    err_rtn = (x @ (ops.dequantize(*rtn_quantize(w)) - w).T).norm()
+    assert err_gptq < 0.8 * err_rtn

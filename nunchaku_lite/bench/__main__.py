@@ -1,4 +1,4 @@
-"""python -m nunchaku_lite.bench kernels [--quick] [--json PATH] | smoke"""
+"""python -m nunchaku_lite.bench kernels [--quick] [--block-m 64|128] [--json PATH] | smoke | model ..."""
 import sys
 
 from . import kernels
@@ -20,7 +20,7 @@ def main(argv=None):
     if cmd == "model":
         from . import model
         return model.main(rest)
-    print(f"unknown benchmark {cmd!r}; expected 'kernels' or 'smoke'", file=sys.stderr)
+    print(f"unknown benchmark {cmd!r}; expected 'kernels', 'smoke' or 'model'", file=sys.stderr)
     return 2
 
 

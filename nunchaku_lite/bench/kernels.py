@@ -139,13 +139,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="M=4608 and two shapes only")
     ap.add_argument("--path", choices=["auto", "s4", "s8"], default="auto")
     ap.add_argument("--exact", action="store_true", help="time the bit-exact accumulation mode")
+    ap.add_argument("--block-m", choices=["64", "128"], help="GEMM block rows (sets NUNCHAKU_LITE_GEMM_BM)")
     args = ap.parse_args(argv)
+    if args.block_m:
+        os.environ["NUNCHAKU_LITE_GEMM_BM"] = args.block_m
     if not native.available():
         print(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}", file=sys.stderr)
         return 1
     path = native.default_path() if args.path == "auto" else args.path
     dev = torch.cuda.get_device_name()
-    print(f"device: {dev}  torch {torch.__version__}  path {path}{'  exact' if args.exact else ''}")
+    block_m = os.environ.get("NUNCHAKU_LITE_GEMM_BM", "128")
+    print(f"device: {dev}  torch {torch.__version__}  path {path}  GEMM block rows {block_m}"
+          f"{'  exact' if args.exact else ''}")
     copy_gbps = copy_bandwidth()
     print(f"device copy: {copy_gbps:.0f} GB/s (read + write)")
     rows = []
@@ -170,7 +175,8 @@ def main(argv=None):
               f"{r['quantize_pct_of_copy']:5.0f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(dict(device=dev, torch=torch.__version__, path=path, exact=args.exact, copy_gbps=copy_gbps,
+        json.dump(dict(device=dev, torch=torch.__version__, path=path, block_m=int(block_m), exact=args.exact,
+                       copy_gbps=copy_gbps,
                        rows=rows), f, indent=1)
     print(f"wrote {args.json}")
     return 0

@@ -83,7 +83,8 @@ def connected_components(mask: np.ndarray) -> np.ndarray:
 
 
 def _as_uint8_hwc(image) -> np.ndarray:
-    """Accept uint8 HWC numpy, a PIL image, or a float tensor [3, H, W] / [H, W, 3] in [-1, 1]."""
+    """Accept a uint8 [H, W, 3] array, a float [H, W, 3] array in [0, 1] (the pipeline's output_type="np"),
+    a PIL image, or a float tensor [3, H, W] / [H, W, 3] in [-1, 1]."""
     if hasattr(image, "convert"):  # PIL
         return np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
@@ -92,8 +93,11 @@ def _as_uint8_hwc(image) -> np.ndarray:
             t = t.permute(1, 2, 0)
         return (127.5 * (t.clamp(-1, 1) + 1)).to(torch.uint8).numpy()
     arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image must be uint8 [H, W, 3], a PIL image or a tensor; got {arr.dtype} {arr.shape}")
+    if arr.ndim != 3 or arr.shape[2] != 3 or not (arr.dtype == np.uint8 or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"image must be [H, W, 3] uint8 or float in [0, 1], a PIL image or a tensor; "
+                         f"got {arr.dtype} {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
     return arr
 
 

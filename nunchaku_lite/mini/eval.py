@@ -40,6 +40,18 @@ def heldout_prompts(n_single: int = 84, n_double: int = 24, seed: int = 2024) ->
     return out
 
 
+def calibration_prompts(n: int = 32, seed: int = 777) -> list[str]:
+    """In-domain captions for quantization calibration (the training distribution, not the benchmark's)."""
+    from .data import make_captions
+
+    return make_captions(n, seed=seed)
+
+
+def scorer(image, prompt: str) -> dict:
+    """`eval-quant`'s scorer hook: checker.score on one image (uint8, or float [0, 1] as output_type="np")."""
+    return score(image, prompt)
+
+
 def summarize(scores: list[dict], prompts: list[dict]) -> dict:
     """Mean of every score key over the prompts that have it; also split by one-shape / two-shape prompts."""
     out = {}

@@ -9,8 +9,12 @@ For each linear Y = X W^T + b inside the double and single blocks (SVDQUANT.md):
 
 (alpha, beta) is searched per layer over DeepCompressor's grid {(0, 0), (a, 0), (a, 1 - a): a = 1/g .. (g-1)/g},
 each candidate scored by the squared output error on a sample of the layer's real inputs, with the low-rank
-split and both quantizations (weights and activations) included. Optional refinement then iterates
-L <- SVD_r(W_hat - Q(W_hat - L)) while the output error improves.
+split and both quantizations (weights and activations, round-to-nearest) included. Refinement then iterates
+L <- SVD_r(W_hat - Q(W_hat - L)) while the output error improves. The INT4 residual is finally rounded by
+GPTQ with H = sum x^T x over all calibration tokens of the layer (rescaled to the smoothed input), when the
+layer saw at least K tokens (else H is rank-deficient and GPTQ would overfit): otherwise to nearest with
+per-group scales clipped for least squared error (the format stores any scale). Method "naive" always uses
+plain absmax/7 round-to-nearest.
 
 The truncated SVD is computed in float64 from the Gram matrix of the smaller side of W_hat (K x K or N x N):
 an exact eigendecomposition when that side is <= 1024, else block subspace iteration (r + 16 vectors) with a
@@ -21,8 +25,10 @@ projection automatically.
 Calibration and memory. The model is processed one block at a time: the inputs of block 0 are captured for
 every calibration sample (the embedders run on `device`), then for each block in order: move it to `device`,
 run every sample through the ORIGINAL 16-bit block while forward hooks on its linears record, per layer, the
-running per-channel max|x| and a uniform random subsample of at most `max_tokens` input tokens (reservoir by
-random keys, so memory is bounded whatever the calibration size); the block outputs are the next block's
+running per-channel max|x|, the running sum x^T x (K x K, for GPTQ) and a uniform random subsample of at most
+`max_tokens` input tokens (reservoir by random keys, so memory is bounded whatever the calibration size; the
+search and the reported per-layer errors use this sample, so the errors are calibration-set figures, slightly
+optimistic for GPTQ); the block outputs are the next block's
 inputs (propagation through the original block, as DeepCompressor does). Then the block's linears are replaced
 in place by quantized modules, and the block goes back to its original device. Peak device memory is one block
 plus the hidden states of the calibration samples; the model is never copied (it is quantized in place and
@@ -218,21 +224,31 @@ _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 def _group_scale(wg: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Per-row scale of one 64-column group [N, 64]: (clip * absmax) / 7 with the clip ratio of least squared
-    rounding error (weights only; the format allows any scale), rounded to `scale_dtype`."""
-    amax = wg.abs().amax(dim=1)
+    """Scales of 64-wide weight groups wg [..., 64]: (clip * absmax) / 7 with the clip ratio of least squared
+    rounding error (weights only; the format allows any scale), rounded to `scale_dtype` -> [...]."""
+    amax = wg.abs().amax(dim=-1)
     best_s, best_e = None, None
     for clip in _CLIP_RATIOS:
         s = (amax * clip / 7.0).to(scale_dtype)
-        sf = s.float()[:, None]
+        sf = s.float()[..., None]
         safe = torch.where(sf > 0, sf, torch.ones_like(sf))
-        e = (torch.round(wg / safe).clamp_(-8, 7) * sf - wg).pow(2).sum(dim=1)
+        e = (torch.round(wg / safe).clamp_(-8, 7) * sf - wg).pow(2).sum(dim=-1)
         if best_s is None:
             best_s, best_e = s, e
         else:
             better = e < best_e
             best_s, best_e = torch.where(better, s, best_s), torch.minimum(e, best_e)
     return best_s
+
+
+def rtn_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest INT4 of w [N, K] with MSE-clipped group scales (see _group_scale) -> (codes, scales)."""
+    n, k = w.shape
+    wg = w.float().view(n, k // ops.GROUP, ops.GROUP)
+    scales = _group_scale(wg, scale_dtype)
+    s = scales.float()[..., None]
+    codes = torch.round(wg / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-8, 7).to(torch.int8)
+    return codes.view(n, k), scales
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, block: int = 128,
@@ -357,10 +373,11 @@ def _pad_k(t: torch.Tensor, k_padded: int, value: float = 0.0) -> torch.Tensor:
 
 
 def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
-               hessian: torch.Tensor | None = None) -> W4A4Linear:
+               hessian: torch.Tensor | None = None, clip: bool = False) -> W4A4Linear:
     """The W4A4Linear for `linear` from a search result; the residual is computed against the low-rank
     factors as they will be stored (rounded to the model dtype), so their rounding error gets quantized too.
-    With `hessian` (sum x^T x of the raw inputs) the residual is rounded by GPTQ in the smoothed space."""
+    The residual is rounded by GPTQ in the smoothed space when `hessian` (sum x^T x of the raw inputs) is
+    given, else to nearest: with MSE-clipped scales if `clip`, else plain absmax/7 scales."""
     k = linear.in_features
     w = linear.weight.detach().float()
     lam = result.smooth[:k].float()
@@ -374,11 +391,13 @@ def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
     layer = W4A4Linear.from_linear(linear, resid, smooth=lam, lora_down=lora_down, lora_up=lora_up,
                                    act_unsigned=unsigned, act_shift=shift)
+    kp = layer.smooth.shape[0]
     if hessian is not None:
-        kp = layer.smooth.shape[0]
         lam_p = layer.smooth.double()
         h = F.pad(hessian.double(), (0, kp - k, 0, kp - k)) / (lam_p[:, None] * lam_p[None, :])  # of x / lambda
         _set_codes(layer, *gptq_quantize(_pad_k(resid, kp), h, scale_dtype=layer.wscales.dtype))
+    elif clip:
+        _set_codes(layer, *rtn_quantize(_pad_k(resid, kp), layer.wscales.dtype))
     if unsigned:  # (x + s)/lambda . Rq^T = x/lambda . Rq^T + s * rowsum(Rq / lambda): take the second term out
         rq = layer.dequantized_weight() / layer.smooth
         layer.bias.copy_((layer.bias.float() - shift * rq.sum(dim=1)).to(layer.bias.dtype))
@@ -390,13 +409,16 @@ def _set_codes(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor):
     layer.wscales.copy_(scales)
 
 
-def build_w4a16(linear: nn.Linear, hessian: torch.Tensor | None = None) -> W4A16Linear:
-    """W4A16Linear for `linear`: round-to-nearest, or GPTQ when the input second moment `hessian` is given."""
+def build_w4a16(linear: nn.Linear, hessian: torch.Tensor | None = None, clip: bool = True) -> W4A16Linear:
+    """W4A16Linear for `linear`: GPTQ when the input second moment `hessian` is given, else round-to-nearest
+    with MSE-clipped scales (`clip`) or plain absmax/7 scales."""
     layer = W4A16Linear.from_linear(linear)
+    k, kp = linear.in_features, layer.wscales.shape[1] * ops.GROUP
+    w = _pad_k(linear.weight.detach().float(), kp)
     if hessian is not None:
-        k, kp = linear.in_features, layer.wscales.shape[1] * ops.GROUP
-        w = _pad_k(linear.weight.detach().float(), kp)
         _set_codes(layer, *gptq_quantize(w, F.pad(hessian, (0, kp - k, 0, kp - k)), scale_dtype=layer.wscales.dtype))
+    elif clip:
+        _set_codes(layer, *rtn_quantize(w, layer.wscales.dtype))
     return layer
 
 
@@ -430,7 +452,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
         if is_modulation(name) or cfg.method == "w4a16":
             if is_modulation(name) and cfg.modulation == "bf16" and cfg.method != "w4a16":
                 continue
-            new = build_w4a16(linear, st.hessian if st is not None and cfg.gptq else None)
+            new = build_w4a16(linear, _hessian(st, cfg), clip=cfg.method != "naive")
             rec = dict(precision="w4a16")
         else:
             unsigned = cfg.fc2_unsigned and is_fc2(name, kind) and linear.bias is not None
@@ -440,7 +462,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                 for lo, hi, uns in ((0, hidden, False), (hidden, linear.in_features, True)):
                     sub = _linear_part(linear, lo, hi, with_bias=uns)
                     res, naive = _search(sub, st.absmax[lo:hi], st.rows[:, lo:hi], cfg, uns, generator)
-                    parts.append(build_w4a4(sub, res, uns, _hessian(st, cfg, lo, hi)))
+                    parts.append(build_w4a4(sub, res, uns, _hessian(st, cfg, lo, hi), clip=cfg.method != "naive"))
                     naives.append(naive)
                     alphas.append((res.alpha, res.beta))
                 new = SplitInputLinear(parts)
@@ -448,7 +470,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                            beta=alphas[1][1])
             else:
                 res, naive = _search(linear, st.absmax, st.rows, cfg, unsigned, generator)
-                new = build_w4a4(linear, res, unsigned, _hessian(st, cfg))
+                new = build_w4a4(linear, res, unsigned, _hessian(st, cfg), clip=cfg.method != "naive")
                 rec = dict(precision="w4a4", naive_err=math.sqrt(naive), alpha=res.alpha, beta=res.beta)
         if st is not None and st.rows is not None:
             x = st.rows.to(linear.weight.dtype)
@@ -460,7 +482,12 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
 
 
 def _hessian(st: InputStats, cfg: QuantConfig, lo: int = 0, hi: int | None = None) -> torch.Tensor | None:
-    return st.hessian[lo:hi, lo:hi] if cfg.gptq and st.hessian is not None else None
+    """The input second moment for GPTQ, or None (round to nearest) when GPTQ is off or the layer saw fewer
+    calibration tokens than it has inputs: H is then rank-deficient and GPTQ overfits those few tokens."""
+    if not cfg.gptq or st is None or st.hessian is None:
+        return None
+    h = st.hessian[lo:hi, lo:hi]
+    return h if st.count >= h.shape[0] else None
 
 
 def _search(linear: nn.Linear, absmax: torch.Tensor, rows: torch.Tensor, cfg: QuantConfig, unsigned: bool,
