@@ -20,6 +20,7 @@ from torch import nn
 
 from .quant.modules import W4A16Linear
 
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
     seen, total = set(), 0
@@ -117,23 +118,31 @@ class CPUOffload:
     The CPU copies are pinned (when CUDA is present) so the upload runs at full PCIe speed, and since
     inference never changes the weights, leaving the block just drops the device copies: nothing is copied
     back. Device-side caches that kernels keep on modules (`_native_prepared`) are dropped with them.
-    With a CPU `device` the block is a no-op. Re-entrant: nested blocks upload once.
+    Tied tensors stay tied. With a CPU `device` the block is a no-op. Re-entrant: nested blocks upload once.
     """
 
     def __init__(self, module: nn.Module, device, pin: bool | None = None):
         self.module, self.device, self.depth = module, torch.device(device), 0
         module.to("cpu")
         pin = torch.cuda.is_available() and self.device.type == "cuda" if pin is None else pin
-        self.slots = []  # (owner module, "_parameters" | "_buffers", name, cpu tensor)
+        self.slots = []  # (owner module, "_parameters" | "_buffers", name, CPU tensor or Parameter)
+        copies = {}  # id(original) -> its CPU copy, wrapped like the original: tied tensors stay one object
         for owner in module.modules():
             for store in ("_parameters", "_buffers"):
                 for name, t in getattr(owner, store).items():
-                    if t is None:
-                        continue
-                    cpu = t.detach().pin_memory() if pin else t.detach()
-                    getattr(owner, store)[name] = nn.Parameter(cpu, requires_grad=False) \
-                        if store == "_parameters" else cpu
-                    self.slots.append((owner, store, name, cpu))
+                    if t is not None:
+                        if id(t) not in copies:
+                            copies[id(t)] = _like(t, t.detach().pin_memory() if pin else t.detach())
+                        self.slots.append((owner, store, name, copies[id(t)]))
+        self._place(lambda cpu: cpu)
+
+    def _place(self, make):
+        """Put make(cpu copy) in every slot, once per distinct tensor."""
+        made = {}
+        for owner, store, name, cpu in self.slots:
+            if id(cpu) not in made:
+                made[id(cpu)] = make(cpu)
+            getattr(owner, store)[name] = made[id(cpu)]
 
     @property
     def lent(self) -> bool:
@@ -142,20 +151,21 @@ class CPUOffload:
     def __enter__(self) -> nn.Module:
         self.depth += 1
         if self.depth == 1 and self.device.type != "cpu":
-            for owner, store, name, cpu in self.slots:
-                t = cpu.to(self.device, non_blocking=True)
-                getattr(owner, store)[name] = nn.Parameter(t, requires_grad=False) if store == "_parameters" else t
+            self._place(lambda cpu: _like(cpu, cpu.detach().to(self.device, non_blocking=True)))
         return self.module
 
     def __exit__(self, *exc):
         self.depth -= 1
         if self.depth == 0 and self.device.type != "cpu":
-            for owner, store, name, cpu in self.slots:
-                getattr(owner, store)[name] = nn.Parameter(cpu, requires_grad=False) \
-                    if store == "_parameters" else cpu
+            self._place(lambda cpu: cpu)
             for owner in self.module.modules():
                 owner.__dict__.pop("_native_prepared", None)
         return False
+
+
+def _like(original: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t wrapped as a frozen nn.Parameter when `original` is a parameter, else t."""
+    return nn.Parameter(t, requires_grad=False) if isinstance(original, nn.Parameter) else t
 
 
 @contextmanager
@@ -166,9 +176,3 @@ def on_device(module: nn.Module, offload: CPUOffload | None):
     else:
         with offload as m:
             yield m
-
-
-def peak_memory(device) -> int | None:
-    """torch.cuda.max_memory_allocated for a CUDA device, None elsewhere."""
-    device = torch.device(device)
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

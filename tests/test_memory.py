@@ -74,7 +74,8 @@ def test_t5_w4a16_is_t5_with_4bit_weights_and_smaller(tmp_path):
 
 
 def test_cpu_offload_lends_weights_and_restores_them():
-    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+    model[2].weight = model[0].weight  # tied weights must stay one tensor
     model.register_buffer("table", torch.arange(4.0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     off = CPUOffload(model, "meta")  # "meta" stands in for a GPU: a device distinct from the CPU copy
@@ -86,6 +87,7 @@ def test_cpu_offload_lends_weights_and_restores_them():
         object.__setattr__(model[0], "_native_prepared", ("key", "device copy"))  # a kernel's cache
         with off:  # nested: nothing moves again
             assert model[0].weight.device.type == "meta"
+        assert model[2].weight is model[0].weight
         assert off.lent
         assert model(torch.zeros(2, 8, device="meta")).shape == (2, 8)
     assert not off.lent
@@ -93,10 +95,12 @@ def test_cpu_offload_lends_weights_and_restores_them():
     assert {k: v.data_ptr() for k, v in after.items()} == ptrs  # the CPU copies themselves, nothing copied back
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert "_native_prepared" not in model[0].__dict__
+    assert model[2].weight is model[0].weight
     assert isinstance(model[0].weight, nn.Parameter) and not model[0].weight.requires_grad
 
 
-def test_pipeline_lends_each_component_only_while_it_runs(golden, io_prompts=("a fox", "a cat")):
+def test_pipeline_lends_each_component_only_while_it_runs(golden):
+    io_prompts = ("a fox", "a cat")
     root = golden("pipeline")
     pipe = Flux.from_pretrained(root, device="cpu")
     ref = pipe(list(io_prompts), height=32, width=48, steps=2, seed=[1, 2], output_type="np")
@@ -193,3 +197,10 @@ def test_cuda_model_offload_peak_and_placement(golden):
     assert {b.device.type for b in quant.text_encoder_2.buffers()} == {"cpu"}
     assert set(_linears(quant.text_encoder_2).values()) == {W4A16Linear}
     assert quant(["a", "b"], **kw).shape == (2, 64, 64, 3)
+
+
+def test_w4a16_loader_errors_name_the_file(golden, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_t5_w4a16(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="vae.*T5"):
+        load_t5_w4a16(golden("pipeline", "vae"))

@@ -323,3 +323,12 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
     err_gptq = (x @ (ops.dequantize(codes, scales) - w).T).norm()
     err_rtn = (x @ (ops.dequantize(*rtn_quantize(w)) - w).T).norm()
     assert err_gptq < 0.8 * err_rtn
+
+
+@pytest.mark.gpu
+def test_quantize_blocks_on_cuda(setup):
+    """The model stays in CPU RAM; each block visits the GPU, comes back quantized; quality as on the CPU."""
+    cal, test, ref_out = setup
+    dit = quantize(tiny_dit(), cal, method="svdquant", rank=32, device="cuda", **FAST)
+    assert all(t.device.type == "cpu" for t in dit.state_dict().values())
+    assert rel_err(dit, ref_out, test) < 0.12

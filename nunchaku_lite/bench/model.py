@@ -17,7 +17,9 @@ values on the target device: no CPU detour):
               offload, W4A16 T5, VAE tiling "auto"): peak device memory and wall time of each
 The 16-bit DiT is freed before the other phases. Memory: on CUDA torch.cuda.max_memory_allocated per phase
 (reset at its start, so it includes whatever stays resident from earlier phases, e.g. the W4A4 DiT during
-"text"); on CPU only the weight bytes are meaningful. --arch tiny is a tiny FLUX for smoke tests on a CPU.
+"text"), plus resident_gib (allocated after the phase: kernels' cached weight copies show there); on CPU only
+the weight bytes are meaningful. --weights-only prints every component's and memory mode's weight bytes from
+meta-device models (any machine, seconds). --arch tiny is a tiny FLUX for smoke tests on a CPU.
 """
 from __future__ import annotations
 
@@ -107,8 +109,12 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
 
     mode "svd": smooth = 1, low-rank branch = rank-r truncated SVD of W (torch.svd_lowrank, 2 power
     iterations), INT4 residual W - L1 L2 (round to nearest). mode "random": random codes, scales and low-rank
-    factors of plausible magnitude (no 16-bit weight read; timing only). Modulation linears become W4A16."""
-    gen = torch.Generator(device=next(dit.parameters()).device).manual_seed(seed)
+    factors of plausible magnitude (no 16-bit weight read; timing only). mode "empty": the modules only (for
+    a model on the meta device: sizes without memory). Modulation linears become W4A16."""
+    if mode not in ("svd", "random", "empty"):
+        raise ValueError(f"quick quantization mode must be 'svd', 'random' or 'empty', got {mode!r}")
+    device = next(dit.parameters()).device
+    gen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
     blocks = [(f"double_blocks.{i}", b) for i, b in enumerate(dit.double_blocks)] + \
              [(f"single_blocks.{i}", b) for i, b in enumerate(dit.single_blocks)]
     for _, block in blocks:
@@ -119,9 +125,10 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
                 u, s, v = torch.svd_lowrank(w.float(), q=rank, niter=2)
                 up, down = u * s, v.T  # [N, r], [r, K]
                 q = W4A4Linear.from_linear(lin, w.float() - up @ down, lora_down=down, lora_up=up)
-            elif mode == "random":
+            elif mode in ("random", "empty"):
                 q = W4A4Linear(lin.in_features, lin.out_features, rank, bias=lin.bias is not None, dtype=w.dtype,
                                device=w.device)
+            if mode == "random":
                 q.qweight.copy_(torch.randint(0, 256, q.qweight.shape, generator=gen, device=w.device,
                                               dtype=torch.int32).to(torch.uint8))
                 q.wscales.fill_(1.0 / (4 * math.sqrt(lin.in_features)))  # codes ~U(-8, 7): std ~4.6 * scale
@@ -129,8 +136,6 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
                 q.lora_up.normal_(0, 0.1 / math.sqrt(max(rank, 1)), generator=gen)
                 if lin.bias is not None:
                     q.bias.copy_(lin.bias)
-            else:
-                raise ValueError(f"quick quantization mode must be 'svd' or 'random', got {mode!r}")
             block.set_submodule(name, q)
             del lin, w
     dit.quant_config = dict(method=f"quick-{mode}", rank=rank, modulation="w4a16")
@@ -342,6 +347,25 @@ def run(arch_name="flux-dev", size=1024, batch=1, device=None, dtype=torch.bfloa
     return _summary(arch_name, size, batch, device, dtype, tokens, phases, compile)
 
 
+def weight_plan(arch_name: str, dtype=torch.bfloat16, rank: int = 32) -> dict:
+    """Weight bytes of every component and of each memory mode, from modules built on the meta device (no
+    memory, any machine). resident: everything on the device (16-bit T5); offload: the W4A4 DiT resident plus
+    the largest component lent at a time (W4A16 T5). Activations come on top (measured by `run` on CUDA)."""
+    arch = Arch.named(arch_name)
+    with torch.device("meta"):
+        dit, t5 = FluxDiT(arch.dit).to(dtype), T5Encoder(arch.t5).to(dtype)
+        clip, vae = CLIPTextModel(arch.clip).to(dtype), AutoEncoder(arch.vae).to(dtype)
+    b = {"dit-16bit": module_bytes(dit), "t5-16bit": module_bytes(t5), "clip": module_bytes(clip),
+         "vae": module_bytes(vae)}
+    b["dit-w4a4"] = module_bytes(quick_w4a4_(dit, rank, "empty"))
+    b["t5-w4a16"] = module_bytes(quantize_w4a16_(t5))
+    b["mode-resident-16bit-dit"] = b["dit-16bit"] + b["t5-16bit"] + b["clip"] + b["vae"]
+    b["mode-resident"] = b["dit-w4a4"] + b["t5-16bit"] + b["clip"] + b["vae"]
+    b["mode-offload"] = b["dit-w4a4"] + max(b["t5-w4a16"], b["clip"], b["vae"])
+    return dict(arch=arch_name, dtype=str(dtype).replace("torch.", ""), rank=rank,
+                weight_gib={k: v / GiB for k, v in b.items()})
+
+
 def _native_available(device) -> bool:
     if device.type != "cuda":
         return False
@@ -413,16 +437,27 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline-steps", type=int, default=2, help="sampler steps of the whole-generation phases")
     ap.add_argument("--skip-16bit", action="store_true", help="no 16-bit DiT phase (implies --quick random)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (both paths)")
+    ap.add_argument("--weights-only", action="store_true", help="only the weight memory of each component and "
+                    "mode, from models built on the meta device (no device, no time)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.size < 16 or args.size % 16:
         ap.error(f"--size must be a positive multiple of 16, got {args.size}")
     if args.batch < 1 or (args.steps is not None and args.steps < 1) or args.pipeline_steps < 1:
         ap.error("--batch, --steps and --pipeline-steps must be >= 1")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.weights_only:
+        result = weight_plan(args.arch, dtype, args.rank)
+        print(f"{args.arch} weights ({args.dtype}, W4A4 rank {args.rank})")
+        for k, v in result["weight_gib"].items():
+            print(f"  {k:<26} {v:8.3f} GiB")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     steps = args.steps or (10 if device.type == "cuda" else 2)
     result = run(args.arch, args.size, args.batch, device, dtype, steps, args.rank, args.quick, args.pipeline_steps,
                  args.skip_16bit, args.compile, log=lambda s: print(s, file=sys.stderr, flush=True))

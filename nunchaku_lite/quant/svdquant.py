@@ -258,7 +258,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, bl
     which minimizes the output error sum ||x (W - Q)^T||^2 over the calibration inputs.
 
     Group scales are chosen when the group is reached, from its weights as updated so far: absmax/7 times the
-    clip ratio in 1.0 .. 0.75 of least squared rounding error, rounded to `scale_dtype`. Returns (codes int8 [N, K], scales [N, K//64]) in ops.quantize_weight's conventions.
+    clip ratio in 1.0 .. 0.75 of least squared rounding error, rounded to `scale_dtype`.
+    Returns (codes int8 [N, K], scales [N, K//64]) in ops.quantize_weight's conventions.
     """
     n, k = w.shape
     g = ops.GROUP
@@ -268,8 +269,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, bl
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
-    # upper Cholesky factor of H^-1: row i holds the update coefficients of column i onto columns > i
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    try:  # upper Cholesky factor of H^-1: row i holds the update coefficients of column i onto columns > i
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    except torch.linalg.LinAlgError:  # numerically singular even after damping: plain rounding is safe
+        return rtn_quantize(w, scale_dtype)
     codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
     scales = torch.zeros(n, k // g, dtype=scale_dtype, device=w.device)
     block = max(g, block // g * g)
@@ -450,7 +453,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
     for name, linear in block_linears(block):
         st = stats.get(name)
         if is_modulation(name) or cfg.method == "w4a16":
-            if is_modulation(name) and cfg.modulation == "bf16" and cfg.method != "w4a16":
+            if is_modulation(name) and cfg.modulation == "bf16":
                 continue
             new = build_w4a16(linear, _hessian(st, cfg), clip=cfg.method != "naive")
             rec = dict(precision="w4a16")
@@ -458,7 +461,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
             unsigned = cfg.fc2_unsigned and is_fc2(name, kind) and linear.bias is not None
             if unsigned and kind == "single":  # concat(attn, gelu(mlp)): signed attention part + unsigned MLP part
                 hidden = linear.out_features
-                parts, errs, naives, alphas = [], [], [], []
+                parts, naives, alphas = [], [], []
                 for lo, hi, uns in ((0, hidden, False), (hidden, linear.in_features, True)):
                     sub = _linear_part(linear, lo, hi, with_bias=uns)
                     res, naive = _search(sub, st.absmax[lo:hi], st.rows[:, lo:hi], cfg, uns, generator)
@@ -566,7 +569,8 @@ def calibration_inputs(calibration, pipeline=None, steps=None, samples=None, see
                                  f"missing {missing}, unknown {unknown}")
     else:
         raise TypeError("quantize: calibration must be a non-empty list of dicts of the transformer's inputs "
-                        f"({', '.join(DIT_INPUTS)}) or a list of prompts with pipeline=; got {type(calibration).__name__}")
+                        f"({', '.join(DIT_INPUTS)}) or a list of prompts with pipeline=; "
+                        f"got {type(calibration).__name__}")
     if samples is not None and len(inputs) > samples:
         g = torch.Generator().manual_seed(seed)
         keep = sorted(torch.randperm(len(inputs), generator=g)[:samples].tolist())
@@ -710,7 +714,7 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
             stats, hooks = {}, []
             for name, lin in block_linears(block):
                 mod = is_modulation(name)
-                if mod and (cfg.modulation == "bf16" and cfg.method != "w4a16" or not cfg.gptq):
+                if mod and (cfg.modulation == "bf16" or not cfg.gptq):
                     continue
                 stats[name] = st = InputStats(cfg.max_tokens, generator, hessian=cfg.gptq, sample=not mod)
                 hooks.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0])))
