@@ -38,6 +38,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                                                 "read from its shapes (BFL FluxParams or diffusers names)")
     p.add_argument("--kind", choices=("dev", "schnell"), help="override the detected model kind")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 256 schnell, 512 dev)")
+    p.add_argument("--offload", choices=("none", "model"), default="none",
+                   help="model: keep only the DiT on the GPU; text encoders and VAE are lent to it while they run")
+    p.add_argument("--t5-quant", choices=("w4a16",), help="load T5 with 4-bit weights (quantized while loading)")
+    p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
+                   help="tiled VAE decoding (auto: above 1024x1024 pixels, 512x512 with --offload model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timings")
 
 
@@ -85,7 +90,9 @@ def run_generate(args) -> int:
     pipe = Flux.from_pretrained(args.model, device=args.device, dtype=args.dtype, transformer=args.transformer,
                                 vae=args.vae, text_encoder=args.clip, text_encoder_2=args.t5, tokenizer=clip_tok,
                                 tokenizer_2=t5_tok, kind=args.kind,
-                                configs={"transformer": args.transformer_config} if args.transformer_config else None)
+                                configs={"transformer": args.transformer_config} if args.transformer_config else None,
+                                offload=args.offload, t5_quant=args.t5_quant,
+                                vae_tiling={"auto": "auto", "on": True, "off": False}[args.vae_tiling])
     log(f"loaded {pipe} in {time.perf_counter() - t0:.1f}s")
 
     def progress(step, num_steps):

@@ -89,3 +89,21 @@ def test_example_without_model_explains_what_is_missing(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "examples" / "generate.py")], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--model" in r.stderr and "mini" in r.stderr
+
+
+def test_memory_flags_reach_the_pipeline(golden, tmp_path, monkeypatch):
+    from nunchaku_lite import Flux
+    from nunchaku_lite.quant.modules import W4A16Linear
+    seen = {}
+    original = Flux.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        pipe = original(cls, *args, **kwargs)
+        seen.update(kwargs, pipe=pipe)
+        return pipe
+
+    monkeypatch.setattr(Flux, "from_pretrained", classmethod(spy))
+    rc, out = _generate(golden, tmp_path, "--t5-quant", "w4a16", "--vae-tiling", "off", "--quiet")
+    assert rc == 0 and out.is_file()
+    assert seen["t5_quant"] == "w4a16" and seen["vae_tiling"] is False and seen["offload"] == "none"
+    assert any(isinstance(m, W4A16Linear) for m in seen["pipe"].text_encoder_2.modules())

@@ -30,9 +30,9 @@ running per-channel max|x|, the running sum x^T x (K x K, for GPTQ) and a unifor
 search and the reported per-layer errors use this sample, so the errors are calibration-set figures, slightly
 optimistic for GPTQ); the block outputs are the next block's
 inputs (propagation through the original block, as DeepCompressor does). Then the block's linears are replaced
-in place by quantized modules, and the block goes back to its original device. Peak device memory is one block
-plus the hidden states of the calibration samples; the model is never copied (it is quantized in place and
-returned).
+in place by quantized modules, and the block goes back to its original device. Peak device memory is one block,
+its layers' K x K moments, and one set of hidden states of the calibration samples (about 33 MB per 1024x1024
+sample for FLUX.1); the model is never copied (it is quantized in place and returned).
 
 Methods: "svdquant" (search + low rank + INT4 residual), "smooth" (search, rank 0), "naive" (no smoothing, no
 low rank), "w4a16" (every block linear weight-only INT4). Modulation linears (adaLN, input silu(vec)) are
@@ -718,16 +718,14 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
                     continue
                 stats[name] = st = InputStats(cfg.max_tokens, generator, hessian=cfg.gptq, sample=not mod)
                 hooks.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0])))
-            try:
-                outs = [block(*args) for args in states]
+            try:  # each sample's output replaces its input right away: one set of hidden states in memory
+                for j, args in enumerate(states):
+                    out = block(*args)
+                    states[j] = (*out, *args[2:]) if kind == "double" else (out, *args[1:])
+                del args, out
             finally:
                 for h in hooks:
                     h.remove()
-            if kind == "double":
-                states = [(img, txt, *args[2:]) for (img, txt), args in zip(outs, states)]
-            else:
-                states = [(x, *args[1:]) for x, args in zip(outs, states)]
-            del outs
             records = quantize_block(block, kind, stats, cfg, generator)
             del stats
             block.to(block_home)
