@@ -190,8 +190,8 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: cannot read tensor '{key}' ({e})") from None
         if t.dtype.is_floating_point:
             target = dtype if dtype is not None else (torch.bfloat16 if t.dtype in FP8_DTYPES else t.dtype)
-            return t.to(device=device, dtype=target)
-        return t if device is None else t.to(device)
+            return aligned(t.to(device=device, dtype=target))
+        return aligned(t if device is None else t.to(device))
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -213,6 +213,15 @@ class Checkpoint:
 
     def __repr__(self):
         return f"Checkpoint({self.description!r}, {len(self.infos)} tensors in {len(self.files)} file(s))"
+
+
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """A CPU tensor read from a file can start at any byte offset; CPU BLAS picks different (SIMD) code paths
+    by alignment, so a misaligned weight gives results that differ in the last bit from the same weight in
+    freshly allocated memory. Copy such a tensor (one tensor at a time, never the whole model)."""
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % alignment:
+        return t.clone()
+    return t
 
 
 def _numel(shape) -> int:

@@ -47,7 +47,10 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-grid", type=int, default=20, help="smoothing search: alpha steps of 1/N (default 20)")
     p.add_argument("--refine-iters", type=int, default=4, help="low-rank refinement iterations (default 4)")
     p.add_argument("--modulation", choices=MODULATION, default="w4a16", help="adaLN modulation linears")
-    p.add_argument("--fc2-unsigned", action="store_true", help="unsigned shifted activations for MLP outputs")
+    p.add_argument("--fc2-unsigned", dest="fc2_unsigned", action="store_const", const=True, default=None,
+                   help="unsigned shifted activations for the MLP output linears (default for svdquant)")
+    p.add_argument("--fc2-signed", dest="fc2_unsigned", action="store_const", const=False,
+                   help="signed activations for the MLP output linears (default for smooth and naive)")
     p.add_argument("--no-gptq", action="store_true", help="round-to-nearest instead of GPTQ for the INT4 weights")
     p.add_argument("--max-tokens", type=int, default=1024, help="input tokens sampled per layer (default 1024)")
 

@@ -177,9 +177,11 @@ def load_tensors_into(model: nn.Module, tensors: dict, source: str) -> nn.Module
 
 
 def _target(key: str, t: torch.Tensor, device, dtype) -> torch.Tensor:
+    from ..loading.files import aligned
+
     if dtype is not None and t.is_floating_point() and not key.endswith(_EXACT_SUFFIXES):
-        return t.to(device=device, dtype=dtype)
-    return t.to(device=device)
+        return aligned(t.to(device=device, dtype=dtype))
+    return aligned(t.to(device=device))
 
 
 def load_quantized_transformer(path, device=None, dtype: torch.dtype | None = None,

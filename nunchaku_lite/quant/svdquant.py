@@ -36,7 +36,8 @@ sample for FLUX.1); the model is never copied (it is quantized in place and retu
 
 Methods: "svdquant" (search + low rank + INT4 residual), "smooth" (search, rank 0), "naive" (no smoothing, no
 low rank), "w4a16" (every block linear weight-only INT4). Modulation linears (adaLN, input silu(vec)) are
-W4A16 or kept 16-bit (`modulation=`); embedders and the final layer stay 16-bit. With `fc2_unsigned=True` the
+W4A16 or kept 16-bit (`modulation=`); embedders and the final layer stay 16-bit. With `fc2_unsigned=True` (the
+default for "svdquant") the
 MLP output linears take Nunchaku's unsigned, shifted activations (u4 of (x + 0.171875) / lambda, the shift
 folded into the bias); the single block's linear2 then becomes two GEMMs (attention part signed, MLP part
 unsigned), like Nunchaku's out_proj + mlp_fc2.
@@ -470,11 +471,12 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                     alphas.append((res.alpha, res.beta))
                 new = SplitInputLinear(parts)
                 rec = dict(precision="w4a4", naive_err=math.sqrt(sum(naives) / 2), alpha=alphas[1][0],
-                           beta=alphas[1][1])
+                           beta=alphas[1][1], unsigned=True)
             else:
                 res, naive = _search(linear, st.absmax, st.rows, cfg, unsigned, generator)
                 new = build_w4a4(linear, res, unsigned, _hessian(st, cfg), clip=cfg.method != "naive")
-                rec = dict(precision="w4a4", naive_err=math.sqrt(naive), alpha=res.alpha, beta=res.beta)
+                rec = dict(precision="w4a4", naive_err=math.sqrt(naive), alpha=res.alpha, beta=res.beta,
+                           unsigned=unsigned)
         if st is not None and st.rows is not None:
             x = st.rows.to(linear.weight.dtype)
             rec["rel_err"] = _rel_error(new(x), F.linear(x.float(), linear.weight.float(),
@@ -667,7 +669,7 @@ def _log_block(name, seconds, records, file):
 
 @torch.no_grad()
 def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 32, *, modulation: str = "w4a16",
-             grid: int = 20, refine_iters: int = 4, fc2_unsigned: bool = False, gptq: bool = True,
+             grid: int = 20, refine_iters: int = 4, fc2_unsigned: bool | None = None, gptq: bool = True,
              max_tokens: int = 1024,
              device=None, progress=True, pipeline=None, steps: int | None = None, samples: int | None = None,
              seed: int = 0, pipeline_kwargs: dict | None = None) -> nn.Module:
@@ -681,7 +683,9 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
     method: "svdquant" | "smooth" | "naive" | "w4a16"; rank: low-rank branch rank (svdquant; 0 allowed).
     modulation: "w4a16" (4-bit weights, 16-bit activations) or "bf16" (kept in the model's 16-bit dtype).
     grid: alpha steps of 1/grid in the smoothing search; refine_iters: low-rank refinement iterations.
-    fc2_unsigned: unsigned shifted activations for the MLP output linears (Nunchaku's choice).
+    fc2_unsigned: unsigned shifted activations for the MLP output linears (Nunchaku's choice). None (default)
+        means True for "svdquant" and False for the ablations "smooth" and "naive": post-GELU inputs are nearly
+        non-negative, so the unsigned grid gives them one more bit of resolution.
     gptq: round the INT4 weights (W4A4 residuals, W4A16 layers) with GPTQ using the calibration inputs'
         second moments, instead of round-to-nearest (method "naive" always rounds to nearest).
     max_tokens: input tokens sampled per layer for the search and the reported errors.
@@ -690,6 +694,8 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
 
     The result has `quant_config` (settings, saved by `save_quantized`) and `quant_report` (per-layer errors).
     """
+    if fc2_unsigned is None:
+        fc2_unsigned = method == "svdquant"
     cfg = QuantConfig(method, rank, modulation, grid, refine_iters, fc2_unsigned, gptq, max_tokens, seed)
     _check_model(dit, cfg)
     inputs = calibration_inputs(calibration, pipeline, steps, samples, seed, pipeline_kwargs)
