@@ -35,3 +35,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def golden_pipe():
+    """The golden tiny schnell pipeline (diffusers layout) on CPU, float32; one instance per test module, so a
+    module may change it (offload, quantized parts) without affecting other modules."""
+    from nunchaku_lite import Flux
+
+    return Flux.from_pretrained(shared_path("golden", "pipeline"), device="cpu")

@@ -10,26 +10,21 @@ import torch
 
 from nunchaku_lite import Flux
 
-_PIPES = {}
+from conftest import shared_path
+
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture
-def pipe(golden):
-    root = golden("pipeline")
-    if root not in _PIPES:
-        _PIPES[root] = Flux.from_pretrained(root, device="cpu")
-    return _PIPES[root]
+def pipe(golden_pipe):
+    return golden_pipe
 
 
-@pytest.fixture
-def dev(golden):
-    root = golden("pipeline")
-    key = (root, "dev")
-    if key not in _PIPES:
-        _PIPES[key] = Flux.from_pretrained(root, device="cpu", transformer=root / "transformer_dev",
-                                           scheduler=root / "scheduler_dev")
-    return _PIPES[key]
+@pytest.fixture(scope="module")
+def dev():
+    root = shared_path("golden", "pipeline")
+    return Flux.from_pretrained(root, device="cpu", transformer=root / "transformer_dev",
+                                scheduler=root / "scheduler_dev")
 
 
 @pytest.mark.parametrize("batch", [2, 4])

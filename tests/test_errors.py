@@ -12,15 +12,11 @@ from nunchaku_lite import Flux
 from nunchaku_lite.loading import CheckpointError, PickleCheckpointError, load_t5, load_transformer, load_vae
 from nunchaku_lite.loading.files import Checkpoint
 
-_PIPES = {}
 
 
 @pytest.fixture
-def pipe(golden):
-    root = golden("pipeline")
-    if root not in _PIPES:
-        _PIPES[root] = Flux.from_pretrained(root, device="cpu")
-    return _PIPES[root]
+def pipe(golden_pipe):
+    return golden_pipe
 
 
 def _vae_variant(golden, tmp_path, edit):

@@ -11,15 +11,11 @@ from nunchaku_lite.models.t5 import T5Config, T5Encoder
 from nunchaku_lite.pipeline import OFFLOADED
 from nunchaku_lite.quant.modules import W4A16Linear
 
-_PIPES = {}
 
 
 @pytest.fixture
-def schnell(golden):
-    root = golden("pipeline")
-    if root not in _PIPES:
-        _PIPES[root] = Flux.from_pretrained(root, device="cpu")
-    return _PIPES[root]
+def schnell(golden_pipe):
+    return golden_pipe
 
 
 def _linears(module):
