@@ -11,7 +11,8 @@ Method (no learned parts):
 3. per component: color = named color nearest to the median of its core pixels (those farthest from the
    background); its outline = pixels closer to that color than to the background's; position = 3x3 grid cell of its bounding-box
    center; size = larger bounding-box side against SIZE_THRESHOLD; shape = the template (each shape drawn by
-   data.py, cropped to its bounding box) closest to the component's mask cropped and resampled the same way.
+   data.py, cropped to its bounding box) closest to the component's mask cropped and resampled the same way,
+   or "other" for a bounding box with an aspect ratio above MAX_ASPECT (no drawn shape has one).
 """
 from itertools import permutations
 
@@ -27,6 +28,7 @@ FOREGROUND_DISTANCE = 40.0  # half the smallest distance between two named color
 MIN_AREA = 40  # pixels; smaller blobs are noise (the smallest drawn star covers ~160)
 SIZE_THRESHOLD = 34.0  # pixels of the larger bbox side: small shapes reach 28, large ones start near 38
 TEMPLATE_RES = 24
+MAX_ASPECT = 1.3  # bounding boxes of drawn shapes stay under ~1.1
 
 
 def nearest_color(rgb) -> str:
@@ -61,8 +63,14 @@ _TEMPLATES = _make_templates()
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    """Shape name whose template best matches the mask cropped to its bounding box (mean abs difference)."""
-    m = _resample(_crop_to_bbox(mask))
+    """Shape name whose template best matches the mask cropped to its bounding box (mean abs difference), or
+    "other" when the bounding box is far from square: every shape is drawn with a square-ish box (aspect at
+    most ~1.1 after rasterisation), so an oval is not a circle and a bar is not a square."""
+    box = _crop_to_bbox(mask)
+    h, w = box.shape
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        return "other"
+    m = _resample(box)
     errs = {s: float(np.abs(m - t).mean()) for s, t in _TEMPLATES.items()}
     return min(errs, key=errs.get)
 

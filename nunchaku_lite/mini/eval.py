@@ -164,3 +164,41 @@ def generate_with_modules(flux, t5, clip, ae, clip_tokenizer, t5_tokenizer, prom
     x = ae.decode(unpack(img.float(), size, size).to(ae.dtype)).float().clamp(-1, 1)
     x = (127.5 * (x + 1)).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return list(x)
+
+
+def main(argv=None) -> int:
+    """python -m nunchaku_lite.mini.eval [--model mini] [--steps 20] [--device cpu]: the benchmark, as JSON."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ..loading import load_clip, load_t5, load_transformer, load_vae
+    from ..pipeline import ASSETS
+    from ..tokenizers import load_clip_tokenizer, load_t5_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m nunchaku_lite.mini.eval", description=main.__doc__)
+    p.add_argument("--model", default="mini", help="'mini' or a folder in its layout")
+    p.add_argument("--transformer", default=None, help="another transformer (e.g. a quantized .safetensors)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    root = ASSETS / "mini" if args.model == "mini" else Path(args.model)
+    dtype, dev = torch.bfloat16, torch.device(args.device)
+    flux = load_transformer(args.transformer or root / "transformer", device=dev, dtype=dtype)
+    t5 = load_t5(root / "text_encoder_2", device=dev, dtype=dtype)
+    clip = load_clip(root / "text_encoder", device=dev, dtype=dtype)
+    ae = load_vae(root / "vae", device=dev, dtype=dtype)
+    max_len = json.loads((root / "model_index.json").read_text()).get("_nunchaku_lite", {}).get("max_sequence_length", 32)
+    ct, tt = load_clip_tokenizer(root / "tokenizer"), load_t5_tokenizer(root / "tokenizer_2", max_len)
+
+    def generate(prompts, seeds):
+        return generate_with_modules(flux, t5, clip, ae, ct, tt, prompts, seeds, steps=args.steps, device=dev)
+
+    print(json.dumps(evaluate(generate, batch_size=36)["accuracy"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
