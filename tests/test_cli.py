@@ -83,12 +83,32 @@ def test_module_entry_point_runs():
     assert r.returncode == 0 and "--prompt" in r.stdout
 
 
-def test_example_without_model_explains_what_is_missing(tmp_path):
-    if (REPO / "nunchaku_lite" / "assets" / "mini").is_dir():
-        pytest.skip("the embedded default model is present")
-    r = subprocess.run([sys.executable, str(REPO / "examples" / "generate.py")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--model" in r.stderr and "mini" in r.stderr
+def _example_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("generate_example", REPO / "examples" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_without_model_explains_what_is_missing(tmp_path, monkeypatch, capsys):
+    example = _example_module()
+    monkeypatch.setattr(example, "ASSETS", tmp_path / "no-assets")
+    assert example.main([]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "mini" in err
+
+
+def test_example_draws_the_embedded_model_grid(tmp_path):
+    """The README's main command: no arguments -> the mini model, 16-bit and W4A4 side by side in one PNG."""
+    if not (REPO / "nunchaku_lite" / "assets" / "mini").is_dir():
+        pytest.skip("the embedded default model is not in this checkout")
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "generate.py"), "--prompt",
+                        "a red circle on a blue background", "--prompt", "a green cross on an orange background"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    grid = Image.open(tmp_path / "mini_grid.png")
+    assert grid.width > 2 * 128 and grid.height > 2 * 128  # two rows, two columns of 128x128 images
 
 
 def test_memory_flags_reach_the_pipeline(golden, tmp_path, monkeypatch):

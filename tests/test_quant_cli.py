@@ -105,3 +105,22 @@ def test_psnr_and_ssim():
     noisy = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
     assert ssim(a, noisy) < ssim(a, np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)) < 1.0
     assert ssim(a, 1 - a) < 0  # anti-correlated structure
+
+
+def test_eval_quant_on_the_mini_model_scores_attributes(tmp_path, capsys):
+    """eval-quant defaults to the embedded mini model and adds the attribute checker's accuracy columns."""
+    from nunchaku_lite import cli
+    from nunchaku_lite.pipeline import ASSETS
+
+    if not (ASSETS / "mini").is_dir():
+        pytest.skip("the embedded mini model is not in this checkout")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on a blue background\na green cross at the center on an orange background\n")
+    rc = cli.main(["eval-quant", "--prompts", str(prompts), "--calibration-prompts", str(prompts),
+                   "--methods", "naive", "svdquant", "--ranks", "16", "--samples", "4", "--alpha-grid", "2",
+                   "--steps", "3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "acc:color_shape" in out and "acc:background" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(lines) == {"16-bit", "naive", "svdquant"}

@@ -35,8 +35,12 @@ def _load_pipeline(args):
     return Flux.from_pretrained(args.model, device=args.device, dtype=args.dtype)
 
 
-def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="FLUX pipeline folder (diffusers layout) or embedded model name")
+def _common_args(p: argparse.ArgumentParser, model_default: str | None = None) -> None:
+    if model_default is None:
+        p.add_argument("--model", required=True, help="FLUX pipeline folder (diffusers layout) or embedded model name")
+    else:
+        p.add_argument("--model", default=model_default,
+                       help=f"FLUX pipeline folder (diffusers layout) or embedded model name (default {model_default})")
     p.add_argument("--device", help="where blocks are quantized and the pipeline runs (default: cuda if available)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the transformer's stored dtype)")
     p.add_argument("--steps", type=int, help="sampler steps per calibration prompt (default: the model's)")
@@ -109,11 +113,15 @@ def run_quantize(args) -> int:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    _common_args(p)
-    p.add_argument("--prompts", help="evaluation prompts, one per line (default: 4 built-in captions)")
-    p.add_argument("--calibration-prompts", help="calibration prompts file (default: 16 built-in captions)")
-    p.add_argument("--methods", nargs="+", default=["naive", "smooth", "svdquant"], choices=METHODS)
-    p.add_argument("--ranks", nargs="+", type=int, default=[32], help="ranks tried for svdquant")
+    _common_args(p, model_default="mini")
+    p.add_argument("--prompts", help="evaluation prompts, one per line (default: 4 built-in captions; for the mini "
+                                     "model its held-out prompt set, scored by the attribute checker)")
+    p.add_argument("--calibration-prompts", help="calibration prompts file (default: 16 built-in captions; for the "
+                                                 "mini model 32 training-distribution captions)")
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   help="default: naive smooth svdquant (mini model: also w4a16)")
+    p.add_argument("--ranks", nargs="+", type=int,
+                   help="ranks tried for svdquant (default 32; mini model: 32 16)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds (same for every method)")
     p.add_argument("--grid", help="write a side-by-side PNG (rows: images; columns: 16-bit, then each method)")
 
@@ -125,12 +133,23 @@ _EVAL_PROMPTS = ["a red apple on a wooden table", "a lighthouse on a cliff at su
 def run_eval(args) -> int:
     from .evaluate import evaluate, format_table
 
-    prompts = _read_prompts(args.prompts, "--prompts") or _EVAL_PROMPTS
+    prompts = _read_prompts(args.prompts, "--prompts")
     calib = _read_prompts(args.calibration_prompts, "--calibration-prompts")
+    methods, ranks, scorer = args.methods or ["naive", "smooth", "svdquant"], args.ranks or [32], None
+    if args.model == "mini":
+        # The embedded model knows its prompt grammar: held-out prompts judged by the attribute checker,
+        # calibration on training-distribution captions (never on the benchmark prompts).
+        from ..mini.eval import calibration_prompts, heldout_prompts
+        from ..mini.quant_table import split_scorer
+
+        prompts, scorer = prompts or [p["prompt"] for p in heldout_prompts()], split_scorer
+        calib = calib or calibration_prompts(32)
+        methods, ranks = args.methods or ["svdquant", "smooth", "naive", "w4a16"], args.ranks or [32, 16]
+    prompts = prompts or _EVAL_PROMPTS
     pipe = _load_pipeline(args)
-    rows = evaluate(pipe, prompts, methods=args.methods, ranks=args.ranks, seeds=args.seeds, steps=args.steps,
+    rows = evaluate(pipe, prompts, methods=methods, ranks=ranks, seeds=args.seeds, steps=args.steps,
                     height=args.height, width=args.width, calibration_prompts=calib, samples=args.samples,
-                    grid=args.grid, quantize_kwargs=_quant_kwargs(args))
+                    scorer=scorer, grid=args.grid, quantize_kwargs=_quant_kwargs(args))
     print(format_table(rows))
     if args.grid:
         print(f"grid: {args.grid}", file=sys.stderr)
