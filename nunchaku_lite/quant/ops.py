@@ -77,7 +77,10 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: 
         xs = xs / smooth.float()
     xs = xs.view(-1, g, GROUP)
     qmax, lo, hi = (15.0, 0, 15) if unsigned else (7.0, -8, 7)
-    scales = xs.abs().amax(dim=-1) / qmax
+    amax = xs.abs().amax(dim=-1)
+    # A tensor divisor, not a Python float: PyTorch's CUDA division by a scalar multiplies by its reciprocal,
+    # which differs from IEEE division in the last bit (and from the CPU and the kernels).
+    scales = amax / amax.new_tensor(qmax)
     # An all-zero group has scale 0; divide by 1 instead so its codes are round(0) = 0, not NaN.
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = torch.round(xs / safe[..., None]).clamp_(lo, hi).to(torch.int8)
@@ -97,7 +100,8 @@ def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
     n, k = w.shape
     g = _check_groups(k, "quantize_weight")
     wg = w.float().view(n, g, GROUP)
-    scales = (wg.abs().amax(dim=-1) / 7.0).to(scale_dtype)
+    amax = wg.abs().amax(dim=-1)
+    scales = (amax / amax.new_tensor(7.0)).to(scale_dtype)  # IEEE division on CUDA too (see quantize_act)
     s = scales.float()
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round(wg / safe[..., None]).clamp_(-8, 7).to(torch.int8)
