@@ -9,9 +9,14 @@ RUNTIME_IMPORTS := import torch, safetensors, sentencepiece, tokenizers, PIL, nu
 
 all: deps native
 
+# torch is installed first, pinned to the release we test with (a CPU or CUDA build, whatever pip finds for
+# this machine); install your own torch beforehand to choose another build.
+TORCH ?= torch==2.13.0
+
 deps:
 	@$(PYTHON) -c "$(RUNTIME_IMPORTS)" 2>/dev/null || { \
-		echo "installing the runtime packages: $(PYTHON) -m pip install -e ."; \
+		echo "installing the runtime packages ($(TORCH) if torch is missing, then pip install -e .)"; \
+		$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"; \
 		$(PYTHON) -m pip install -e . ; }
 
 native:
