@@ -301,3 +301,18 @@ def test_tiled_decode_close_to_full(golden, vae_io):
     # Random tiny weights are a hard case (per-tile GroupNorm statistics differ a lot); a misplaced or
     # mis-weighted tile gives rel. L2 ~1. Bigger tiles must deviate less.
     assert big < 0.08 and big < small < 0.3, (big, small)
+
+
+def test_attention_query_chunks_match_one_pass(monkeypatch):
+    """Chunking the queries (bounded memory for large latents) gives the same result as one SDPA call."""
+    from nunchaku_lite.models.vae import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(32).eval()
+    x = torch.randn(2, 32, 12, 10)
+    with torch.no_grad():
+        whole = block(x)
+        monkeypatch.setattr(AttnBlock, "MAX_SCORES", 120 * 7)  # 7 queries per chunk, last chunk shorter
+        assert block.query_chunk(120) == 7
+        chunked = block(x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)

@@ -76,7 +76,14 @@ class GroupNorm32(nn.GroupNorm):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, channels as the feature dim (1x1 conv projections)."""
+    """Single-head self-attention over all H*W positions, channels as the feature dim (1x1 conv projections).
+
+    Queries are processed in chunks so that the [queries, H*W] score matrix stays under MAX_SCORES elements
+    (an unfused attention path, e.g. on the CPU, would otherwise allocate (H*W)^2 floats: 17 GB for a
+    2048x2048 FLUX image). Each query row's softmax is independent, so chunking does not change the math.
+    """
+
+    MAX_SCORES = 1 << 26  # 256 MiB of float32 scores per chunk
 
     def __init__(self, channels: int):
         super().__init__()
@@ -86,12 +93,16 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
+    def query_chunk(self, length: int) -> int:
+        return max(1, min(length, self.MAX_SCORES // length))
+
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
         # [B, C, H, W] -> [B, 1, H*W, C]: one head whose dimension is the channel count (scale 1/sqrt(C))
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(hn), self.k(hn), self.v(hn)))
-        attn = F.scaled_dot_product_attention(q, k, v)
+        attn = torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(self.query_chunk(h * w), -2)],
+                         dim=-2)
         attn = attn.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(attn)
 
