@@ -2,8 +2,8 @@
 
     quantize    --model PATH --out FILE [--prompts FILE] [--steps N] [--samples N] [--rank 32]
                 [--method svdquant] [--device cuda]
-    eval-quant  --model PATH [--prompts FILE] [--methods naive smooth svdquant] [--ranks 32] [--seeds 0 1]
-                [--grid out.png]
+    eval-quant  [--model PATH] [--prompts FILE] [--methods naive smooth svdquant] [--ranks 32] [--seeds 0 1]
+                [--grid out.png]     (--model defaults to the embedded mini model)
 """
 from __future__ import annotations
 

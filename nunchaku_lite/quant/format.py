@@ -56,8 +56,7 @@ def _precision(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]
     prec = {}
     for name, m in model.named_modules():
         if name in layers:
-            w4a16 = isinstance(m, W4A16Linear)
-            prec[name] = "w4a16" if w4a16 else "w4a4"
+            prec[name] = "w4a16" if isinstance(m, W4A16Linear) else "w4a4"
         elif isinstance(m, nn.Linear) and not any(name.startswith(p + ".") for p in layers):
             prec[name] = _DTYPE_NAMES.get(m.weight.dtype, str(m.weight.dtype).replace("torch.", ""))
     return prec
@@ -72,7 +71,8 @@ def build_metadata(model: nn.Module, method: str | None = None) -> dict[str, str
     if not layers:
         raise ValueError("save_quantized: the model has no quantized layers (run quantize() first)")
     qcfg = dict(getattr(model, "quant_config", None) or {})
-    ranks = [m.rank for _, m in quantized_linears(model) if isinstance(m, W4A4Linear)]
+    w4a4 = [(name, m) for name, m in quantized_linears(model) if isinstance(m, W4A4Linear)]
+    ranks = [m.rank for _, m in w4a4]
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -83,8 +83,7 @@ def build_metadata(model: nn.Module, method: str | None = None) -> dict[str, str
         "flux_params": json.dumps(dataclasses.asdict(params)),
         "precision": json.dumps(_precision(model, layers)),
         "layers": json.dumps({name: m.config() for name, m in layers.items()}),
-        "act_unsigned": json.dumps([n for n, m in quantized_linears(model)
-                                    if isinstance(m, W4A4Linear) and m.act_unsigned]),
+        "act_unsigned": json.dumps([name for name, m in w4a4 if m.act_unsigned]),
     }
     if qcfg:
         meta["quant_config"] = json.dumps(qcfg, default=str)
@@ -204,12 +203,12 @@ def load_quantized_transformer(path, device=None, dtype: torch.dtype | None = No
         try:
             params = params_from_config(json.loads(meta["flux_params"]))
             layers = json.loads(meta["layers"])
+            qcfg = json.loads(meta["quant_config"]) if "quant_config" in meta else {}
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path}: corrupt metadata ({e})") from None
         model = build_quantized_flux(params, layers, act_quant)
         tensors = {k: _target(k, f.get_tensor(k), device, dtype) for k in f.keys()}
     load_tensors_into(model, tensors, str(path))
-    qcfg = json.loads(meta["quant_config"]) if "quant_config" in meta else {}
     qcfg.setdefault("method", meta.get("method", "svdquant"))
     model.quant_config = qcfg
     return model.eval()

@@ -41,6 +41,13 @@ def _padded(k: int) -> int:
     return -(-k // GROUP) * GROUP
 
 
+def _layer_dtype(dtype: torch.dtype | None, linear: nn.Linear) -> torch.dtype:
+    """dtype of the low-rank factors and bias built from `linear`: `dtype`, else the weight's; float64 and
+    non-float dtypes become float32."""
+    dtype = dtype or linear.weight.dtype
+    return dtype if dtype.is_floating_point and dtype != torch.float64 else torch.float32
+
+
 def _warn_pad(k: int, name: str):
     warnings.warn(f"{name}: in_features={k} is not a multiple of {GROUP}; padding K to {_padded(k)} with zeros "
                   "(weights and inputs), which costs memory and compute but not accuracy", stacklevel=3)
@@ -48,7 +55,8 @@ def _warn_pad(k: int, name: str):
 
 class _KeepsExactBuffers(nn.Module):
     """`.to(dtype)`, `.half()`, `.bfloat16()` move but never re-round the buffers that define the quantized
-    values (weight scales, zero points, smooth): a cast would silently change the 4-bit weights."""
+    values (weight scales, zero points, smooth): a cast would silently change the 4-bit weights.
+    Also the input check and K padding shared by the two quantized linears."""
 
     _exact: tuple[str, ...] = ()
 
@@ -59,6 +67,12 @@ class _KeepsExactBuffers(nn.Module):
         for name, t in keep.items():
             self._buffers[name] = t.to(device)
         return self
+
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        pad = 2 * self.qweight.shape[1] - self.in_features  # qweight [N, Kp/2]
+        return F.pad(x, (0, pad)) if pad else x
 
 
 class W4A4Linear(_KeepsExactBuffers):
@@ -116,9 +130,7 @@ class W4A4Linear(_KeepsExactBuffers):
                              f"{tuple(lora_up.shape)} do not fit a [{n}, {k}] layer")
         if k % GROUP:
             _warn_pad(k, "W4A4Linear")
-        dtype = dtype or linear.weight.dtype
-        if not dtype.is_floating_point or dtype == torch.float64:
-            dtype = torch.float32
+        dtype = _layer_dtype(dtype, linear)
         dev = linear.weight.device
         m = cls(k, n, rank, bias=linear.bias is not None, act_unsigned=act_unsigned, act_shift=act_shift,
                 dtype=dtype, scale_dtype=scale_dtype, device=dev)
@@ -154,12 +166,6 @@ class W4A4Linear(_KeepsExactBuffers):
         if self.rank:
             w = w + self.lora_up.float() @ self.lora_down.float()
         return w[:, : self.in_features]
-
-    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"W4A4Linear: input has {x.shape[-1]} features, expected {self.in_features}")
-        pad = self.smooth.shape[0] - self.in_features
-        return F.pad(x, (0, pad)) if pad else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pad_input(x)
@@ -218,9 +224,7 @@ class W4A16Linear(_KeepsExactBuffers):
         n, k = linear.out_features, linear.in_features
         if k % GROUP:
             _warn_pad(k, "W4A16Linear")
-        dtype = dtype or linear.weight.dtype
-        if not dtype.is_floating_point or dtype == torch.float64:
-            dtype = torch.float32
+        dtype = _layer_dtype(dtype, linear)
         m = cls(k, n, bias=linear.bias is not None, dtype=dtype, scale_dtype=scale_dtype,
                 device=linear.weight.device)
         w = F.pad(linear.weight.detach().float(), (0, m.wscales.shape[1] * GROUP - k))
@@ -241,11 +245,7 @@ class W4A16Linear(_KeepsExactBuffers):
         return ops.dequantize(codes, self.wscales, self.wzeros)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"W4A16Linear: input has {x.shape[-1]} features, expected {self.in_features}")
-        pad = self.wscales.shape[1] * GROUP - self.in_features
-        if pad:
-            x = F.pad(x, (0, pad))
+        x = self._pad_input(x)
         native = _native() if x.is_cuda else None
         if native is not None and hasattr(native, "w4a16_linear"):
             y = native.w4a16_linear(x, self)

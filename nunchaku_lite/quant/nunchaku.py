@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..loading.keys_dit import _RENAMES as DIFFUSERS_RENAMES, params_from_config, params_from_shapes
 from . import ops
 from .format import build_quantized_flux, load_tensors_into
 from .modules import ConcatOutputLinear, SplitInputLinear, W4A4Linear, W4A16Linear
@@ -64,18 +65,10 @@ DOUBLE_NORMS = {
     "norm_added_q.weight": "txt_attn.norm.query_norm.scale", "norm_added_k.weight": "txt_attn.norm.key_norm.scale",
 }
 SINGLE_NORMS = {"norm_q.weight": "norm.query_norm.scale", "norm_k.weight": "norm.key_norm.scale"}
-# diffusers name of the 16-bit layers outside the blocks -> BFL name
-UNQUANTIZED = {
-    "x_embedder": "img_in", "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",  # rows [scale; shift] -> [shift; scale]
-    "proj_out": "final_layer.linear",
-}
+# diffusers name of the 16-bit layers outside the blocks -> BFL name: the diffusers loader's top-level renames,
+# plus the final modulation, whose rows are [scale; shift] there and [shift; scale] in BFL (swapped on import)
+UNQUANTIZED = {d: b for d, b in DIFFUSERS_RENAMES.items() if "{i}" not in d}
+UNQUANTIZED["norm_out.linear"] = "final_layer.adaLN_modulation.1"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,8 +255,6 @@ def _native_shapes(src: _Source) -> dict[str, tuple]:
 
 
 def _params(src: _Source, path: Path):
-    from ..loading.keys_dit import params_from_config, params_from_shapes
-
     config = _config(src, path)
     if config is not None:
         return params_from_config(config)

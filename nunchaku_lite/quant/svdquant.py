@@ -215,9 +215,7 @@ def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> tor
     of the real layer does.
     """
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
-    codes, scales = ops.quantize_act(x, smooth, unsigned, shift)
-    t, k = codes.shape
-    deq = (codes.float().view(t, -1, ops.GROUP) * scales[..., None]).view(t, k)
+    deq = ops.dequantize(*ops.quantize_act(x, smooth, unsigned, shift))
     return deq - shift / smooth if unsigned else deq
 
 
@@ -342,8 +340,7 @@ def search_layer(w: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor, cfg: 
         return ((y - y_ref).pow(2).sum() / ref_energy).item()
 
     def factors(w_hat, basis, iters):
-        up, down, basis = low_rank(w_hat, cfg.rank, basis, iters, generator)
-        return up, down, basis
+        return low_rank(w_hat, cfg.rank, basis, iters, generator)
 
     naive = score(ones, None)
     best, basis = None, None
