@@ -20,10 +20,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                                    "embedded model name ('mini')")
     p.add_argument("--prompt", action="append", required=True,
                    help="text prompt; repeat for a batch (writes OUT_0.png, OUT_1.png, ...)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 4 schnell, 50 dev)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's; 4 schnell, 50 dev)")
     p.add_argument("--guidance", type=float, help="guidance strength for dev models (default 3.5)")
-    p.add_argument("--width", type=int, help="pixels (default 1024; rounded down to a multiple of 16)")
-    p.add_argument("--height", type=int, help="pixels (default 1024; rounded down to a multiple of 16)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's, 1024 for FLUX; rounded down to a "
+                                             "multiple of 16)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's, 1024 for FLUX; rounded down to a "
+                                              "multiple of 16)")
     p.add_argument("--seed", type=int, help="noise seed (default: random, printed)")
     p.add_argument("--out", default="flux.png", help="output PNG path (default flux.png)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -37,7 +39,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer-config", help="JSON config for a transformer file whose RoPE axes cannot be "
                                                 "read from its shapes (BFL FluxParams or diffusers names)")
     p.add_argument("--kind", choices=("dev", "schnell"), help="override the detected model kind")
-    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 256 schnell, 512 dev)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the model's; 256 schnell, 512 dev)")
     p.add_argument("--offload", choices=("none", "model"), default="none",
                    help="model: keep only the DiT on the GPU; text encoders and VAE are lent to it while they run")
     p.add_argument("--t5-quant", choices=("w4a16",), help="load T5 with 4-bit weights (quantized while loading)")
@@ -79,7 +81,7 @@ def output_paths(out: str, n: int) -> list[Path]:
 
 def run_generate(args) -> int:
     from .loading.files import write_atomic
-    from .pipeline import Flux
+    from .pipeline import Flux, progress_bar
 
     clip_tok, t5_tok = _tokenizer_folders(args.tokenizers)
     if args.model is None and args.transformer is None:
@@ -96,9 +98,7 @@ def run_generate(args) -> int:
     log(f"loaded {pipe} in {time.perf_counter() - t0:.1f}s")
 
     def progress(step, num_steps):
-        filled = int(30 * step / num_steps)
-        elapsed = time.perf_counter() - start
-        print(f"\rdenoising [{'#' * filled}{'.' * (30 - filled)}] {step}/{num_steps} {elapsed:.1f}s",
+        print(f"\rdenoising {progress_bar(step, num_steps)} {time.perf_counter() - start:.1f}s",
               end="\n" if step == num_steps else "", file=sys.stderr, flush=True)
 
     start = time.perf_counter()

@@ -45,11 +45,14 @@ def _w4a16_from_tensors(weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
         return W4A16Linear.from_linear(dense, dtype=dtype)
 
 
+def _linear_names(module: nn.Module, select) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and select(n)]
+
+
 def quantize_w4a16_(module: nn.Module, select=lambda name: True) -> nn.Module:
     """Replace every nn.Linear of `module` whose name passes `select` by a W4A16Linear, in place, one layer
     at a time on the layer's own device (so peak memory is the model plus one float32 weight). Returns module."""
-    names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and select(n)]
-    for name in names:
+    for name in _linear_names(module, select):
         lin = module.get_submodule(name)
         dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.bfloat16
         q = _w4a16_from_tensors(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), dtype)
@@ -70,30 +73,21 @@ def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda 
     """
     from pathlib import Path
 
-    from .loading import Checkpoint, _check_against_module, _folder_config, _materialize_leftovers, _msg
+    from .loading import Checkpoint, build_on_meta, materialize_leftovers
     from .loading.options import resolve_config, resolve_device, resolve_dtype
 
     device = resolve_device(device) if device is not None else torch.device("cpu")
     work = resolve_device(work_device, "work_device") if work_device is not None else device
     dtype, config, path = resolve_dtype(dtype), resolve_config(config), Path(path)
     with Checkpoint.open(path) as ckpt:
-        if config is None:
-            config = _folder_config(path)
-        try:
-            plan = kind.plan(ckpt)
-            params = kind.params(plan, ckpt, config)
-            with torch.device("meta"):
-                module = kind.build(params)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{ckpt.description}: cannot load as a {kind.name}: {_msg(e)}") from None
-        _check_against_module(module, plan, ckpt, kind.name)
+        module, plan = build_on_meta(kind, ckpt, path, config)
         target = dtype if dtype is not None else ckpt.float_dtype()
 
         def tensor(key: str, where=device) -> torch.Tensor:
-            srcs, build = plan.sources[key]
+            build = plan.sources[key][1]
             return build(lambda k: ckpt.get(k, device=where, dtype=target))
 
-        linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and select(n)]
+        linears = _linear_names(module, select)
         for name in linears:
             bias_key = f"{name}.bias"
             bias = tensor(bias_key, work) if bias_key in plan.sources else None
@@ -102,7 +96,7 @@ def load_w4a16(kind, path, device="cpu", dtype=None, config=None, select=lambda 
         quantized = {f"{n}.{leaf}" for n in linears for leaf in ("weight", "bias")}
         rest = {k: tensor(k) for k in plan.sources if k not in quantized}
         module.load_state_dict(rest, strict=False, assign=True)
-    _materialize_leftovers(module, device, target, kind.name)
+    materialize_leftovers(module, device, target, kind.name)
     return module.eval()
 
 

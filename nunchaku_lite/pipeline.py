@@ -11,8 +11,8 @@
 Memory modes: offload="model" keeps only the DiT resident on the GPU; the text encoders and the VAE wait in
 (pinned) CPU memory and are lent to the GPU only while they run. t5_quant="w4a16" loads T5 with 4-bit weights,
 quantized one layer at a time as the checkpoint streams in. vae_tiling ("auto", True, False) decodes large
-images in overlapping tiles (models/vae.py decode_tiled); "auto" tiles above `vae_tile_above` pixels per call
-(1024x1024 per image, or 512x512 when offloading) or when a full decode would not fit the free memory.
+images in overlapping tiles (models/vae.py decode_tiled); "auto" tiles images of more than `vae_tile_above`
+pixels (1024x1024, or 512x512 when offloading) or when a full decode would not fit the free memory.
 Images of a batch are decoded one at a time, so the decoder's memory does not grow with the batch.
 
 Defaults follow the model kind, detected from the weights (guidance embedding present -> dev):
@@ -177,7 +177,7 @@ class Flux:
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.kind = "dev" if _has_guidance(transformer) else "schnell"
+        self.kind = _detect_kind(transformer)
         self.defaults = defaults or SamplingDefaults.for_kind(self.kind)
         self.device = torch.device(device) if device is not None else _module_device(transformer)
         self.dtype = dtype or _module_dtype(transformer)
@@ -190,21 +190,21 @@ class Flux:
         self.offload = "none"
         self._offloaded: dict[str, CPUOffload] = {}  # component name -> its lender, when offloaded
         self.vae_tiling = "auto"
-        self.vae_tile_above = 1024 * 1024  # "auto" tiles calls with more pixels than this (all images together)
+        self.vae_tile_above = 1024 * 1024  # "auto" tiles images with more pixels than this (one image at a time)
         self.vae_tile, self.vae_tile_overlap = 64, 16  # latent cells (512 and 128 pixels for FLUX's VAE)
 
     def enable_model_offload(self) -> "Flux":
         """Keep only the DiT on the device: the text encoders and the VAE move to (pinned) CPU memory and are
         lent to the device only while they run. A no-op on a CPU pipeline. Returns self."""
-        if self.device.type == "cpu" or self._offloaded:
-            self.offload = "model" if self.device.type != "cpu" else self.offload
+        if self.device.type == "cpu":
             return self
-        for name in OFFLOADED:
-            self._offloaded[name] = CPUOffload(getattr(self, name), self.device)
+        if not self._offloaded:
+            for name in OFFLOADED:
+                self._offloaded[name] = CPUOffload(getattr(self, name), self.device)
+            self.vae_tile_above = min(self.vae_tile_above, 512 * 512)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         self.offload = "model"
-        self.vae_tile_above = min(self.vae_tile_above, 512 * 512)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         return self
 
     def compile_transformer(self, **compile_kwargs) -> "Flux":
@@ -297,14 +297,14 @@ class Flux:
         # (as BFL, which never casts the autoencoder).
         ae = load("vae", load_vae, torch.float32 if dtype == torch.float16 else dtype)
         # The text encoders run in the pipeline dtype (default: the transformer's), as in diffusers.
-        dtype = dtype or _module_dtype(dit)
+        dit_dtype = _module_dtype(dit)
+        dtype = dtype or dit_dtype
         clip = load("text_encoder", load_clip, dtype)
         # 4-bit T5: each layer is quantized on `device` (fast) and kept where T5 lives
         t5 = load("text_encoder_2", functools.partial(load_t5_w4a16, work_device=device) if t5_quant == "w4a16"
                   else load_t5, dtype)
 
-        detected = "dev" if _has_guidance(dit) else "schnell"
-        defaults = SamplingDefaults.for_kind(kind or detected)
+        defaults = SamplingDefaults.for_kind(kind or _detect_kind(dit))
         if folder is not None and scheduler is None and (folder / "scheduler").is_dir():
             scheduler = folder / "scheduler"
         if scheduler is not None:
@@ -317,7 +317,7 @@ class Flux:
         tok2 = parts["tokenizer_2"]
         tok2 = load_t5_tokenizer(tok2, defaults.max_sequence_length) if isinstance(tok2, (str, Path)) else tok2
         # Latents and the DiT's inputs take the transformer's own dtype (a module passed in keeps its dtype).
-        pipe = cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=_module_dtype(dit))
+        pipe = cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=dit_dtype)
         pipe.vae_tiling = vae_tiling
         if compile:
             pipe.compile_transformer()
@@ -554,10 +554,7 @@ class Flux:
             return None
         if progress is True:
             def bar(step, num_steps, t, img):
-                done = step + 1
-                filled = int(30 * done / num_steps)
-                print(f"\r  denoising [{'#' * filled}{'.' * (30 - filled)}] {done}/{num_steps}",
-                      end="", file=sys.stderr, flush=True)
+                print(f"\r  denoising {progress_bar(step + 1, num_steps)}", end="", file=sys.stderr, flush=True)
             return bar
         if callable(progress):
             return lambda step, num_steps, t, img: progress(step + 1, num_steps)
@@ -569,17 +566,23 @@ class Flux:
                 f"offload={self.offload!r})")
 
 
+def progress_bar(done: int, total: int, width: int = 30) -> str:
+    """'[#####.....] done/total', the bar drawn by progress=True and the command line."""
+    filled = int(width * done / total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
-def _has_guidance(transformer: nn.Module) -> bool:
+def _detect_kind(transformer: nn.Module) -> str:
+    """'dev' for a transformer with a guidance embedding, else 'schnell'."""
     params = getattr(transformer, "params", None)
-    if params is not None and hasattr(params, "guidance_embed"):
-        return bool(params.guidance_embed)
-    return hasattr(transformer, "guidance_in")
+    guidance = params.guidance_embed if hasattr(params, "guidance_embed") else hasattr(transformer, "guidance_in")
+    return "dev" if guidance else "schnell"
 
 
 def _scheduler_config(scheduler) -> dict:

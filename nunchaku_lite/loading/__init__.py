@@ -160,6 +160,23 @@ def _folder_config(path: Path) -> dict | None:
     return None
 
 
+def build_on_meta(kind: ModelKind, ckpt: Checkpoint, path: Path, config: dict | None) -> tuple[nn.Module, Plan]:
+    """`kind`'s module built on the meta device (no memory, no init: every tensor is assigned from the file
+    later) and its plan for `ckpt`, checked against each other before any tensor is read. config None: the one
+    that travels with `path` (see _folder_config), else the shapes alone."""
+    if config is None:
+        config = _folder_config(path)
+    try:
+        plan = kind.plan(ckpt)
+        params = kind.params(plan, ckpt, config)
+        with torch.device("meta"):
+            module = kind.build(params)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{ckpt.description}: cannot load as a {kind.name}: {_msg(e)}") from None
+    _check_against_module(module, plan, ckpt, kind.name)
+    return module, plan
+
+
 def load_model(kind: ModelKind, path, device="cpu", dtype=None, config=None) -> nn.Module:
     """Build `kind`'s module on the meta device and stream the checkpoint at `path` into it (eval mode)."""
     device = resolve_device(device) if device is not None else torch.device("cpu")
@@ -167,17 +184,7 @@ def load_model(kind: ModelKind, path, device="cpu", dtype=None, config=None) -> 
     config = resolve_config(config)
     path = Path(path)
     with Checkpoint.open(path) as ckpt:
-        where = ckpt.description
-        if config is None:
-            config = _folder_config(path)
-        try:
-            plan = kind.plan(ckpt)
-            params = kind.params(plan, ckpt, config)
-            with torch.device("meta"):  # no memory, no init: every tensor is assigned from the file below
-                module = kind.build(params)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{where}: cannot load as a {kind.name}: {_msg(e)}") from None
-        _check_against_module(module, plan, ckpt, kind.name)
+        module, plan = build_on_meta(kind, ckpt, path, config)
         target = dtype if dtype is not None else ckpt.float_dtype()
 
         def fetch(key: str) -> torch.Tensor:
@@ -191,7 +198,7 @@ def load_model(kind: ModelKind, path, device="cpu", dtype=None, config=None) -> 
                                  f"of shape {tuple(t.shape)}, expected {plan.shapes[key]}")
             state[key] = t
         module.load_state_dict(state, strict=True, assign=True)
-    _materialize_leftovers(module, device, target, kind.name)
+    materialize_leftovers(module, device, target, kind.name)
     return module.eval()
 
 
@@ -228,7 +235,7 @@ def _more(items: list) -> str:
         if len(items) > 1 else ""
 
 
-def _materialize_leftovers(module: nn.Module, device, dtype, name: str) -> None:
+def materialize_leftovers(module: nn.Module, device, dtype, name: str) -> None:
     """Non-persistent buffers are not in checkpoints, so after meta construction they are still on meta:
     a module may recompute them in `init_buffers(device, dtype)`; anything else left on meta is an error."""
     leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]

@@ -7,6 +7,7 @@ target device and dtype. Pickle checkpoints are refused without being opened: un
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class Checkpoint:
         for info in self.infos.values():
             if info.dtype.is_floating_point:
                 dt = torch.bfloat16 if info.dtype in FP8_DTYPES else info.dtype
-                counts[dt] = counts.get(dt, 0) + max(1, _numel(info.shape))
+                counts[dt] = counts.get(dt, 0) + max(1, math.prod(info.shape))
         return max(counts, key=counts.get) if counts else torch.float32
 
     def _info(self, key: str) -> TensorInfo:
@@ -222,13 +223,6 @@ def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     if t.device.type == "cpu" and t.numel() and t.data_ptr() % alignment:
         return t.clone()
     return t
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def shards_from_index(index_path: Path) -> list[Path]:
