@@ -139,6 +139,38 @@ def unpack_int4(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
     return nib.to(torch.int8)
 
 
+FP8_TILE_ROWS = 256  # token padding of the sm_90 activation operand (the GEMM's largest token tile)
+
+
+def pack_act_fp8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation operand of the sm_90 (Hopper) W4A4 GEMM, defined in PyTorch (the kernels must match it).
+
+    codes int [M, K] (signed -8..7 or unsigned 0..15), scales float32 [M, K/64] (quantize_act's output) ->
+      codes8  uint8 [K/64, Mp, 64]: byte (g, m, k) at flat offset g*Mp*64 + ((m//8)*4 + k//16)*128
+              + (m%8)*16 + k%16 is the e4m3 encoding of codes[m, 64g + k] (every code is exact in e4m3), i.e.
+              each 64-wide group is a slab of 8-token x 16-byte "core matrices" (the no-swizzle K-major
+              layout of wgmma's shared-memory operand), rows m >= M are 0;
+      scales8 float32 [K/64, Mp]: within every 16 tokens, token 8b + 2q + e (b, e in {0,1}, q in 0..3) sits
+              at position 4q + 2b + e, the order in which one thread of a wgmma accumulator fragment reads its
+              columns (one 16-byte load for four tokens); rows m >= M are 0.
+    Mp = M rounded up to FP8_TILE_ROWS. Codes stay 4-bit values; only their container is one byte, because
+    Hopper's 8-bit tensor cores read the shared-memory operand as bytes.
+    """
+    m, k = codes.shape
+    g = _check_groups(k, "pack_act_fp8_tiles")
+    mp = max(FP8_TILE_ROWS, -(-m // FP8_TILE_ROWS) * FP8_TILE_ROWS)
+    c = torch.zeros(mp, k, dtype=torch.float32, device=codes.device)
+    c[:m] = codes.float()
+    byte = c.to(torch.float8_e4m3fn).view(torch.uint8)
+    # [Mp, K] -> [G, Mp/8, 8, 4, 16] -> [G, Mp/8, 4 (k16), 8 (m%8), 16 (k%16)]
+    codes8 = byte.view(mp // 8, 8, g, 4, 16).permute(2, 0, 3, 1, 4).contiguous().view(g, mp, 64)
+    s = torch.zeros(mp, g, dtype=torch.float32, device=scales.device)
+    s[:m] = scales.float()
+    # position within 16: 8b + 2q + e -> 4q + 2b + e
+    s16 = s.t().reshape(g, mp // 16, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(g, mp)
+    return codes8, s16.contiguous()
+
+
 def _group_dots(qa: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
     """Exact integer dot products per group as float32: qa [M, K], cw [N, K] -> [G, M, N]."""
     m, k = qa.shape
