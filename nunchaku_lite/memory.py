@@ -7,8 +7,8 @@
 A FLUX generation uses the text encoders once at the start and the VAE once at the end, while the DiT runs
 every step; keeping only the DiT resident (`Flux.from_pretrained(..., offload="model")`) with T5 in 4-bit
 weights aims at a 1024x1024 FLUX.1-dev generation with the W4A4 DiT under 10 GiB of GPU memory (weights: DiT
-~6.5 GiB resident, then T5 ~2.7 GiB or the VAE lent one at a time); `python -m nunchaku_lite.bench model`
-measures each mode's peak.
+~6.5 GiB resident in the kernels' layout, one copy: see native.prepare_model_; then T5 ~2.7 GiB or the VAE
+lent one at a time); `python -m nunchaku_lite.bench model` measures each mode's peak.
 """
 from __future__ import annotations
 
@@ -22,13 +22,20 @@ from .quant.modules import W4A16Linear
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    """Bytes held by a module's parameters and buffers, plus the kernels' cached prepared copies of
+    unconverted quantized layers (`_native_prepared`; a layer converted by native.prepare_model_ holds its
+    prepared tensors as buffers). Tensors sharing storage are counted once."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.device, t.data_ptr()) if not t.is_meta else id(t)
+    tensors = list(module.parameters()) + list(module.buffers())
+    for m in module.modules():
+        cached = m.__dict__.get("_native_prepared")
+        if cached is not None:
+            tensors += [t for t in vars(cached[1]).values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        key = (t.device, t.untyped_storage().data_ptr()) if not t.is_meta else id(t)
         if key not in seen:
             seen.add(key)
-            total += t.numel() * t.element_size()
+            total += t.untyped_storage().nbytes() if not t.is_meta else t.numel() * t.element_size()
     return total
 
 

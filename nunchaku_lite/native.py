@@ -11,7 +11,10 @@ exception carrying the kernel's message (ValueError for a bad argument, NativeEr
 
 Entry points: `quantize_act` (codes + scales + low-rank activation), `repack_weight`, `prepare_w4a4` (the
 load-time conversion of a layer), `w4a4_gemm`, `w4a4_linear(x, module)` and `w4a16_linear(x, module)` (the
-dispatch used by W4A4Linear / W4A16Linear; both cache the converted weights on the module).
+dispatch used by W4A4Linear / W4A16Linear), `prepared_for(module, dtype)` (a layer's prepared tensors).
+Storage: `prepare_model_(model)` converts every quantized layer on CUDA once and keeps only the converted
+tensors (one weight copy on the GPU; Flux.from_pretrained calls it); an unconverted layer gets a cached
+converted copy beside its canonical buffers on its first CUDA forward (two copies).
 
 Precision: codes and scales are bit-identical to ops.quantize_act. The GEMM folds each 64-group into the fp32
 accumulator with one rounding (fused multiply-adds; closer to the float64 truth than the reference's three);
@@ -28,7 +31,7 @@ import os
 import re
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -384,15 +387,27 @@ def _cache_key(module, dtype, names):
     key = [dtype]
     for name in names:
         t = getattr(module, name, None)
-        key.append(None if t is None else (t.data_ptr(), t._version, t.device))
+        # inference tensors (e.g. weights lent by CPUOffload inside inference_mode) have no version counter
+        key.append(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version, t.device))
     return tuple(key)
 
 
 _W4A4_BUFFERS = ("qweight", "wscales", "lora_down", "lora_up", "bias", "smooth")
+_W4A16_BUFFERS = ("qweight", "wscales", "wzeros", "bias")
 
 
 def prepared_for(module, dtype: torch.dtype) -> PreparedW4A4:
-    """The module's prepared copy for activations of `dtype`, rebuilt when a buffer changed."""
+    """The layer's prepared tensors for activations of `dtype`.
+
+    A converted layer (`prepare_model_`) holds them as its buffers: they are returned as they are (the
+    low-rank factors cast to `dtype` on the fly if the layer was converted for another activation dtype).
+    An unconverted layer on CUDA gets a cached prepared COPY beside its canonical buffers (rebuilt when a
+    buffer changed): two copies of the weight, which `prepare_model_` avoids."""
+    if _layout(module) is not None:
+        prep = _from_buffers(module)
+        if prep.rank and prep.lora_down.dtype != dtype:
+            prep = replace(prep, lora_down=_aligned(prep.lora_down.to(dtype)), lora_up=_aligned(prep.lora_up.to(dtype)))
+        return prep
     key = _cache_key(module, dtype, _W4A4_BUFFERS)
     cached = getattr(module, "_native_prepared", None)
     if cached is not None and cached[0] == key:
@@ -461,13 +476,110 @@ def w4a16_linear(x: torch.Tensor, module):
     """Dispatch target of quant.modules.W4A16Linear; NotImplemented for fp32 activations."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         return NotImplemented
-    names = ("qweight", "wscales", "wzeros", "bias")
-    key = _cache_key(module, None, names)
-    cached = getattr(module, "_native_prepared", None)
-    if cached is None or cached[0] != key:
-        prep = prepare_w4a16(module.qweight, module.wscales, module.bias, getattr(module, "wzeros", None))
-        object.__setattr__(module, "_native_prepared", (key, prep))
-    prep = module._native_prepared[1]
+    if _layout(module) is not None:
+        prep = _from_buffers(module)
+    else:
+        key = _cache_key(module, None, _W4A16_BUFFERS)
+        cached = getattr(module, "_native_prepared", None)
+        if cached is None or cached[0] != key:
+            prep = prepare_w4a16(module.qweight, module.wscales, module.bias, getattr(module, "wzeros", None))
+            object.__setattr__(module, "_native_prepared", (key, prep))
+        prep = module._native_prepared[1]
     lead = x.shape[:-1]
     y = w4a16_gemm(_aligned(x.reshape(-1, x.shape[-1])), prep)
     return y.reshape(*lead, prep.n)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Storage: one copy of each quantized layer on the GPU
+#
+# The kernels read a converted layout (tile-ordered weight, float32 transposed scales, ...). Caching it beside
+# the canonical buffers (prepared_for on an unconverted layer) keeps two copies of every weight: +4.7 GiB on
+# FLUX.1-dev (6.2 GiB canonical; converted alone 6.5 GiB, its float32 scales being the difference).
+# `prepare_model_` converts each layer once and keeps only the converted tensors, as the layer's
+# buffers named native_<field> (so .to(), module_bytes and CPUOffload see them); the non-tensor fields of the
+# Prepared* dataclass are kept in the layer's `_native_layout` dict. The conversion is one-way here: the tile
+# order is the kernels' private business (it differs per architecture), so a converted layer refuses
+# state_dict()/load_state_dict() with a clear error (quant/modules.py) instead of saving a foreign format.
+
+NATIVE_PREFIX = "native_"
+LAYOUT_ATTR = "_native_layout"
+
+
+def _layout(module) -> dict | None:
+    return module.__dict__.get(LAYOUT_ATTR)
+
+
+def is_converted(module) -> bool:
+    """True when `module` (a W4A4Linear or W4A16Linear) holds the kernels' layout instead of the canonical one."""
+    return _layout(module) is not None
+
+
+def _from_buffers(module):
+    """The Prepared* dataclass of a converted layer, its tensors being the layer's buffers (no copy)."""
+    layout = _layout(module)
+    tensors = {name: module._buffers[NATIVE_PREFIX + name] for name in layout["tensors"]}
+    return layout["cls"](**tensors, **layout["meta"])
+
+
+def _adopt(module, prep, canonical: tuple[str, ...]) -> None:
+    """Make `prep`'s tensors the layer's only storage: drop the canonical buffers, register the prepared ones."""
+    tensors, meta = {}, {}
+    for f in fields(prep):
+        v = getattr(prep, f.name)
+        (tensors if isinstance(v, torch.Tensor) else meta)[f.name] = v
+    for name in canonical:
+        module._buffers.pop(name, None)
+    module.__dict__.pop("_native_prepared", None)
+    for name, t in tensors.items():
+        module.register_buffer(NATIVE_PREFIX + name, t, persistent=False)
+    module.__dict__[LAYOUT_ATTR] = dict(cls=type(prep), meta=meta, tensors=tuple(tensors))
+
+
+def _convertible(t: torch.Tensor) -> bool:
+    """Layers are converted where the kernels run: on a CUDA device (a hook for tests)."""
+    return t.is_cuda
+
+
+def to_native_(module, dtype: torch.dtype | None = None) -> bool:
+    """Convert one W4A4Linear / W4A16Linear on a CUDA device to the kernels' layout in place (see above).
+
+    dtype: the activation dtype of the W4A4 low-rank factors (default: the layer's own, bf16 when it is
+    float32). Returns False, leaving the layer canonical, for layers that stay on the reference ops: not on
+    CUDA, already converted, act_quant=False, or a rank the kernels do not take (not a multiple of 16 or
+    above 128). The prepared tensors are built before the canonical ones are dropped, so the transient extra
+    memory is one layer's worth."""
+    from .quant.modules import W4A4Linear, W4A16Linear  # deferred: modules imports native lazily too
+
+    if is_converted(module) or not _convertible(module.qweight):
+        return False
+    if isinstance(module, W4A4Linear):
+        rank = int(module.rank)
+        if not module.act_quant or (rank and (rank % 16 or rank > 128)):
+            return False
+        if dtype is None:
+            own = module.lora_down.dtype if rank else (module.bias.dtype if module.bias is not None else None)
+            dtype = own if own in (torch.bfloat16, torch.float16) else torch.bfloat16
+        prep = prepare_w4a4(module.qweight, module.wscales, module.lora_down if rank else None,
+                            module.lora_up if rank else None, module.bias, module.smooth, module.act_unsigned,
+                            module.act_shift, dtype)
+        _adopt(module, prep, _W4A4_BUFFERS)
+        return True
+    if isinstance(module, W4A16Linear):
+        prep = prepare_w4a16(module.qweight, module.wscales, module.bias, module.wzeros)
+        _adopt(module, prep, _W4A16_BUFFERS)
+        return True
+    raise TypeError(f"to_native_: expected a W4A4Linear or W4A16Linear, got {type(module).__name__}")
+
+
+def prepare_model_(model, dtype: torch.dtype | None = None) -> int:
+    """Convert every quantized linear of `model` that lives on a CUDA device to the kernels' layout, in place,
+    one layer at a time (each layer's canonical buffers are freed before the next is converted, so the peak
+    stays the model plus one layer). Call once at load time; afterwards the GPU holds one copy of each weight.
+    Returns the number of layers converted (0, with a warning, when the library or CUDA is unavailable)."""
+    from .quant.modules import quantized_linears
+
+    layers = [m for _, m in quantized_linears(model) if not is_converted(m) and _convertible(m.qweight)]
+    if not layers or not available(layers[0].qweight.device):
+        return 0
+    return sum(to_native_(m, dtype) for m in layers)

@@ -228,7 +228,7 @@ class Flux:
                         text_encoder_2=None, tokenizer=None, tokenizer_2=None, scheduler=None, kind: str | None = None,
                         configs: dict | None = None, transformer_kwargs: dict | None = None,
                         offload: str = "none", t5_quant: str | None = None, vae_tiling="auto",
-                        compile: bool = False) -> "Flux":
+                        compile: bool = False, native_layout: bool = True) -> "Flux":
         """Load a pipeline.
 
         path: a diffusers-layout folder (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/,
@@ -251,6 +251,10 @@ class Flux:
             layer at a time on `device`; a T5 module passed in is quantized in place).
         vae_tiling: "auto", True or False: decode in tiles (see the module docstring).
         compile: torch.compile the DiT blocks (see compile_transformer); off by default.
+        native_layout: on CUDA with the native kernels, convert the quantized layers of the components
+            resident on the device once to the kernels' layout (native.prepare_model_), so the GPU holds one
+            copy of each weight; converted layers refuse state_dict(). False keeps the canonical buffers (the
+            kernels then cache a converted copy beside them: about 4.7 GiB more for FLUX.1-dev).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype)
@@ -316,6 +320,8 @@ class Flux:
         tok = load_clip_tokenizer(tok) if isinstance(tok, (str, Path)) else tok
         tok2 = parts["tokenizer_2"]
         tok2 = load_t5_tokenizer(tok2, defaults.max_sequence_length) if isinstance(tok2, (str, Path)) else tok2
+        if native_layout and device.type == "cuda":  # one weight copy on the GPU, converted once here
+            _to_native_layout([dit, clip, t5], dit_dtype)
         # Latents and the DiT's inputs take the transformer's own dtype (a module passed in keeps its dtype).
         pipe = cls(dit, ae, clip, t5, tok, tok2, defaults, device=device, dtype=dit_dtype)
         pipe.vae_tiling = vae_tiling
@@ -576,6 +582,18 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def _to_native_layout(modules, dtype: torch.dtype) -> int:
+    """native.prepare_model_ on each quantized module (only layers on a CUDA device convert: offloaded ones,
+    in CPU memory, stay canonical and get a transient prepared copy while lent). Returns layers converted.
+    Float32 pipelines stay canonical: the kernels take 16-bit activations, the reference ops run instead."""
+    from .quant.modules import is_quantized
+    quantized = [m for m in modules if is_quantized(m)]
+    if not quantized or dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    from . import native
+    return sum(native.prepare_model_(m, dtype) for m in quantized)
 
 
 def _detect_kind(transformer: nn.Module) -> str:

@@ -73,3 +73,49 @@ def test_compiled_transformer_matches_eager(golden, pipe):
     compiled = Flux.from_pretrained(golden("pipeline"), device="cpu", compile=True)
     kw = dict(height=32, width=32, steps=1, seed=[1, 2], output_type="latent")
     torch.testing.assert_close(compiled(["a", "b"], **kw), pipe(["a", "b"], **kw), **TOL)
+
+
+def test_sizes_that_no_tile_divides(pipe):
+    """FLUX takes any multiple of 16 pixels, not only multiples of 64: 1000x600 -> 992x592 = 62x37 patches, token
+    counts that no GEMM tile divides. The tiny VAE (factor 2) has the same rule at 4 pixels: 36x44 = 9x11 = 99
+    patches. A batch there equals its images alone, and a size that needs rounding warns and gives the image of
+    the rounded size."""
+    m = 2 * pipe.vae_scale_factor
+    h, w = 9 * m, 11 * m
+    kw = dict(steps=1, output_type="np")
+    together = pipe(["a", "b", "c"], height=h, width=w, seed=[1, 2, 3], **kw)
+    assert together.shape == (3, h, w, 3)
+    torch.testing.assert_close(torch.from_numpy(together[2:]),
+                               torch.from_numpy(pipe("c", height=h, width=w, seed=3, **kw)), **TOL)
+    with pytest.warns(UserWarning, match=f"rounded down to {w}x{h}"):
+        rounded = pipe("a", height=h + m - 1, width=w + 1, seed=1, **kw)
+    torch.testing.assert_close(torch.from_numpy(rounded), torch.from_numpy(together[:1]), **TOL)
+
+
+def test_batch_errors_are_clear(pipe):
+    with pytest.raises(ValueError, match=r"seed: a list of seeds needs one int per prompt \(3\)"):
+        pipe(["a", "b", "c"], height=32, width=32, steps=1, seed=[1, 2])
+    with pytest.raises(ValueError, match="batch size 2 does not match the 3 prompt"):
+        pipe(["a", "b", "c"], steps=1, latents=torch.zeros(2, 16, 16, 24))
+    with pytest.raises(ValueError, match="need height= and width="):  # packed latents of a non-square image
+        pipe(["a", "b"], steps=1, latents=torch.zeros(2, 6, 64))
+    with pytest.raises(ValueError, match=r"spatial size .* does not match 32x48"):
+        pipe("a", height=32, width=48, steps=1, latents=torch.zeros(1, 16, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def w4a4():
+    """The embedded mini W4A4 pipeline (SVDQuant DiT; reference ops on a CPU). No ../shared needed."""
+    return Flux.from_pretrained("mini-w4a4", device="cpu")
+
+
+@pytest.mark.parametrize("size", [(80, 48), (2048, 256)])
+def test_w4a4_batch_equals_images_alone(w4a4, size):
+    """Activation quantization is per token: a batch of the W4A4 model is its images alone, at non-square
+    sizes up to 2048 wide (2048x256 = 128x16 patches; the 16-bit tests above reach 2048x2048-equivalent)."""
+    h, w = size
+    kw = dict(height=h, width=w, steps=1, output_type="latent")
+    together = w4a4(["a", "b", "c"], seed=[1, 2, 3], **kw)
+    assert together.shape == (3, (h // 16) * (w // 16), 64) and torch.isfinite(together).all()
+    torch.testing.assert_close(together[1:2], w4a4("b", seed=2, **kw), atol=1e-2, rtol=1e-2)
+    assert (together[0] - together[1]).abs().max() > 0.1

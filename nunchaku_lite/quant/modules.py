@@ -4,6 +4,10 @@ Both are called like the linear they replace (`y = layer(x)`, x [..., in_feature
 so `state_dict()` is exactly what quant/format.py stores. The math is quant/ops.py; on CUDA the native
 kernels (nunchaku_lite.native) run instead when they are built.
 
+On CUDA, `layer.to_native_()` (or native.prepare_model_(model) for a whole model, which Flux.from_pretrained
+calls) converts a layer once to the kernels' layout and drops the canonical buffers, so the GPU holds one
+copy of each weight; a converted layer runs only through the kernels and refuses state_dict().
+
 K (in_features) that is not a multiple of the group size 64 is padded with zero columns at build time (a
 warning says so); the forward pads its input the same way, so callers still pass in_features columns.
 
@@ -56,23 +60,81 @@ def _warn_pad(k: int, name: str):
 class _KeepsExactBuffers(nn.Module):
     """`.to(dtype)`, `.half()`, `.bfloat16()` move but never re-round the buffers that define the quantized
     values (weight scales, zero points, smooth): a cast would silently change the 4-bit weights.
-    Also the input check and K padding shared by the two quantized linears."""
+    Also the input check and K padding shared by the two quantized linears, and the rules of a layer converted
+    to the native kernels' layout (`to_native_`): it keeps every dtype on `.to()`, runs only through the
+    kernels, and refuses state_dict()/load_state_dict() (its buffers are not the canonical format)."""
 
     _exact: tuple[str, ...] = ()
 
+    @property
+    def native_converted(self) -> bool:
+        """True after `to_native_()` / native.prepare_model_: the buffers are the kernels' layout."""
+        return "_native_layout" in self.__dict__
+
+    def to_native_(self, dtype: torch.dtype | None = None) -> bool:
+        """Convert this layer in place to the native kernels' layout, keeping only that copy (see
+        native.to_native_; False when it stays canonical: not on CUDA, kernels unavailable, ...)."""
+        native = _native()
+        return False if native is None else native.to_native_(self, dtype)
+
     def _apply(self, fn, recurse=True):
-        keep = {name: self._buffers[name] for name in self._exact if self._buffers.get(name) is not None}
+        # A kernel's cached prepared copy (native.prepared_for) belongs to the old tensors: drop it now rather
+        # than let it pin them (e.g. GPU memory after .to("cpu")); it is rebuilt on the next CUDA forward.
+        self.__dict__.pop("_native_prepared", None)
+        names = tuple(self._buffers) if self.native_converted else self._exact
+        keep = {name: self._buffers[name] for name in names if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
-        device = self.qweight.device  # uint8: moved by fn, never cast
-        for name, t in keep.items():
-            self._buffers[name] = t.to(device)
+        # uint8 (qweight, or the converted weight): moved by fn, never cast
+        device = next(t.device for t in self._buffers.values() if t is not None and t.dtype == torch.uint8)
+        for name, t in keep.items():  # a meta tensor has no data to copy: to_empty() allocates it
+            self._buffers[name] = torch.empty_like(t, device=device) if t.is_meta and device.type != "meta" \
+                else t.to(device)
         return self
 
     def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
-        pad = 2 * self.qweight.shape[1] - self.in_features  # qweight [N, Kp/2]
+        pad = self.padded_in_features - self.in_features
         return F.pad(x, (0, pad)) if pad else x
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("qweight", "wscales", "wzeros", "smooth", "lora_down", "lora_up", "bias") \
+                    and self.native_converted:
+                raise AttributeError(f"{type(self).__name__}.{name}: this layer was converted to the native "
+                                     "kernels' layout (its canonical buffers are gone); the kernels' tensors are "
+                                     "native.prepared_for(layer, dtype) (W4A4) or the layer's native_* buffers"
+                                     ) from None
+            raise
+
+    def _converted_error(self, what: str) -> RuntimeError:
+        return RuntimeError(f"{type(self).__name__}({self.extra_repr()}): {what} needs the canonical buffers, but "
+                            "this layer was converted to the native kernels' layout (to_native_ / "
+                            "native.prepare_model_, which Flux.from_pretrained does on CUDA); save or inspect the "
+                            "model before converting it, or load it again with native_layout=False")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.native_converted:
+            raise self._converted_error(f"state_dict() ('{prefix}*')")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.native_converted and any(k.startswith(prefix) for k in state_dict):
+            raise self._converted_error(f"load_state_dict() ('{prefix}*')")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _forward_converted(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """Forward of a converted layer: the kernels or a clear error (the reference ops need canonical buffers)."""
+        native = _native() if x.is_cuda else None
+        if native is None:
+            raise self._converted_error(f"a forward on {x.device} (reference ops)")
+        y = getattr(native, kernel)(x, self)
+        if y is NotImplemented:
+            raise ValueError(f"{type(self).__name__}: the native kernels take bfloat16/float16 activations, got "
+                             f"{x.dtype} (converted layers have no reference fallback)")
+        return y
 
 
 class W4A4Linear(_KeepsExactBuffers):
@@ -97,6 +159,7 @@ class W4A4Linear(_KeepsExactBuffers):
             raise ValueError(f"W4A4Linear: rank must be >= 0, got {rank}")
         kp = _padded(in_features)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.padded_in_features = kp
         self.act_unsigned, self.act_shift, self.act_quant = bool(act_unsigned), float(act_shift), bool(act_quant)
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(out_features, kp // 2, dtype=torch.uint8, **kw))
@@ -157,6 +220,8 @@ class W4A4Linear(_KeepsExactBuffers):
 
     def dequantized_weight(self) -> torch.Tensor:
         """Residual in smoothed space, float32 [N, Kp]: codes * wscales."""
+        if self.native_converted:
+            raise self._converted_error("dequantized_weight()")
         return ops.dequantize(ops.unpack_int4(self.qweight), self.wscales)
 
     def dense_weight(self) -> torch.Tensor:
@@ -169,6 +234,8 @@ class W4A4Linear(_KeepsExactBuffers):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pad_input(x)
+        if self.native_converted:  # never act_quant=False: to_native_ leaves those canonical
+            return self._forward_converted(x, "w4a4_linear")
         if not self.act_quant:
             return self._forward_fake_act(x)
         native = _native() if x.is_cuda else None
@@ -210,6 +277,7 @@ class W4A16Linear(_KeepsExactBuffers):
         super().__init__()
         kp = _padded(in_features)
         self.in_features, self.out_features, self.zero_point = in_features, out_features, bool(zero_point)
+        self.padded_in_features = kp
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(out_features, kp // 2, dtype=torch.uint8, **kw))
         self.register_buffer("wscales", torch.zeros(out_features, kp // GROUP, dtype=scale_dtype, **kw))
@@ -241,11 +309,15 @@ class W4A16Linear(_KeepsExactBuffers):
 
     def dense_weight(self) -> torch.Tensor:
         """Dequantized weight, float32 [N, in_features]."""
+        if self.native_converted:
+            raise self._converted_error("dense_weight()")
         codes = ops.unpack_int4(self.qweight, signed=not self.zero_point)
         return ops.dequantize(codes, self.wscales, self.wzeros)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pad_input(x)
+        if self.native_converted:
+            return self._forward_converted(x, "w4a16_linear")
         native = _native() if x.is_cuda else None
         if native is not None and hasattr(native, "w4a16_linear"):
             y = native.w4a16_linear(x, self)
@@ -334,4 +406,6 @@ def set_act_quant(module: nn.Module, enabled: bool) -> None:
     """Switch activation quantization of every W4A4Linear in `module` on or off."""
     for _, m in quantized_linears(module):
         if isinstance(m, W4A4Linear):
+            if m.native_converted and not enabled:
+                raise m._converted_error("set_act_quant(False)")
             m.act_quant = bool(enabled)
