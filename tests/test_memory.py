@@ -443,13 +443,3 @@ def test_cached_copy_of_weights_lent_inside_inference_mode():
     lin._buffers["qweight"] = lent
     key = native._cache_key(lin, None, ("qweight", "wscales", "wzeros", "bias"))
     assert key[1][0] == lent.data_ptr() and key[1][1] is None and key[2][1] == lin.wscales._version
-
-
-def test_converted_layer_names_where_its_tensors_went(fake_native):
-    lin = W4A4Linear(128, 256, 16)
-    assert native.to_native_(lin)
-    with pytest.raises(AttributeError, match="smooth.*native.prepared_for"):
-        lin.smooth
-    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
-        lin.nonsense
-    assert native.prepared_for(lin, torch.bfloat16).smooth is lin.native_smooth

@@ -97,18 +97,6 @@ class _KeepsExactBuffers(nn.Module):
         pad = self.padded_in_features - self.in_features
         return F.pad(x, (0, pad)) if pad else x
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("qweight", "wscales", "wzeros", "smooth", "lora_down", "lora_up", "bias") \
-                    and self.native_converted:
-                raise AttributeError(f"{type(self).__name__}.{name}: this layer was converted to the native "
-                                     "kernels' layout (its canonical buffers are gone); the kernels' tensors are "
-                                     "native.prepared_for(layer, dtype) (W4A4) or the layer's native_* buffers"
-                                     ) from None
-            raise
-
     def _converted_error(self, what: str) -> RuntimeError:
         return RuntimeError(f"{type(self).__name__}({self.extra_repr()}): {what} needs the canonical buffers, but "
                             "this layer was converted to the native kernels' layout (to_native_ / "
