@@ -144,3 +144,22 @@ def test_error_codes_become_exceptions(built_lib, monkeypatch):
 def test_python_checks_name_the_argument():
     with pytest.raises(ValueError, match="quantize_act: x must be on a CUDA device"):
         native._check(torch.zeros(2, 64), "x", "quantize_act")
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_w4a16_dense_path_matches_reference(zeros):
+    """Many rows go through dequantize-to-16-bit + matmul (pure torch, so it runs here on the CPU)."""
+    from nunchaku_lite.quant import ops
+    gen = torch.Generator().manual_seed(5)
+    n, k, m = 1500, 256, 40  # n > DEQUANT_ROWS: two chunks
+    codes = torch.randint(0 if zeros else -8, 16 if zeros else 8, (n, k), generator=gen, dtype=torch.int16)
+    qweight = ops.pack_int4(codes)
+    wscales = (torch.rand(n, k // 64, generator=gen) * 0.02).float()
+    wzeros = -7 * wscales if zeros else None
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    prep = native.PreparedW4A16(qweight, wscales, wzeros, bias, n, k)
+    y = native._w4a16_dense(x, prep)
+    ref = ops.w4a16_linear(x, qweight, wscales, bias, wzeros).float()
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2

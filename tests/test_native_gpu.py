@@ -176,7 +176,7 @@ def test_repack_layout():
 
 
 @pytest.mark.parametrize("zeros", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("m", [1, 3, 9, 100])  # 100 rows: the dequantize + cuBLAS path
 def test_w4a16(zeros, m):
     gen = torch.Generator().manual_seed(m)
     n, k = 1000, 3072
