@@ -29,9 +29,17 @@
 //   r = (p & ~mask) | (q & mask); codes 4-7 use t >> 16 and selectors 0xBFAE.
 // CTA: 3 warpgroups. Warpgroup 0 = producer (one thread issues the bulk copies into a STAGES-deep ring with
 // full/empty mbarriers; setmaxnreg gives its registers to the consumers). Warpgroups 1 and 2 = consumers,
-// each 64 of the CTA's 128 weight rows against the same BT tokens; per group: two wgmma into tmp (scale-d
-// 0 then 1), commit, wait, promote tmp into acc, release the stage. The two consumers alternate on the
-// tensor core: one promotes while the other's wgmma runs.
+// each 64 of the CTA's 128 weight rows against the same BT tokens. Main loop (SUB = 64 tokens per wgmma):
+// per (group, token sub-tile) item two wgmma into a result buffer (scale-d 0 then 1) and one commit; the
+// next item is issued before the current one is waited for and promoted (two result buffers), so each
+// consumer keeps one wgmma in flight while it promotes, and the two consumers share the tensor core.
+// Variants (environment, see nl_w4a4_gemm_fp8): BT 128/192/256, unpipelined SUB = BT, 16 stages, CTA
+// order, 2-CTA clusters multicasting the activation slab.
+// Status (H100, bench/results/h100-2026-11-25b): correct (rel. err. ~1e-6 vs float64), 0.53-0.68x torch
+// bf16 at M = 4608 (1.2-1.3x the mma.sync s8 path), far from the 2x of the 8-bit tensor cores. ncu: L2 at
+// 18 %, SM at 49 %, 4.1 cycles per issued instruction per warp: latency-bound inside the SM (each 64-wide
+// group gives a warpgroup only 2 k32 wgmma between waits), not bandwidth-bound; tile shape, ring depth and
+// CTA order move it by <= 5 %.
 // Epilogue: low-rank chunks (64 ranks) staged in the freed pipeline memory, bias, GELU, conversion, the
 // transposed tile staged in shared memory and written row by row (16-byte stores, rows >= M never written).
 // Shapes: N % 128 == 0, K % 64 == 0, M >= 1, Mp = M rounded up to 256, rank % 16 == 0 (<= 1024).
@@ -51,8 +59,9 @@ constexpr int W_BYTES = BN * 32;        // 4-bit weights of one group for the CT
 constexpr int SW_BYTES = BN * 4;
 constexpr int LRC = 64;                 // rank chunk of the low-rank epilogue
 constexpr int OUT_PAD = 8;              // staging row padding (elements)
-constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // 128*24 + 256*240 <= 64K registers
-constexpr int DEFAULT_BT = 128, DEFAULT_STAGES = 10, DEFAULT_RASTER = 0;  // chosen by measurement
+// Defaults chosen by the H100 sweep (bench/results/h100-2026-11-25b/gemm_README.md): the variants differ by
+// <= 5 %, except the cluster-multicast one, which is 2.5x slower (kept opt-in for further work).
+constexpr int DEFAULT_BT = 128, DEFAULT_STAGES = 10, DEFAULT_RASTER = 1, DEFAULT_CLUSTER = 1;
 
 template <int BT, int NSTAGES>
 struct Cfg {
@@ -63,7 +72,7 @@ struct Cfg {
   static constexpr int EPI_OUT = BT * (BN + OUT_PAD) * 4;  // fp32 staging (largest)
   static constexpr int EPI_LR = 2 * BT * LRC * 2;          // hi + lo 16-bit
   static constexpr int BAR_OFF = PIPE;                     // PIPE >= both epilogue uses (static_assert)
-  static constexpr int SMEM = PIPE + 2 * STAGES * 8 + 128; // + mbarriers + alignment slack
+  static constexpr int SMEM = BAR_OFF + 2 * STAGES * 8 + 128; // + mbarriers + slack
   static_assert(PIPE >= EPI_OUT && PIPE >= EPI_LR, "epilogue staging must fit in the pipeline memory");
   static_assert(SMEM <= 227 * 1024, "shared memory per block");
   static_assert(STAGE % 128 == 0, "stage alignment");
@@ -75,7 +84,6 @@ struct Params {
   const float *lora_act; const void *lora_up; int rank;
   const float *bias; void *out; int out_dtype; int64_t ldo; int epilogue;
   int M, N, K;
-  uint32_t lbo, sbo;  // activation descriptor strides (128, 512; overridable for layout experiments)
   int raster;         // CTA order, see the kernel
 };
 
@@ -100,6 +108,33 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void bulk_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+// Multicast variant: the same shared-memory offset (and mbarrier) in every CTA of cta_mask.
+__device__ __forceinline__ void bulk_g2s_mc(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar,
+                                            uint16_t cta_mask) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, "
+               "[%3], %4;\n" ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(cta_mask) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+// Arrive on the mbarrier at the same offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -199,10 +234,11 @@ __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&
 }
 #endif  // NL_SM90A
 
-template <int BT, typename LT, int SUB, int NSTAGES>
+template <int BT, typename LT, int SUB, int NSTAGES, int CL>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
 #ifdef NL_SM90A
   using C = Cfg<BT, NSTAGES>;
+  constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // setmaxnreg: 128*24 + 256*240 <= 64K registers
   extern __shared__ __align__(1024) uint8_t smem[];  // no static shared memory: the window starts aligned
   const uint32_t smem_base = smem_u32(smem);
   const uint32_t full_bar = smem_base + C::BAR_OFF, empty_bar = full_bar + C::STAGES * 8;
@@ -218,11 +254,15 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
       mbar_init(full_bar + s * 8, 1);
-      mbar_init(empty_bar + s * 8, 8);  // one arrival per consumer warp
+      mbar_init(empty_bar + s * 8, 8 * CL);  // one arrival per consumer warp of every CTA of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  // CL = 2: a cluster of two CTAs on neighbouring weight tiles of the same token tile; each producer loads
+  // half of the activation slab and its scales and multicasts it to both CTAs (halving the L2 -> SM
+  // activation traffic), so a stage is refilled only when the consumers of both CTAs released it.
+  const uint32_t crank = CL > 1 ? cluster_rank() : 0;
+  if constexpr (CL > 1) cluster_sync(); else __syncthreads();
 
   if (wg == 0) {  // ---------------- producer ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
@@ -232,15 +272,25 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
       const uint32_t bytes = act_bytes + sa_bytes + W_BYTES + SW_BYTES;
       for (int g = 0; g < G; ++g) {
         const int s = g % C::STAGES;
-        if (g >= C::STAGES) mbar_wait(empty_bar + s * 8, ((g / C::STAGES) & 1) ^ 1);
         const uint32_t st = smem_base + s * C::STAGE, fb = full_bar + s * 8;
-        mbar_expect_tx(fb, bytes);
-        bulk_g2s(st, p.act + ((int64_t)g * p.mp + m0) * 64, act_bytes, fb);
+        if constexpr (CL > 1) {
+          if (g >= C::STAGES) mbar_wait_cluster(empty_bar + s * 8, ((g / C::STAGES) & 1) ^ 1);
+          mbar_expect_tx(fb, bytes);  // both halves land here: ours and the peer's
+          const uint32_t ha = act_bytes / 2, hs = sa_bytes / 2;
+          bulk_g2s_mc(st + crank * ha, p.act + ((int64_t)g * p.mp + m0) * 64 + crank * ha, ha, fb, 0x3);
+          bulk_g2s_mc(st + C::ACT_BYTES + W_BYTES + crank * hs,
+                      reinterpret_cast<const uint8_t *>(p.sa + (int64_t)g * p.mp + m0) + crank * hs, hs, fb, 0x3);
+        } else {
+          if (g >= C::STAGES) mbar_wait(empty_bar + s * 8, ((g / C::STAGES) & 1) ^ 1);
+          mbar_expect_tx(fb, bytes);
+          bulk_g2s(st, p.act + ((int64_t)g * p.mp + m0) * 64, act_bytes, fb);
+          bulk_g2s(st + C::ACT_BYTES + W_BYTES, p.sa + (int64_t)g * p.mp + m0, sa_bytes, fb);
+        }
         bulk_g2s(st + C::ACT_BYTES, p.w + ((int64_t)nb * G + g) * W_BYTES, W_BYTES, fb);
-        bulk_g2s(st + C::ACT_BYTES + W_BYTES, p.sa + (int64_t)g * p.mp + m0, sa_bytes, fb);
         bulk_g2s(st + C::ACT_BYTES + W_BYTES + C::SA_BYTES, p.sw + (int64_t)g * p.N + n0, SW_BYTES, fb);
       }
     }
+    if constexpr (CL > 1) cluster_sync();  // the peer may still arrive on our barriers
     return;
   }
 
@@ -269,8 +319,8 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   auto issue = [&](int g, int u, const uint32_t (&a)[8], float (&t)[HN]) {
     const uint32_t base = smem_base + (g % C::STAGES) * C::STAGE + u * (SUB / 8) * 512;
     wg_fence();
-    wgmma::E4m3<SUB>::mma(t, a, make_desc(base, p.lbo, p.sbo), 0u);
-    wgmma::E4m3<SUB>::mma(t, a + 4, make_desc(base + 256, p.lbo, p.sbo), 1u);
+    wgmma::E4m3<SUB>::mma(t, a, make_desc(base, 128, 512), 0u);
+    wgmma::E4m3<SUB>::mma(t, a + 4, make_desc(base + 256, 128, 512), 1u);
     wg_commit();
   };
   // acc[tokens of sub-tile u] += t * sa * sw (after the wait that retired t's wgmma)
@@ -297,7 +347,14 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   };
   auto release = [&](int g) {
     __syncwarp();
-    if (l == 0) mbar_arrive(empty_bar + (g % C::STAGES) * 8);
+    if (l == 0) {
+      if constexpr (CL > 1) {
+        mbar_arrive_remote(empty_bar + (g % C::STAGES) * 8, crank ^ 1);
+        mbar_arrive_remote(empty_bar + (g % C::STAGES) * 8, crank);
+      } else {
+        mbar_arrive(empty_bar + (g % C::STAGES) * 8);
+      }
+    }
   };
 
   if constexpr (NSUB > 1) {
@@ -379,14 +436,15 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
     *reinterpret_cast<uint4 *>(out + ((int64_t)(m0 + t) * p.ldo + n0) * esz + ch * 16) =
         *reinterpret_cast<const uint4 *>(smem + t * srow + ch * 16);
   }
+  if constexpr (CL > 1) cluster_sync();
 #else
   __trap();  // sm_90a only; the host entry refuses other devices
 #endif
 }
 
-template <int BT, typename LT, int SUB, int NSTAGES>
+template <int BT, typename LT, int SUB, int NSTAGES, int CL>
 int launch(const Params &p, cudaStream_t stream) {
-  auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES>;
+  auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES, CL>;
   constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
   static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
   int dev = 0;
@@ -397,14 +455,31 @@ int launch(const Params &p, cudaStream_t stream) {
     if (dev < 64) attr_set[dev] = true;
   }
   dim3 grid(((p.M + BT - 1) / BT) * (p.N / BN));
-  kern<<<grid, THREADS, SMEM, stream>>>(p);
+  if constexpr (CL > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(THREADS);
+    cfg.dynamicSmemBytes = SMEM;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CL;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    NL_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kern, p), "nl_w4a4_gemm_fp8");
+  } else {
+    kern<<<grid, THREADS, SMEM, stream>>>(p);
+  }
   NL_CHECK_LAUNCH("nl_w4a4_gemm_fp8");
   return NL_OK;
 }
 
-template <int BT, int SUB, int NSTAGES>
+template <int BT, int SUB, int NSTAGES, int CL = 1>
 int dispatch_lora(const Params &p, int lora_dtype, cudaStream_t s) {
-  return lora_dtype == NL_F16 ? launch<BT, __half, SUB, NSTAGES>(p, s) : launch<BT, __nv_bfloat16, SUB, NSTAGES>(p, s);
+  return lora_dtype == NL_F16 ? launch<BT, __half, SUB, NSTAGES, CL>(p, s)
+                              : launch<BT, __nv_bfloat16, SUB, NSTAGES, CL>(p, s);
 }
 
 // ---- weight repacking into the wgmma A-fragment order ----------------------------------------------------
@@ -497,9 +572,7 @@ extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scal
   const int rc = check_sm90(k);
   if (rc) return rc;
   Params p{act_codes8, act_scales8, mp, w_packed, w_scales, lora_act, lora_up, rank, bias, out, out_dtype, ldo,
-           epilogue, (int)M, (int)N, (int)K, 128u, 512u, 0};
-  const char *desc = getenv("NUNCHAKU_LITE_WGMMA_DESC");  // "lbo,sbo" (layout experiments only)
-  if (desc) sscanf(desc, "%u,%u", &p.lbo, &p.sbo);
+           epilogue, (int)M, (int)N, (int)K, 0};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // Variants (read at every call, for tests and benchmarks): NUNCHAKU_LITE_WGMMA_BT = tokens per CTA (128,
   // 192, 256), NUNCHAKU_LITE_WGMMA_SUB = tokens per wgmma (64: pipelined sub-tiles; = BT: one wgmma pair per
@@ -510,6 +583,12 @@ extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scal
   const int bt = env_bt ? atoi(env_bt) : DEFAULT_BT, sub = env_sub ? atoi(env_sub) : 64;
   const int stages = env_st ? atoi(env_st) : DEFAULT_STAGES;
   p.raster = env_r ? atoi(env_r) != 0 : DEFAULT_RASTER;
+  const char *env_cl = getenv("NUNCHAKU_LITE_WGMMA_CLUSTER");  // 2: activation multicast over CTA pairs
+  const int cl = env_cl ? atoi(env_cl) : DEFAULT_CLUSTER;
+  if (cl == 2 && (N / BN) % 2 == 0 && sub == 64 && (bt == 128 || bt == 192)) {
+    p.raster = 1;  // cluster = two neighbouring weight tiles of one token tile
+    return bt == 192 ? dispatch_lora<192, 64, 10, 2>(p, lora_dtype, s) : dispatch_lora<128, 64, 10, 2>(p, lora_dtype, s);
+  }
   if (bt == 256) return dispatch_lora<256, 64, 8>(p, lora_dtype, s);
   if (bt == 192) return sub == 192 ? dispatch_lora<192, 192, 10>(p, lora_dtype, s) : dispatch_lora<192, 64, 10>(p, lora_dtype, s);
   if (sub == 128) return dispatch_lora<128, 128, 10>(p, lora_dtype, s);

@@ -511,6 +511,8 @@ def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "n
     lead = x.shape[:-1]
     x2 = _aligned(x.reshape(-1, x.shape[-1]))
     act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift)
+    # the wgmma path converts this "packed" output with PyTorch ops (to_fp8_tiles) until the quantize kernel
+    # writes the fp8_tiles layout itself
     y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact, m=x2.shape[0])
     if y.shape[1] != prep.n:
         y = y[:, : prep.n]

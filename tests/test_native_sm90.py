@@ -196,14 +196,22 @@ def test_wgmma_gemm_epilogues(sm90, out_dtype, epilogue, use_bias):
     assert _rel(out, ref.to(out_dtype)) < 5e-3
 
 
+VARIANTS = {  # kernel variants selected by environment variables (read by the C side at every call)
+    "bt128": {}, "bt128-unpipelined": {"BT": "128", "SUB": "128"}, "bt128-16stages": {"STAGES": "16"},
+    "bt128-raster0": {"RASTER": "0"}, "bt192": {"BT": "192"}, "bt192-unpipelined": {"BT": "192", "SUB": "192"},
+    "bt256": {"BT": "256"}, "bt128-cluster2": {"CLUSTER": "2"}, "bt192-cluster2": {"BT": "192", "CLUSTER": "2"},
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("bt,sub", [("128", "64"), ("128", "128"), ("192", "64"), ("192", "192"), ("256", "64")])
-def test_wgmma_tile_variants(sm90, bt, sub, monkeypatch):
-    """Every token-tile variant (NUNCHAKU_LITE_WGMMA_BT / _SUB); M past Mp for 192-token tiles, odd G."""
-    monkeypatch.setenv("NUNCHAKU_LITE_WGMMA_BT", bt)
-    monkeypatch.setenv("NUNCHAKU_LITE_WGMMA_SUB", sub)
-    for m, k, rank in ((100, 640, 32), (257, 192, 16), (1000, 1088, 0)):
-        out, ref = _run(m, k, 256, rank, False, True, torch.float32)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_wgmma_kernel_variants(sm90, variant, monkeypatch):
+    """Every kernel variant; M past Mp for 192-token tiles, odd and even group counts, N/128 even (clusters)
+    and odd (cluster variants fall back to single CTAs)."""
+    for key, val in VARIANTS[variant].items():
+        monkeypatch.setenv(f"NUNCHAKU_LITE_WGMMA_{key}", val)
+    for m, k, n, rank in ((100, 640, 256, 32), (257, 192, 384, 16), (1000, 1088, 512, 0), (1536, 1024, 512, 32)):
+        out, ref = _run(m, k, n, rank, False, True, torch.float32)
         assert torch.isfinite(out).all()
         assert _rel(out, ref) < 1e-3
 
