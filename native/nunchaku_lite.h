@@ -10,6 +10,7 @@
  *                                  rows M..ldm-1 are written as 0 by nl_quantize_act
  *   lora act      float [M, rank]  x @ lora_down^T (fp32)
  *   weight tiled  uint8 [N/128, K/64, 128, 32]: nl_repack_weight output (see repack.cu)
+ *   act fp8 tiles uint8 [K/64, Mp, 64] + float [K/64, Mp] (NL_ACT_FP8_TILES, sm_90 GEMM; see below)
  *   weight scales float [K/64, N]  (exact=0 needs values with <= 11 significant bits, i.e. bf16/fp16
  *                                  values; the Python binding switches to exact=1 otherwise)
  *
@@ -62,6 +63,22 @@ int nl_w4a4_gemm(const uint8_t *act_codes, const float *act_scales, int64_t ldm,
                  const float *lora_act, const void *lora_up, int lora_dtype, int rank,
                  const float *bias, void *out, int out_dtype, int64_t ldo,
                  int64_t M, int64_t N, int64_t K, int epilogue, int path, int exact, void *stream);
+
+/* Hopper (sm_90a) W4A4 GEMM on fp8 tensor cores (gemm_w4a4_sm90.cu); NL_ERR_UNSUPPORTED on other devices.
+ * act_codes8 uint8 [K/64, mp, 64] and act_scales8 float [K/64, mp]: the NL_ACT_FP8_TILES activation layout
+ * (quant/ops.py pack_act_fp8_tiles; mp = M rounded up to 256, padded rows 0; signed or unsigned codes);
+ * w_packed: nl_repack_weight_sm90 output; w_scales float [K/64, N]; lora_act float [M, rank]; lora_up [N, rank]
+ * of lora_dtype; bias float [N] or NULL; out [M, N] of out_dtype, row stride ldo (16-byte aligned rows). Same
+ * math as nl_w4a4_gemm (one fma per group: acc = fma(dot, sa*sw, acc)). N % 128 == 0, K % 64 == 0. */
+int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                     const uint8_t *w_packed, const float *w_scales,
+                     const float *lora_act, const void *lora_up, int lora_dtype, int rank,
+                     const float *bias, void *out, int out_dtype, int64_t ldo,
+                     int64_t M, int64_t N, int64_t K, int epilogue, void *stream);
+
+/* Canonical packed weight [N, K/2] -> the sm_90 GEMM's order [N/128, K/64, 2, 128, 16] (each thread's A
+ * fragments of one group as 16 bytes; quant/ops.py pack_weight_wgmma). Runs on any device. */
+int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *packed, void *stream);
 
 /* Weight-only 4-bit linear: out[M, N] = x @ W^T + bias, W[n, k] = code * scale (+ zero when zeros != NULL,
  * codes then unsigned). qweight canonical [N, K/2]; scales/zeros float [N, K/64]; bias float [N] or NULL;

@@ -20,9 +20,13 @@ Precision: codes and scales are bit-identical to ops.quantize_act. The GEMM fold
 accumulator with one rounding (fused multiply-adds; closer to the float64 truth than the reference's three);
 exact=True reproduces ops.w4a4_linear's group loop bit for bit. Low-rank and bias then add in fp32.
 
-Compute path: NL_PATH_AUTO picks 8-bit tensor cores on sm_90 and native 4-bit ones on sm_80..89; the
-environment variable NUNCHAKU_LITE_MMA_PATH=s4|s8 (or the `path` argument) forces one, e.g. to test the s4
-path on an H100.
+Compute paths: 'wgmma' (sm_90 only, native/gemm_w4a4_sm90.cu: fp8 wgmma on the codes, activations in the
+"fp8_tiles" layout of ops.pack_act_fp8_tiles, weights in ops.pack_weight_wgmma order), 's8' (mma.sync on
+codes widened to 8 bits; any sm_80+) and 's4' (native 4-bit mma.sync, sm_80..89; emulated on sm_90).
+default_path() picks 'wgmma' on sm_90 when the library has it, else 's8' on sm_90 and 's4' on sm_80..89;
+the environment variable NUNCHAKU_LITE_MMA_PATH=s4|s8|wgmma (or the `path` argument) forces one, e.g. to
+test the s4 path on an H100. prepare_w4a4 keeps one weight copy, in the layout of the path it was prepared
+for; another path converts it once on demand (tests, forced paths).
 """
 from __future__ import annotations
 
@@ -31,12 +35,14 @@ import os
 import re
 import threading
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .quant import ops
 
 GROUP = 64
 _PKG = Path(__file__).resolve().parent
@@ -44,7 +50,8 @@ LIB_PATH = Path(os.environ.get("NUNCHAKU_LITE_LIB", _PKG / "lib" / "libnunchaku_
 _HEADER_CANDIDATES = (LIB_PATH.parent / "nunchaku_lite.h", _PKG.parent / "native" / "nunchaku_lite.h")
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_PATHS = {"auto": 0, "s4": 1, "s8": 2}
+_PATHS = {"auto": 0, "s4": 1, "s8": 2}  # C path codes of nl_w4a4_gemm; "wgmma" is nl_w4a4_gemm_fp8
+PATH_NAMES = ("auto", "s4", "s8", "wgmma")
 _EPILOGUES = {"none": 0, "gelu_tanh": 1}
 
 _lock = threading.Lock()
@@ -187,15 +194,30 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def has_wgmma() -> bool:
+    """True when the loaded library has the sm_90 fp8 GEMM (nl_w4a4_gemm_fp8)."""
+    lib = _load()
+    if lib is None:
+        return False
+    try:
+        getattr(lib, "nl_w4a4_gemm_fp8")
+        return True
+    except (AttributeError, Exception):  # an older library: symbol missing
+        return False
+
+
 def default_path(device=None) -> str:
-    """'s8' on sm_90 (Hopper: no native 4-bit tensor cores), 's4' on sm_80..89; env NUNCHAKU_LITE_MMA_PATH wins."""
+    """'wgmma' on sm_90 when the library has it (else 's8': Hopper has no native 4-bit tensor cores), 's4' on
+    sm_80..89; the environment variable NUNCHAKU_LITE_MMA_PATH (s4, s8, wgmma) wins."""
     env = os.environ.get("NUNCHAKU_LITE_MMA_PATH", "auto").lower()
-    if env not in _PATHS:
-        raise ValueError(f"NUNCHAKU_LITE_MMA_PATH={env!r}: expected auto, s4 or s8")
+    if env not in PATH_NAMES:
+        raise ValueError(f"NUNCHAKU_LITE_MMA_PATH={env!r}: expected auto, s4, s8 or wgmma")
     if env != "auto":
         return env
-    major, _ = torch.cuda.get_device_capability(device)
-    return "s8" if major == 9 else "s4"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) == (9, 0):
+        return "wgmma" if has_wgmma() else "s8"
+    return "s4"
 
 
 def padded_rows(m: int) -> int:
@@ -204,11 +226,28 @@ def padded_rows(m: int) -> int:
 
 
 class QuantizedActivation(NamedTuple):
-    """Output of `quantize_act`, already in the GEMM's operand order."""
-    codes: torch.Tensor            # uint8 [M, K/2], canonical packing (ops.pack_int4 order)
-    scales: torch.Tensor           # float32 [K/64, ldm]; ops.quantize_act's scales are scales[:, :M].T
+    """Output of `quantize_act`, already in the GEMM's operand order.
+
+    layout "packed" (s4/s8 paths): codes uint8 [M, K/2] (ops.pack_int4 order), scales float32 [K/64, ldm]
+    (ops.quantize_act's scales are scales[:, :M].T). layout "fp8_tiles" (wgmma path, ops.pack_act_fp8_tiles):
+    codes uint8 [K/64, Mp, 64] e4m3 bytes, scales float32 [K/64, Mp] (16-token permutation).
+    """
+    codes: torch.Tensor
+    scales: torch.Tensor
     lora_act: torch.Tensor | None  # float32 [M, rank] = x @ lora_down^T, or None
     unsigned: bool
+    layout: str = "packed"
+
+
+def to_fp8_tiles(act: QuantizedActivation) -> QuantizedActivation:
+    """A "packed" activation re-laid out for the wgmma path with PyTorch ops (ops.pack_act_fp8_tiles): the
+    bridge used while the quantize kernel writes the packed layout; returns fp8_tiles input unchanged."""
+    if act.layout == "fp8_tiles":
+        return act
+    m = act.codes.shape[0]
+    codes = ops.unpack_int4(act.codes, signed=not act.unsigned)
+    codes8, scales8 = ops.pack_act_fp8_tiles(codes, act.scales[:, :m].t())
+    return QuantizedActivation(codes8, scales8, act.lora_act, act.unsigned, "fp8_tiles")
 
 
 @_needs_lib
@@ -258,6 +297,29 @@ def repack_weight(qweight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@_needs_lib
+def repack_weight_sm90(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical packed weight uint8 [N, K/2] -> the sm_90 GEMM's order (ops.pack_weight_wgmma), on the GPU."""
+    kname = "repack_weight_sm90"
+    _check(qweight, "qweight", kname, (torch.uint8,))
+    if qweight.dim() != 2:
+        raise ValueError(f"{kname}: qweight must be 2-D [N, K/2], got shape {tuple(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    out = torch.empty_like(qweight)
+    _call("nl_repack_weight_sm90", _ptr(qweight, "uint8_t *"), n, k, _ptr(out, "uint8_t *"),
+          _stream(qweight.device))
+    return out
+
+
+def _untile(tiled: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of nl_repack_weight (repack.cu tile order, halves swapped when (r >> 2) & 1) -> canonical."""
+    t = tiled.reshape(n // 128, k // GROUP, 128, 2, 16)
+    swap = (torch.arange(128, device=t.device) >> 2) & 1
+    idx = torch.stack([swap, 1 - swap], dim=1)  # [128, 2]: stored half of logical half h
+    t = t[:, :, torch.arange(128, device=t.device)[:, None], idx]
+    return t.permute(0, 2, 1, 3, 4).contiguous().view(n, k // 2)
+
+
 def _scales_exact_for_fast_path(wscales: torch.Tensor) -> bool:
     """The fast promotion needs weight scales with <= 11 significant bits (any bf16/fp16 value)."""
     if wscales.dtype in (torch.bfloat16, torch.float16):
@@ -268,7 +330,7 @@ def _scales_exact_for_fast_path(wscales: torch.Tensor) -> bool:
 @dataclass
 class PreparedW4A4:
     """A W4A4 layer converted once for the kernels (see `prepare_w4a4`)."""
-    w_tiled: torch.Tensor          # uint8 tile order [Np * K/2]
+    w_tiled: torch.Tensor          # uint8 [Np, K/2] bytes in the order of w_layout
     w_scales: torch.Tensor         # float32 [K/64, Np]
     bias: torch.Tensor | None      # float32 [Np]
     smooth: torch.Tensor | None    # float32 [K]
@@ -279,17 +341,31 @@ class PreparedW4A4:
     rank: int
     act_unsigned: bool
     act_shift: float
-    fast_ok: bool                  # weight scales allow the fast (fma) promotion
+    fast_ok: bool                  # weight scales allow the fast (fma) promotion of the s4/s8 paths
+    w_layout: str = "tiled"        # "tiled" (s4/s8, repack.cu) or "wgmma" (ops.pack_weight_wgmma)
+    alt: dict = field(default_factory=dict, repr=False)  # other layouts, built on demand
+
+
+def weight_for(prep: PreparedW4A4, layout: str) -> torch.Tensor:
+    """The prepared weight in `layout`; the other layout is converted once and cached (forced paths, tests)."""
+    if layout == prep.w_layout:
+        return prep.w_tiled
+    if layout not in prep.alt:
+        npad = prep.w_scales.shape[1]
+        canon = (ops.unpack_weight_wgmma(prep.w_tiled, npad, prep.k) if prep.w_layout == "wgmma"
+                 else _untile(prep.w_tiled, npad, prep.k))
+        prep.alt[layout] = repack_weight_sm90(canon) if layout == "wgmma" else repack_weight(canon)
+    return prep.alt[layout]
 
 
 @_needs_lib
 def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smooth=None, act_unsigned=False,
-                 act_shift=0.0, dtype=torch.bfloat16) -> PreparedW4A4:
+                 act_shift=0.0, dtype=torch.bfloat16, path: str | None = None) -> PreparedW4A4:
     """Load-time conversion of one W4A4 layer (canonical ops layout) for the kernels; run once per layer.
 
-    Pads N to a multiple of 128 (zero rows), repacks the weight into tile order on the GPU, transposes the
-    weight scales to float32 [K/64, N], converts bias to float32 and the low-rank weights to `dtype` (the
-    activation dtype, bf16 or fp16).
+    Pads N to a multiple of 128 (zero rows), repacks the weight on the GPU for `path` (default_path(): the
+    wgmma order on sm_90, the s4/s8 tile order otherwise), transposes the weight scales to float32 [K/64, N],
+    converts bias to float32 and the low-rank weights to `dtype` (the activation dtype, bf16 or fp16).
     """
     kname = "prepare_w4a4"
     _check(qweight, "qweight", kname, (torch.uint8,))
@@ -314,7 +390,12 @@ def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smoo
         raise ValueError(f"{kname}: smooth has shape {tuple(smooth.shape)}, expected ({k},)")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{kname}: bias has shape {tuple(bias.shape)}, expected ({n},)")
-    tiled = repack_weight(_aligned(pad_rows(qweight.to(dev))))
+    path = path or default_path(dev)
+    if path not in PATH_NAMES[1:]:
+        raise ValueError(f"{kname}: path {path!r} must be one of {PATH_NAMES[1:]}")
+    layout = "wgmma" if path == "wgmma" else "tiled"
+    canon = _aligned(pad_rows(qweight.to(dev)))
+    tiled = repack_weight_sm90(canon) if layout == "wgmma" else repack_weight(canon)
     return PreparedW4A4(
         w_tiled=tiled,
         w_scales=_aligned(pad_rows(wscales.to(dev)).float().t()),
@@ -323,23 +404,37 @@ def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smoo
         lora_down=_aligned(lora_down.to(dev, dtype)) if rank else None,
         lora_up=_aligned(pad_rows(lora_up.to(dev, dtype))) if rank else None,
         n=n, k=k, rank=rank, act_unsigned=bool(act_unsigned), act_shift=float(act_shift),
-        fast_ok=_scales_exact_for_fast_path(wscales))
+        fast_ok=_scales_exact_for_fast_path(wscales), w_layout=layout)
 
 
 @_needs_lib
 def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dtype = torch.bfloat16,
               epilogue: str = "none", path: str | None = None, exact: bool = False,
-              use_lora: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+              use_lora: bool = True, out: torch.Tensor | None = None, m: int | None = None) -> torch.Tensor:
     """out [M, Np] = W4A4 GEMM of quantized activations with the prepared weight, + low-rank + bias (+ GELU).
 
-    exact=True reproduces ops.w4a4_linear's fp32 group accumulation bit for bit (slower); otherwise each
-    group is folded in with fused multiply-adds (one rounding per group instead of three). use_lora=False
-    skips the low-rank branch (benchmarks). path: 's4', 's8' or None (default_path()).
+    path: 's4', 's8', 'wgmma' or None (default_path(); exact=True then means 's8' on sm_90). exact=True
+    reproduces ops.w4a4_linear's fp32 group accumulation bit for bit (s4/s8 only); otherwise each group is
+    folded in with fused multiply-adds. use_lora=False skips the low-rank branch (benchmarks). The wgmma
+    path takes "fp8_tiles" activations (a "packed" one is converted with PyTorch ops, slowly); their token
+    count M is `m`, else act.lora_act's rows, else out's rows.
     """
     kname = "w4a4_gemm"
     codes, scales, lora_act = act.codes, act.scales, act.lora_act
     _check(codes, "act.codes", kname, (torch.uint8,))
     dev = codes.device
+    if path is None:
+        path = default_path(dev)
+        if exact and path == "wgmma":
+            path = "s8"
+    if path not in PATH_NAMES[1:]:
+        raise ValueError(f"{kname}: path {path!r} must be one of {PATH_NAMES[1:]}")
+    if path == "wgmma":
+        if exact:
+            raise ValueError(f"{kname}: exact=True is not available on the wgmma path (use path='s8')")
+        return _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m)
+    if act.layout != "packed":
+        raise ValueError(f"{kname}: path {path!r} needs 'packed' activations, got layout {act.layout!r}")
     m, k = codes.shape[0], codes.shape[1] * 2
     if k != prep.k:
         raise ValueError(f"{kname}: activations have K={k}, the weight has K={prep.k}")
@@ -350,9 +445,6 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
         raise ValueError(f"{kname}: out_dtype {out_dtype} is not float32/bfloat16/float16")
     if epilogue not in _EPILOGUES:
         raise ValueError(f"{kname}: epilogue {epilogue!r} not in {sorted(_EPILOGUES)}")
-    path = path or default_path(dev)
-    if path not in ("s4", "s8"):
-        raise ValueError(f"{kname}: path {path!r} must be 's4' or 's8'")
     rank = prep.rank if use_lora else 0
     if rank:
         if lora_act is None or tuple(lora_act.shape) != (m, rank):
@@ -364,11 +456,56 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
         _check(out, "out", kname, (out_dtype,), (m, npad), dev, align=8)
     if m:
         _call("nl_w4a4_gemm", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, int(act.unsigned),
-              _ptr(prep.w_tiled, "uint8_t *"), _ptr(prep.w_scales, "float *"),
+              _ptr(weight_for(prep, "tiled"), "uint8_t *"), _ptr(prep.w_scales, "float *"),
               _ptr(lora_act if rank else None, "float *"), _ptr(prep.lora_up if rank else None),
               _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank, _ptr(prep.bias, "float *"), _ptr(out),
               _DTYPE_CODE[out_dtype], npad, m, npad, k, _EPILOGUES[epilogue], _PATHS[path],
               int(exact or not prep.fast_ok), _stream(dev))
+    return out
+
+
+def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m):
+    """The sm_90 fp8 wgmma GEMM (nl_w4a4_gemm_fp8); see w4a4_gemm."""
+    kname = "w4a4_gemm(wgmma)"
+    if act.layout == "packed":
+        m = act.codes.shape[0]
+        act = to_fp8_tiles(act)
+    elif act.layout != "fp8_tiles":
+        raise ValueError(f"{kname}: unknown activation layout {act.layout!r}")
+    codes, scales, lora_act = act.codes, act.scales, act.lora_act
+    dev = codes.device
+    if codes.dim() != 3 or codes.shape[2] != GROUP:
+        raise ValueError(f"{kname}: act.codes must be [K/64, Mp, 64] (fp8_tiles), got {tuple(codes.shape)}")
+    g, mp = codes.shape[0], codes.shape[1]
+    k = g * GROUP
+    if k != prep.k:
+        raise ValueError(f"{kname}: activations have K={k}, the weight has K={prep.k}")
+    _check(scales, "act.scales", kname, (torch.float32,), (g, mp), dev)
+    if m is None:
+        m = lora_act.shape[0] if lora_act is not None else (out.shape[0] if out is not None else None)
+    if m is None or not 0 <= m <= mp or mp != max(ops.FP8_TILE_ROWS, -(-m // ops.FP8_TILE_ROWS) * ops.FP8_TILE_ROWS):
+        raise ValueError(f"{kname}: token count m={m} does not fit the fp8_tiles operand with Mp={mp} "
+                         "(pass m=, or an act with lora_act)")
+    npad = prep.w_scales.shape[1]
+    if out_dtype not in _DTYPE_CODE:
+        raise ValueError(f"{kname}: out_dtype {out_dtype} is not float32/bfloat16/float16")
+    if epilogue not in _EPILOGUES:
+        raise ValueError(f"{kname}: epilogue {epilogue!r} not in {sorted(_EPILOGUES)}")
+    rank = prep.rank if use_lora else 0
+    if rank:
+        if lora_act is None or tuple(lora_act.shape) != (m, rank):
+            raise ValueError(f"{kname}: act.lora_act must be [{m}, {rank}] (quantize_act with the layer's lora_down)")
+        _check(lora_act, "act.lora_act", kname, (torch.float32,), None, dev)
+    if out is None:
+        out = torch.empty(m, npad, dtype=out_dtype, device=dev)
+    else:
+        _check(out, "out", kname, (out_dtype,), (m, npad), dev)
+    if m:
+        _call("nl_w4a4_gemm_fp8", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), mp,
+              _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(prep.w_scales, "float *"),
+              _ptr(lora_act if rank else None, "float *"), _ptr(prep.lora_up if rank else None),
+              _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank, _ptr(prep.bias, "float *"), _ptr(out),
+              _DTYPE_CODE[out_dtype], npad, m, npad, k, _EPILOGUES[epilogue], _stream(dev))
     return out
 
 
@@ -378,7 +515,9 @@ def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "n
     lead = x.shape[:-1]
     x2 = _aligned(x.reshape(-1, x.shape[-1]))
     act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift)
-    y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact)
+    # the wgmma path converts this "packed" output with PyTorch ops (to_fp8_tiles) until the quantize kernel
+    # writes the fp8_tiles layout itself
+    y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact, m=x2.shape[0])
     if y.shape[1] != prep.n:
         y = y[:, : prep.n]
     return y.reshape(*lead, prep.n)

@@ -1,6 +1,10 @@
 """Kernel benchmark at FLUX.1 shapes: native W4A4 (fused low-rank, without low-rank, unfused) vs torch bf16
 matmul and torch fp8 `_scaled_mm`, plus the quantize kernel's bandwidth against a device copy.
 
+On sm_90 the wgmma GEMM (native/gemm_w4a4_sm90.cu) gets its own columns: `wgmma` (GEMM with the fused
+low-rank branch, rank 32) and `wg0` (same GEMM without low-rank), both timed alone on activations already in
+the fp8_tiles layout; the legacy mma.sync columns then use the s8 path (skip them with --no-legacy).
+
 Timing: each variant is captured in a CUDA graph of `--reps` back-to-back calls (so Python launch overhead
 is not measured) and the graph is replayed `--replays` times between CUDA events; the reported time is the
 median replay divided by reps. All variants of a shape run in one process, side by side.
@@ -66,7 +70,21 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / t / 1e6
 
 
-def make_layer(k, n, rank=RANK, seed=0):
+def _baselines(r, x, m, k, n, out):
+    """torch bf16 matmul and fp8 _scaled_mm on the same shape (same process, same output buffer)."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    r["bf16_ms"] = time_ms(lambda: torch.mm(x, w.t(), out=out))
+    try:
+        x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        sa = torch.ones(m, 1, device="cuda")
+        sb = torch.ones(1, n, device="cuda")
+        r["fp8_ms"] = time_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+    except Exception as e:
+        print(f"  fp8 _scaled_mm unavailable: {e}", file=sys.stderr)
+        r["fp8_ms"] = float("nan")
+
+
+def make_layer(k, n, rank=RANK, seed=0, path=None):
     """Random layer in the ops layout + its prepared copy; bf16 weights for the baselines."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     codes = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
@@ -76,19 +94,50 @@ def make_layer(k, n, rank=RANK, seed=0):
     bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
     smooth = torch.rand(k, generator=g, device="cuda") + 0.5
     qweight = ops.pack_int4(codes)
-    prep = native.prepare_w4a4(qweight, wscales, lora_down, lora_up, bias, smooth)
-    prep0 = native.prepare_w4a4(qweight, wscales, None, None, bias, smooth)
+    prep = native.prepare_w4a4(qweight, wscales, lora_down, lora_up, bias, smooth, path=path)
+    prep0 = native.prepare_w4a4(qweight, wscales, None, None, bias, smooth, path=path)
     return prep, prep0, lora_down, lora_up
 
 
-def bench_shape(m, k, n, path, exact=False):
+def bench_wgmma(r, x, k, n):
+    """GEMM-only times of the sm_90 wgmma kernel with and without the low-rank branch (fp8_tiles input)."""
+    m = x.shape[0]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    codes = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
+    wscales = (torch.rand(n, k // 64, generator=g, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    lora_down = (torch.randn(RANK, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    lora_up = (torch.randn(n, RANK, generator=g, device="cuda") * 0.1).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
+    smooth = torch.rand(k, generator=g, device="cuda") + 0.5
+    qw = ops.pack_int4(codes)
+    prep = native.prepare_w4a4(qw, wscales, lora_down, lora_up, bias, smooth, path="wgmma")
+    prep0 = native.prepare_w4a4(qw, wscales, None, None, bias, smooth, path="wgmma")
+    act = native.to_fp8_tiles(native.quantize_act(x, prep.smooth, prep.lora_down))
+    act0 = native.to_fp8_tiles(native.quantize_act(x, prep.smooth))
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    r["wgmma_ms"] = time_ms(lambda: native.w4a4_gemm(act, prep, out=out, path="wgmma", m=m))
+    r["wgmma_nolora_ms"] = time_ms(lambda: native.w4a4_gemm(act0, prep0, out=out, path="wgmma", m=m))
+    flops = 2 * m * n * k
+    r["wgmma_tops"] = flops / r["wgmma_ms"] / 1e9
+    r["wgmma_vs_bf16"] = r["bf16_ms"] / r["wgmma_ms"]
+    r["wgmma_nolora_vs_bf16"] = r["bf16_ms"] / r["wgmma_nolora_ms"]
+    r["wgmma_vs_fp8"] = r["fp8_ms"] / r["wgmma_ms"]
+    r["wgmma_lowrank_overhead"] = r["wgmma_ms"] / r["wgmma_nolora_ms"] - 1
+
+
+def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False):
     torch.manual_seed(m + k + n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    prep, prep0, lora_down, lora_up = make_layer(k, n)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    r = dict(M=m, K=k, N=n, path=path, rank=RANK)
+    _baselines(r, x, m, k, n, out)
+    if wgmma:
+        bench_wgmma(r, x, k, n)
+    if not legacy:
+        return r
+    prep, prep0, lora_down, lora_up = make_layer(k, n, path=path)
     act = native.quantize_act(x, prep.smooth, prep.lora_down)
     act0 = native.quantize_act(x, prep.smooth)
-    r = dict(M=m, K=k, N=n, path=path, rank=RANK)
 
     def fused():
         a = native.quantize_act(x, prep.smooth, prep.lora_down)
@@ -109,16 +158,6 @@ def bench_shape(m, k, n, path, exact=False):
     r["nolora_gemm_ms"] = time_ms(lambda: native.w4a4_gemm(act0, prep0, out=out, path=path, exact=exact))
     r["unfused_ms"] = time_ms(unfused)
     r["quantize_ms"] = time_ms(lambda: native.quantize_act(x, prep.smooth, prep.lora_down))
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    r["bf16_ms"] = time_ms(lambda: torch.mm(x, w.t(), out=out))
-    try:
-        x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
-        sa = torch.ones(m, 1, device="cuda")
-        sb = torch.ones(1, n, device="cuda")
-        r["fp8_ms"] = time_ms(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
-    except Exception as e:
-        print(f"  fp8 _scaled_mm unavailable: {e}", file=sys.stderr)
-        r["fp8_ms"] = float("nan")
     flops = 2 * m * n * k
     r["fused_tops"] = flops / r["fused_ms"] / 1e9
     r["fused_gemm_tops"] = flops / r["fused_gemm_ms"] / 1e9
@@ -137,7 +176,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nunchaku_lite.bench kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
     ap.add_argument("--quick", action="store_true", help="M=4608 and two shapes only")
-    ap.add_argument("--path", choices=["auto", "s4", "s8"], default="auto")
+    ap.add_argument("--path", choices=["auto", "s4", "s8"], default="auto",
+                    help="path of the legacy mma.sync columns (auto: s8 on sm_90, s4 otherwise)")
+    ap.add_argument("--no-legacy", action="store_true", help="only the baselines and the sm_90 wgmma columns")
     ap.add_argument("--exact", action="store_true", help="time the bit-exact accumulation mode")
     ap.add_argument("--block-m", choices=["64", "128"], help="GEMM block rows (sets NUNCHAKU_LITE_GEMM_BM)")
     args = ap.parse_args(argv)
@@ -146,7 +187,11 @@ def main(argv=None):
     if not native.available():
         print(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}", file=sys.stderr)
         return 1
+    wgmma = torch.cuda.get_device_capability() == (9, 0) and native.has_wgmma()
     path = native.default_path() if args.path == "auto" else args.path
+    if path == "wgmma":
+        path = "s8"
+    legacy = not args.no_legacy
     dev = torch.cuda.get_device_name()
     block_m = os.environ.get("NUNCHAKU_LITE_GEMM_BM", "128")
     print(f"device: {dev}  torch {torch.__version__}  path {path}  GEMM block rows {block_m}"
@@ -158,16 +203,32 @@ def main(argv=None):
     shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
     for m in tokens:
         for k, n in shapes:
-            r = bench_shape(m, k, n, path, args.exact)
-            r["quantize_pct_of_copy"] = 100 * r["quantize_gbps"] / copy_gbps
+            r = bench_shape(m, k, n, path, args.exact, legacy, wgmma)
+            if legacy:
+                r["quantize_pct_of_copy"] = 100 * r["quantize_gbps"] / copy_gbps
+                print(f"  M={m} K={k} N={n}: fused {r['fused_ms']:.3f} ms ({r['speedup_vs_bf16']:.2f}x bf16)",
+                      flush=True)
+            if wgmma:
+                print(f"  M={m} K={k} N={n}: wgmma {r['wgmma_ms']:.3f} ms ({r['wgmma_vs_bf16']:.2f}x bf16, "
+                      f"{r['wgmma_vs_fp8']:.2f}x fp8, low-rank +{100 * r['wgmma_lowrank_overhead']:.1f}%)", flush=True)
             rows.append(r)
-            print(f"  M={m} K={k} N={n}: fused {r['fused_ms']:.3f} ms ({r['speedup_vs_bf16']:.2f}x bf16)", flush=True)
     hdr = (f"{'M':>5} {'K':>5} {'N':>5} | {'fused':>7} {'gemm':>7} {'nolora':>7} {'unfused':>7} {'quant':>6} "
            f"{'bf16':>7} {'fp8':>7} | {'TOPS':>5} {'xbf16':>5} {'gemm':>5} {'xfp8':>5} {'LRov%':>6} {'q%cp':>5}")
+    if wgmma:
+        wh = (f"{'M':>5} {'K':>5} {'N':>5} | {'wgmma':>7} {'wg0':>7} {'bf16':>7} {'fp8':>7} | {'TOPS':>5} "
+              f"{'xbf16':>5} {'x0bf16':>6} {'xfp8':>5} {'LRov%':>6}")
+        print("\nsm_90 wgmma GEMM alone, ms per call (wgmma: + low-rank rank 32; wg0: without low-rank)")
+        print(wh)
+        print("-" * len(wh))
+        for r in rows:
+            print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {r['wgmma_ms']:7.3f} {r['wgmma_nolora_ms']:7.3f} "
+                  f"{r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {r['wgmma_tops']:5.0f} {r['wgmma_vs_bf16']:5.2f} "
+                  f"{r['wgmma_nolora_vs_bf16']:6.2f} {r['wgmma_vs_fp8']:5.2f} "
+                  f"{100 * r['wgmma_lowrank_overhead']:6.1f}")
     print("\nms per call (fused/nolora/unfused include the quantize kernel; gemm = GEMM kernel alone)")
     print(hdr)
     print("-" * len(hdr))
-    for r in rows:
+    for r in rows if legacy else []:
         print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {r['fused_ms']:7.3f} {r['fused_gemm_ms']:7.3f} "
               f"{r['nolora_ms']:7.3f} {r['unfused_ms']:7.3f} {r['quantize_ms']:6.3f} {r['bf16_ms']:7.3f} "
               f"{r['fp8_ms']:7.3f} | {r['fused_tops']:5.0f} {r['speedup_vs_bf16']:5.2f} "
@@ -176,6 +237,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(dict(device=dev, torch=torch.__version__, path=path, block_m=int(block_m), exact=args.exact,
+                       wgmma_bt=int(os.environ.get("NUNCHAKU_LITE_WGMMA_BT", "128")),
                        copy_gbps=copy_gbps,
                        rows=rows), f, indent=1)
     print(f"wrote {args.json}")
@@ -198,8 +260,9 @@ def smoke(argv=None):
         for unsigned in (False, True):
             prep = native.prepare_w4a4(ops.pack_int4(codes), wscales, down, up, bias, torch.rand(k, device="cuda") + 1,
                                        unsigned, 0.171875 if unsigned else 0.0)
-            for path in ("s4", "s8"):
-                for exact in (False, True):
+            paths = ("s4", "s8") + (("wgmma",) if torch.cuda.get_device_capability() == (9, 0) and native.has_wgmma() else ())
+            for path in paths:
+                for exact in (False, True) if path != "wgmma" else (False,):
                     native.w4a4_linear_prepared(x, prep, path=path, exact=exact)
                 native.w4a4_linear_prepared(x, prep, epilogue="gelu_tanh", path=path)
         for zeros in (None, wscales):

@@ -171,6 +171,36 @@ def pack_act_fp8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch
     return codes8, s16.contiguous()
 
 
+WGMMA_TILE_ROWS = 128  # weight rows per CTA of the sm_90 GEMM (two warpgroups x 64)
+
+
+def pack_weight_wgmma(qweight: torch.Tensor) -> torch.Tensor:
+    """Weight operand of the sm_90 W4A4 GEMM (native nl_repack_weight_sm90 must match it byte for byte).
+
+    qweight uint8 [N, K/2] (canonical, N % 128 == 0) -> uint8 [N/128, K/64, 2, 128, 16]: for CTA weight tile
+    nb, group g, warpgroup c and thread t = 32w + 4gq + q, 16 bytes = 4 little-endian words; word j holds
+    the 4 codes k = 64g + 16j + 4q .. +3 of row r = 128nb + 64c + 16w + gq in its low 16 bits and those of
+    row r + 8 in its high 16 bits (low nibble first). Those are exactly the thread's wgmma A-fragment codes
+    of the group (k32 step j // 2, registers 2(j % 2) and 2(j % 2) + 1 of the PTX ISA's 64x32 8-bit A layout:
+    row 16w + gq (+8), k 4q + byte (+16)), so one 16-byte shared load feeds both k32 steps of a group.
+    """
+    n, kh = qweight.shape
+    if n % WGMMA_TILE_ROWS or (2 * kh) % GROUP:
+        raise ValueError(f"pack_weight_wgmma: qweight {tuple(qweight.shape)} needs N % 128 == 0 and K % 64 == 0")
+    g = 2 * kh // GROUP
+    # rows: [nb, c, w, half (+8), gq]; bytes of a row: [g, j, q, 2 bytes]
+    v = qweight.reshape(n // 128, 2, 4, 2, 8, g, 4, 4, 2)
+    # -> [nb, g, c, w, gq, q, j, half, byte]
+    return v.permute(0, 5, 1, 2, 4, 7, 6, 3, 8).contiguous().view(n // 128, g, 2, 128, 16)
+
+
+def unpack_weight_wgmma(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of pack_weight_wgmma: uint8 (any shape, N*K/2 bytes) -> canonical uint8 [N, K/2]."""
+    g = k // GROUP
+    v = packed.reshape(n // 128, g, 2, 4, 8, 4, 4, 2, 2)  # [nb, g, c, w, gq, q, j, half, byte]
+    return v.permute(0, 2, 3, 7, 4, 1, 6, 5, 8).contiguous().view(n, k // 2)
+
+
 def _group_dots(qa: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
     """Exact integer dot products per group as float32: qa [M, K], cw [N, K] -> [G, M, N]."""
     m, k = qa.shape

@@ -1,0 +1,596 @@
+// W4A4 GEMM for Hopper (sm_90a): fp8 wgmma on the 4-bit codes, low-rank-up + bias (+ GELU tanh) epilogue.
+//
+// Math (as nl_w4a4_gemm, reference quant/ops.py w4a4_linear):
+//   out[m, n] = act( sum_g sa[m, g] * sw[n, g] * dot_g(m, n) + lora_act[m, :] . lora_up[n, :] + bias[n] )
+//   Every code (-8..15) is exact in e4m3 and every group dot (|dot| <= 64 * 8 * 15) is exact in the fp32
+//   accumulator of the tensor core, so `wgmma ... .f32.e4m3.e4m3` over one 64-wide group yields the exact
+//   integer dot. Promotion per group: acc = fma(dot, sa * sw, acc) (two fp32 roundings per group).
+//   Low-rank: lora_act (fp32) = hi + lo (16-bit each, lo = the rounding rest), both through a 16-bit wgmma
+//   against lora_up (16-bit, exact), fp32 accumulation (error ~2^-17 of the low-rank term).
+//
+// Transposed product: wgmma's M = weight rows (64 per consumer warpgroup), N = tokens (BT per CTA), K = 32
+// per instruction (two per group). The accumulator is therefore out^T: thread (warp w, lane l) of a
+// consumer holds rows n = 16w + l/4 (+8) and tokens 8j + 2(l%4) + {0,1} for j < BT/8.
+//
+// Operands (all contiguous per pipeline stage, so each stage is four 1-D bulk copies, no tensor maps):
+//   activations  codes8 uint8 [K/64, Mp, 64]: e4m3 bytes, 8-token x 16-byte core matrices (ops.py
+//                pack_act_fp8_tiles, NL_ACT_FP8_TILES); read by wgmma from shared memory with a no-swizzle
+//                K-major descriptor: LBO = 128 B (next core matrix along K), SBO = 512 B (next 8 tokens).
+//   act scales   float [K/64, Mp], 16-token permutation 8b+2q+e -> 4q+2b+e: one 16-byte load gives a
+//                thread's four token scales of two accumulator column blocks.
+//   weights      4-bit, nl_repack_weight_sm90 order [N/128][K/64][2 warpgroups][128 threads][16 bytes]
+//                (ops.py pack_weight_wgmma): each thread's 32 codes of one group (its A fragments of the
+//                two k32 steps) are one conflict-free 16-byte shared load. Word j (k16 block j) holds the
+//                4 codes of row 16w+l/4 in its low half and those of row +8 in its high half.
+//   weight scales float [K/64, N].
+// Nibble -> e4m3 in registers (11 ALU ops per 8 codes): t = x & 0x77777777; for codes 0-3
+//   p = prmt(POS, t) (POS[i] = e4m3(i)), q = prmt(NEG, t) (NEG[i] = e4m3(i - 8)),
+//   mask = prmt(x, x << 4, 0x9D8C) (sign-replicating selectors: 0xFF where the code is negative),
+//   r = (p & ~mask) | (q & mask); codes 4-7 use t >> 16 and selectors 0xBFAE.
+// CTA: 3 warpgroups. Warpgroup 0 = producer (one thread issues the bulk copies into a STAGES-deep ring with
+// full/empty mbarriers; setmaxnreg gives its registers to the consumers). Warpgroups 1 and 2 = consumers,
+// each 64 of the CTA's 128 weight rows against the same BT tokens. Main loop (SUB = 64 tokens per wgmma):
+// per (group, token sub-tile) item two wgmma into a result buffer (scale-d 0 then 1) and one commit; the
+// next item is issued before the current one is waited for and promoted (two result buffers), so each
+// consumer keeps one wgmma in flight while it promotes, and the two consumers share the tensor core.
+// Variants (environment, see nl_w4a4_gemm_fp8): BT 128/192/256, unpipelined SUB = BT, 16 stages, CTA
+// order, 2-CTA clusters multicasting the activation slab.
+// Status (H100, bench/results/h100-2026-11-25b): correct (rel. err. ~1e-6 vs float64), 0.53-0.68x torch
+// bf16 at M = 4608 (1.2-1.3x the mma.sync s8 path), far from the 2x of the 8-bit tensor cores. ncu: L2 at
+// 18 %, SM at 49 %, 4.1 cycles per issued instruction per warp: latency-bound inside the SM (each 64-wide
+// group gives a warpgroup only 2 k32 wgmma between waits), not bandwidth-bound; tile shape, ring depth and
+// CTA order move it by <= 5 %.
+// Epilogue: low-rank chunks (64 ranks) staged in the freed pipeline memory, bias, GELU, conversion, the
+// transposed tile staged in shared memory and written row by row (16-byte stores, rows >= M never written).
+// Shapes: N % 128 == 0, K % 64 == 0, M >= 1, Mp = M rounded up to 256, rank % 16 == 0 (<= 1024).
+#include "common.cuh"
+#include <stdlib.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NL_SM90A 1
+#include "wgmma.cuh"
+#endif
+
+namespace {
+
+constexpr int BN = 128;                 // weight rows per CTA (two consumer warpgroups x 64)
+constexpr int THREADS = 384;            // producer warpgroup + 2 consumer warpgroups
+constexpr int W_BYTES = BN * 32;        // 4-bit weights of one group for the CTA
+constexpr int SW_BYTES = BN * 4;
+constexpr int LRC = 64;                 // rank chunk of the low-rank epilogue
+constexpr int OUT_PAD = 8;              // staging row padding (elements)
+// Defaults chosen by the H100 sweep (bench/results/h100-2026-11-25b/gemm_README.md): the variants differ by
+// <= 5 %, except the cluster-multicast one, which is 2.5x slower (kept opt-in for further work).
+constexpr int DEFAULT_BT = 128, DEFAULT_STAGES = 10, DEFAULT_RASTER = 1, DEFAULT_CLUSTER = 1;
+
+template <int BT, int NSTAGES>
+struct Cfg {
+  static constexpr int ACT_BYTES = BT * 64, SA_BYTES = BT * 4;
+  static constexpr int STAGE = ACT_BYTES + W_BYTES + SA_BYTES + SW_BYTES;  // multiple of 128
+  static constexpr int STAGES = NSTAGES;
+  static constexpr int PIPE = STAGES * STAGE;
+  static constexpr int EPI_OUT = BT * (BN + OUT_PAD) * 4;  // fp32 staging (largest)
+  static constexpr int EPI_LR = 2 * BT * LRC * 2;          // hi + lo 16-bit
+  static constexpr int BAR_OFF = PIPE;                     // PIPE >= both epilogue uses (static_assert)
+  static constexpr int SMEM = BAR_OFF + 2 * STAGES * 8 + 128; // + mbarriers + slack
+  static_assert(PIPE >= EPI_OUT && PIPE >= EPI_LR, "epilogue staging must fit in the pipeline memory");
+  static_assert(SMEM <= 227 * 1024, "shared memory per block");
+  static_assert(STAGE % 128 == 0, "stage alignment");
+};
+
+struct Params {
+  const uint8_t *act; const float *sa; int64_t mp;
+  const uint8_t *w; const float *sw;
+  const float *lora_act; const void *lora_up; int rank;
+  const float *bias; void *out; int out_dtype; int64_t ldo; int epilogue;
+  int M, N, K;
+  int raster;         // CTA order, see the kernel
+};
+
+#ifdef NL_SM90A
+// ---- mbarriers, bulk copies, wgmma control ---------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+// Multicast variant: the same shared-memory offset (and mbarrier) in every CTA of cta_mask.
+__device__ __forceinline__ void bulk_g2s_mc(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar,
+                                            uint16_t cta_mask) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, "
+               "[%3], %4;\n" ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(cta_mask) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+// Arrive on the mbarrier at the same offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of an in-flight wgmma accumulator across the wait.
+template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// No-swizzle K-major shared-memory descriptor: start address, LBO (K-adjacent core matrices), SBO (next 8 rows).
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr >> 4) & 0x3FFF) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+         ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+__device__ __forceinline__ uint32_t select_bits(uint32_t p, uint32_t q, uint32_t mask) {  // mask ? q : p
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xCA;\n" : "=r"(r) : "r"(mask), "r"(q), "r"(p));  // (m & q) | (~m & p)
+  return r;
+}
+// 8 two's-complement nibbles -> 8 e4m3 bytes (lo: codes 0-3, hi: codes 4-7).
+constexpr uint32_t POS_LO = 0x44403800u, POS_HI = 0x4E4C4A48u;  // e4m3(0..7)
+constexpr uint32_t NEG_LO = 0xCACCCED0u, NEG_HI = 0xB8C0C4C8u;  // e4m3(-8..-1)
+__device__ __forceinline__ void nib8_to_e4m3(uint32_t x, uint32_t &lo, uint32_t &hi) {
+  const uint32_t t = x & 0x77777777u, x4 = x << 4, th = t >> 16;
+  lo = select_bits(prmt(POS_LO, POS_HI, t), prmt(NEG_LO, NEG_HI, t), prmt(x, x4, 0x9D8C));
+  hi = select_bits(prmt(POS_LO, POS_HI, th), prmt(NEG_LO, NEG_HI, th), prmt(x, x4, 0xBFAE));
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.f + tanhf(u));
+}
+
+template <typename T> struct LrOp;
+template <> struct LrOp<__nv_bfloat16> {
+  template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
+    wgmma::Lr<BT>::bf16(d, a, desc);
+  }
+};
+template <> struct LrOp<__half> {
+  template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
+    wgmma::Lr<BT>::f16(d, a, desc);
+  }
+};
+
+// acc += lora_up[rows of this warpgroup, :] @ lora_act[tokens, :]^T, chunks of LRC ranks through shared memory.
+template <int BT, typename T>
+__device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&acc)[BT / 2], int m0, int n0,
+                                        int c, int ctid) {
+  const int w = ctid >> 5, l = ctid & 31;
+  uint8_t *hi = smem, *lo = smem + BT * LRC * 2;
+  const T *up = static_cast<const T *>(p.lora_up);
+  const int row0 = n0 + c * 64 + 16 * w + (l >> 2);
+  for (int r0 = 0; r0 < p.rank; r0 += LRC) {
+    const int len = min(LRC, p.rank - r0);
+    consumers_sync();  // the previous chunk's wgmma (or the main loop's stages) are done with this memory
+    // token t, ranks 4i..4i+3 of the chunk -> core matrix (t/8, k/8) of a [BT x LRC] K-major 16-bit tile
+    for (int i = threadIdx.x - 128; i < BT * (len / 4); i += 256) {  // both consumer warpgroups
+      const int t = i / (len / 4), k = (i % (len / 4)) * 4, m = m0 + t;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (m < p.M) v = *reinterpret_cast<const float4 *>(p.lora_act + (int64_t)m * p.rank + r0 + k);
+      const uint32_t h0 = pack2<T>(v.x, v.y), h1 = pack2<T>(v.z, v.w);
+      const float2 f0 = unpack2<T>(h0), f1 = unpack2<T>(h1);
+      const uint32_t l0 = pack2<T>(v.x - f0.x, v.y - f0.y), l1 = pack2<T>(v.z - f1.x, v.w - f1.y);
+      const int off = ((t >> 3) * (LRC / 8) + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2;
+      *reinterpret_cast<uint2 *>(hi + off) = make_uint2(h0, h1);
+      *reinterpret_cast<uint2 *>(lo + off) = make_uint2(l0, l1);
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
+    consumers_sync();
+    wg_fence();
+    for (int kk = 0; kk < len / 16; ++kk) {
+      const int k = r0 + kk * 16 + 2 * (l & 3);
+      uint32_t a[4];
+      a[0] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * p.rank + k);
+      a[1] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * p.rank + k);
+      a[2] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * p.rank + k + 8);
+      a[3] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * p.rank + k + 8);
+      const uint32_t off = kk * 256;  // two core matrices along K per k16 step
+      LrOp<T>::template mma<BT>(acc, a, make_desc(smem_u32(hi) + off, 128, LRC * 16));
+      LrOp<T>::template mma<BT>(acc, a, make_desc(smem_u32(lo) + off, 128, LRC * 16));
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(acc);
+  }
+}
+#endif  // NL_SM90A
+
+template <int BT, typename LT, int SUB, int NSTAGES, int CL>
+__global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
+#ifdef NL_SM90A
+  using C = Cfg<BT, NSTAGES>;
+  constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // setmaxnreg: 128*24 + 256*240 <= 64K registers
+  extern __shared__ __align__(1024) uint8_t smem[];  // no static shared memory: the window starts aligned
+  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t full_bar = smem_base + C::BAR_OFF, empty_bar = full_bar + C::STAGES * 8;
+  const int wg = threadIdx.x >> 7, ctid = threadIdx.x & 127;
+  // CTA order: token tile fastest (raster 0) or weight tile fastest (raster 1; the concurrently running CTAs
+  // then share few activation slabs)
+  const int mtiles = (p.M + BT - 1) / BT, ntiles = p.N / BN;
+  const int mt = p.raster ? blockIdx.x / ntiles : blockIdx.x % mtiles;
+  const int nb = p.raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
+  const int m0 = mt * BT, n0 = nb * BN;
+  const int G = p.K / 64;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < C::STAGES; ++s) {
+      mbar_init(full_bar + s * 8, 1);
+      mbar_init(empty_bar + s * 8, 8 * CL);  // one arrival per consumer warp of every CTA of the cluster
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  // CL = 2: a cluster of two CTAs on neighbouring weight tiles of the same token tile; each producer loads
+  // half of the activation slab and its scales and multicasts it to both CTAs (halving the L2 -> SM
+  // activation traffic), so a stage is refilled only when the consumers of both CTAs released it.
+  const uint32_t crank = CL > 1 ? cluster_rank() : 0;
+  if constexpr (CL > 1) cluster_sync(); else __syncthreads();
+
+  if (wg == 0) {  // ---------------- producer ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+    if (ctid == 0) {
+      const int rows = (int)(p.mp - m0 < BT ? p.mp - m0 : BT);  // the operand holds Mp rows (zero padded)
+      const uint32_t act_bytes = rows * 64, sa_bytes = rows * 4;
+      const uint32_t bytes = act_bytes + sa_bytes + W_BYTES + SW_BYTES;
+      for (int g = 0; g < G; ++g) {
+        const int s = g % C::STAGES;
+        const uint32_t st = smem_base + s * C::STAGE, fb = full_bar + s * 8;
+        if constexpr (CL > 1) {
+          if (g >= C::STAGES) mbar_wait_cluster(empty_bar + s * 8, ((g / C::STAGES) & 1) ^ 1);
+          mbar_expect_tx(fb, bytes);  // both halves land here: ours and the peer's
+          const uint32_t ha = act_bytes / 2, hs = sa_bytes / 2;
+          bulk_g2s_mc(st + crank * ha, p.act + ((int64_t)g * p.mp + m0) * 64 + crank * ha, ha, fb, 0x3);
+          bulk_g2s_mc(st + C::ACT_BYTES + W_BYTES + crank * hs,
+                      reinterpret_cast<const uint8_t *>(p.sa + (int64_t)g * p.mp + m0) + crank * hs, hs, fb, 0x3);
+        } else {
+          if (g >= C::STAGES) mbar_wait(empty_bar + s * 8, ((g / C::STAGES) & 1) ^ 1);
+          mbar_expect_tx(fb, bytes);
+          bulk_g2s(st, p.act + ((int64_t)g * p.mp + m0) * 64, act_bytes, fb);
+          bulk_g2s(st + C::ACT_BYTES + W_BYTES, p.sa + (int64_t)g * p.mp + m0, sa_bytes, fb);
+        }
+        bulk_g2s(st + C::ACT_BYTES, p.w + ((int64_t)nb * G + g) * W_BYTES, W_BYTES, fb);
+        bulk_g2s(st + C::ACT_BYTES + W_BYTES + C::SA_BYTES, p.sw + (int64_t)g * p.N + n0, SW_BYTES, fb);
+      }
+    }
+    if constexpr (CL > 1) cluster_sync();  // the peer may still arrive on our barriers
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+  const int c = wg - 1, w = ctid >> 5, l = ctid & 31, q = l & 3;
+  const int rloc = c * 64 + 16 * w + (l >> 2);  // this thread's first row in the CTA tile (second: +8)
+  constexpr int ND = BT / 2;    // accumulator registers per thread
+  constexpr int HN = SUB / 2;   // registers of one wgmma result (SUB tokens)
+  constexpr int NSUB = BT / SUB;
+  float acc[ND];
+#pragma unroll
+  for (int i = 0; i < ND; ++i) acc[i] = 0.f;
+
+  // group g's A fragments: wait for the stage, one 16-byte shared load, nibbles -> e4m3
+  auto load_a = [&](int g, uint32_t (&a)[8]) {
+    const int s = g % C::STAGES;
+    mbar_wait(full_bar + s * 8, (g / C::STAGES) & 1);
+    const uint4 wv = *reinterpret_cast<const uint4 *>(smem + s * C::STAGE + C::ACT_BYTES + c * 2048 + ctid * 16);
+    nib8_to_e4m3(wv.x, a[0], a[1]);
+    nib8_to_e4m3(wv.y, a[2], a[3]);
+    nib8_to_e4m3(wv.z, a[4], a[5]);
+    nib8_to_e4m3(wv.w, a[6], a[7]);
+  };
+  // t = the group's integer dots for token sub-tile u (both k32 steps), one commit group
+  auto issue = [&](int g, int u, const uint32_t (&a)[8], float (&t)[HN]) {
+    const uint32_t base = smem_base + (g % C::STAGES) * C::STAGE + u * (SUB / 8) * 512;
+    wg_fence();
+    wgmma::E4m3<SUB>::mma(t, a, make_desc(base, 128, 512), 0u);
+    wgmma::E4m3<SUB>::mma(t, a + 4, make_desc(base + 256, 128, 512), 1u);
+    wg_commit();
+  };
+  // acc[tokens of sub-tile u] += t * sa * sw (after the wait that retired t's wgmma)
+  auto promote = [&](int g, int u, float (&t)[HN]) {
+    reg_fence(t);
+    const uint8_t *st = smem + (g % C::STAGES) * C::STAGE;
+    const float *sws = reinterpret_cast<const float *>(st + C::ACT_BYTES + W_BYTES + C::SA_BYTES);
+    const float sw0 = sws[rloc], sw1 = sws[rloc + 8];
+    const float4 *sa4 = reinterpret_cast<const float4 *>(st + C::ACT_BYTES + W_BYTES) + u * (SUB / 4) + q;
+#pragma unroll
+    for (int j = 0; j < SUB / 16; ++j) {
+      const float4 v = sa4[4 * j];  // tokens 16j + {2q, 2q+1, 8+2q, 8+2q+1} of the sub-tile
+      float *A = acc + u * HN + 8 * j;
+      const float *D = t + 8 * j;
+      A[0] = __fmaf_rn(D[0], v.x * sw0, A[0]);
+      A[1] = __fmaf_rn(D[1], v.y * sw0, A[1]);
+      A[2] = __fmaf_rn(D[2], v.x * sw1, A[2]);
+      A[3] = __fmaf_rn(D[3], v.y * sw1, A[3]);
+      A[4] = __fmaf_rn(D[4], v.z * sw0, A[4]);
+      A[5] = __fmaf_rn(D[5], v.w * sw0, A[5]);
+      A[6] = __fmaf_rn(D[6], v.z * sw1, A[6]);
+      A[7] = __fmaf_rn(D[7], v.w * sw1, A[7]);
+    }
+  };
+  auto release = [&](int g) {
+    __syncwarp();
+    if (l == 0) {
+      if constexpr (CL > 1) {
+        mbar_arrive_remote(empty_bar + (g % C::STAGES) * 8, crank ^ 1);
+        mbar_arrive_remote(empty_bar + (g % C::STAGES) * 8, crank);
+      } else {
+        mbar_arrive(empty_bar + (g % C::STAGES) * 8);
+      }
+    }
+  };
+
+  if constexpr (NSUB > 1) {
+    // Software pipeline over (group, sub-tile) items, two result buffers: item i+1 is issued before item i
+    // is waited for and promoted, so this warpgroup always has one wgmma in flight while it promotes.
+    // Group g+1's A fragments are built while g's last item still reads its own (two register sets,
+    // alternating by group; the loop is unrolled over two groups so every index is static).
+    float buf[2][HN];
+    uint32_t a0[8], a1[8];
+    // group g: its item 0 is in flight in buf[p0]; retires all its items, issues the next group's first
+    auto group = [&](int g, const uint32_t (&ac)[8], uint32_t (&an)[8], bool next, int p0) {
+#pragma unroll
+      for (int u = 0; u < NSUB; ++u) {
+        const int cur = (p0 + u) & 1;
+        if (u + 1 < NSUB) {
+          issue(g, u + 1, ac, buf[cur ^ 1]);
+          wg_wait<1>();
+        } else if (next) {
+          load_a(g + 1, an);
+          issue(g + 1, 0, an, buf[cur ^ 1]);
+          wg_wait<1>();
+        } else {
+          wg_wait<0>();
+        }
+        promote(g, u, buf[cur]);
+      }
+      release(g);
+    };
+    load_a(0, a0);
+    issue(0, 0, a0, buf[0]);
+    int g = 0;
+    for (; g + 2 < G; g += 2) {
+      group(g, a0, a1, true, 0);
+      group(g + 1, a1, a0, true, NSUB & 1);
+    }
+    if (G - g == 2) {
+      group(g, a0, a1, true, 0);
+      group(g + 1, a1, a0, false, NSUB & 1);
+    } else {
+      group(g, a0, a1, false, 0);
+    }
+  } else {
+    // One wgmma pair over the whole token tile per group, waited for at once (the two consumer
+    // warpgroups overlap each other only).
+    float t[HN];
+    uint32_t a[8];
+    for (int g = 0; g < G; ++g) {
+      load_a(g, a);
+      issue(g, 0, a, t);
+      wg_wait<0>();
+      promote(g, 0, t);
+      release(g);
+    }
+  }
+
+  if (p.rank > 0) lowrank<BT, LT>(p, smem, acc, m0, n0, c, ctid);
+
+  // ---------------- epilogue: bias, GELU, convert, stage transposed, write rows < M ----------------
+  consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
+  const int esz = p.out_dtype == NL_F32 ? 4 : 2;
+  const int srow = (BN + OUT_PAD) * esz;  // staging bytes per token row
+  const float b0 = p.bias ? p.bias[n0 + rloc] : 0.f, b1 = p.bias ? p.bias[n0 + rloc + 8] : 0.f;
+  const bool gelu = p.epilogue == NL_EPI_GELU_TANH;
+#pragma unroll
+  for (int i = 0; i < ND; ++i) {
+    const int j = i >> 2, t = 8 * j + 2 * q + (i & 1), r = rloc + ((i >> 1) & 1) * 8;
+    float v = acc[i] + ((i >> 1) & 1 ? b1 : b0);
+    if (gelu) v = gelu_tanh(v);
+    uint8_t *dst = smem + t * srow + r * esz;
+    if (p.out_dtype == NL_BF16) *reinterpret_cast<__nv_bfloat16 *>(dst) = __float2bfloat16_rn(v);
+    else if (p.out_dtype == NL_F16) *reinterpret_cast<__half *>(dst) = __float2half_rn(v);
+    else *reinterpret_cast<float *>(dst) = v;
+  }
+  consumers_sync();
+  const int chunks = BN * esz / 16, rows = min(BT, p.M - m0);
+  uint8_t *out = static_cast<uint8_t *>(p.out);
+  for (int i = threadIdx.x - 128; i < rows * chunks; i += 256) {
+    const int t = i / chunks, ch = i % chunks;
+    *reinterpret_cast<uint4 *>(out + ((int64_t)(m0 + t) * p.ldo + n0) * esz + ch * 16) =
+        *reinterpret_cast<const uint4 *>(smem + t * srow + ch * 16);
+  }
+  if constexpr (CL > 1) cluster_sync();
+#else
+  __trap();  // sm_90a only; the host entry refuses other devices
+#endif
+}
+
+template <int BT, typename LT, int SUB, int NSTAGES, int CL>
+int launch(const Params &p, cudaStream_t stream) {
+  auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES, CL>;
+  constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
+  static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
+  int dev = 0;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_w4a4_gemm_fp8");
+  if (dev >= 64 || !attr_set[dev]) {
+    NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM),
+                  "nl_w4a4_gemm_fp8");
+    if (dev < 64) attr_set[dev] = true;
+  }
+  dim3 grid(((p.M + BT - 1) / BT) * (p.N / BN));
+  if constexpr (CL > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(THREADS);
+    cfg.dynamicSmemBytes = SMEM;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CL;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    NL_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kern, p), "nl_w4a4_gemm_fp8");
+  } else {
+    kern<<<grid, THREADS, SMEM, stream>>>(p);
+  }
+  NL_CHECK_LAUNCH("nl_w4a4_gemm_fp8");
+  return NL_OK;
+}
+
+template <int BT, int SUB, int NSTAGES, int CL = 1>
+int dispatch_lora(const Params &p, int lora_dtype, cudaStream_t s) {
+  return lora_dtype == NL_F16 ? launch<BT, __half, SUB, NSTAGES, CL>(p, s)
+                              : launch<BT, __nv_bfloat16, SUB, NSTAGES, CL>(p, s);
+}
+
+// ---- weight repacking into the wgmma A-fragment order ----------------------------------------------------
+// One thread per 16-byte unit (CTA weight tile nb, group g, warpgroup c, thread t = 32w + 4gq + q):
+// word j = u16(row, 64g + 16j + 4q) | u16(row + 8, same k) << 16, row = 128nb + 64c + 16w + gq, where u16
+// reads the 2 canonical bytes holding codes k..k+3.
+__global__ void repack_sm90_kernel(const uint8_t *__restrict__ src, uint4 *__restrict__ dst, int64_t units, int K) {
+  const int G = K / 64, half = K / 2;
+  for (int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+    const int t = (int)(u & 127), c = (int)((u >> 7) & 1);
+    const int64_t rest = u >> 8;
+    const int g = (int)(rest % G);
+    const int64_t nb = rest / G;
+    const int w = t >> 5, gq = (t >> 2) & 7, q = t & 3;
+    const int64_t row = nb * 128 + c * 64 + 16 * w + gq;
+    const uint8_t *r0 = src + row * half, *r1 = src + (row + 8) * half;
+    uint32_t word[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int b = (64 * g + 16 * j + 4 * q) / 2;
+      word[j] = (uint32_t)(r0[b] | (r0[b + 1] << 8)) | ((uint32_t)(r1[b] | (r1[b + 1] << 8)) << 16);
+    }
+    dst[u] = make_uint4(word[0], word[1], word[2], word[3]);
+  }
+}
+
+int check_sm90(const char *k) {
+  int dev = 0, major = 0, minor = 0;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
+  NL_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), k);
+  NL_CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), k);
+  if (major != 9 || minor != 0)
+    return nl_fail(NL_ERR_UNSUPPORTED, "%s: needs an sm_90 (Hopper) device, device %d is sm_%d%d", k, dev, major,
+                   minor);
+  return NL_OK;
+}
+
+}  // namespace
+
+extern "C" int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *packed, void *stream) {
+  const char *k = "nl_repack_weight_sm90";
+  NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
+               (long long)N);
+  NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K < (1LL << 24), "%s: K=%lld must be a positive multiple of 64", k,
+               (long long)K);
+  NL_CHECK_ARG(qweight && nl_aligned(qweight, 16), "%s: qweight must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(packed && nl_aligned(packed, 16), "%s: packed must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(qweight != packed, "%s: in-place repacking is not supported", k);
+  const int64_t units = N * K / 32;
+  const int blocks = (int)((units + 255) / 256 < 65535 ? (units + 255) / 256 : 65535);
+  repack_sm90_kernel<<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(qweight, reinterpret_cast<uint4 *>(packed),
+                                                                           units, (int)K);
+  NL_CHECK_LAUNCH(k);
+  return NL_OK;
+}
+
+extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                                const uint8_t *w_packed, const float *w_scales, const float *lora_act,
+                                const void *lora_up, int lora_dtype, int rank, const float *bias, void *out,
+                                int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int epilogue,
+                                void *stream) {
+  const char *k = "nl_w4a4_gemm_fp8";
+  NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
+  NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
+               (long long)N);
+  NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K < (1LL << 24), "%s: K=%lld must be a positive multiple of 64", k,
+               (long long)K);
+  NL_CHECK_ARG(mp >= M && mp % 256 == 0 && mp < (1LL << 31),
+               "%s: activation rows mp=%lld must be M rounded up to a multiple of 256", k, (long long)mp);
+  NL_CHECK_ARG(out_dtype == NL_BF16 || out_dtype == NL_F16 || out_dtype == NL_F32, "%s: out dtype code %d", k,
+               out_dtype);
+  const int esz = out_dtype == NL_F32 ? 4 : 2;
+  NL_CHECK_ARG(ldo >= N && (ldo * esz) % 16 == 0,
+               "%s: out row stride %lld must be >= N and a multiple of 16 bytes", k, (long long)ldo);
+  NL_CHECK_ARG(epilogue == NL_EPI_NONE || epilogue == NL_EPI_GELU_TANH, "%s: epilogue code %d", k, epilogue);
+  NL_CHECK_ARG(rank >= 0 && rank % 16 == 0 && rank <= 1024, "%s: rank=%d must be a multiple of 16", k, rank);
+  NL_CHECK_ARG(act_codes8 && nl_aligned(act_codes8, 16), "%s: act_codes8 must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(act_scales8 && nl_aligned(act_scales8, 16), "%s: act_scales8 must be non-null and 16-byte aligned",
+               k);
+  NL_CHECK_ARG(w_packed && nl_aligned(w_packed, 16), "%s: w_packed must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(w_scales && nl_aligned(w_scales, 16), "%s: w_scales must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(out && nl_aligned(out, 16), "%s: out must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(!bias || nl_aligned(bias, 4), "%s: bias must be 4-byte aligned", k);
+  if (rank > 0) {
+    NL_CHECK_ARG(lora_act && nl_aligned(lora_act, 16), "%s: lora_act must be non-null, 16-byte aligned", k);
+    NL_CHECK_ARG(lora_up && nl_aligned(lora_up, 16), "%s: lora_up must be non-null, 16-byte aligned", k);
+    NL_CHECK_ARG(lora_dtype == NL_BF16 || lora_dtype == NL_F16, "%s: lora_up dtype code %d is not bf16/fp16", k,
+                 lora_dtype);
+  }
+  const int rc = check_sm90(k);
+  if (rc) return rc;
+  Params p{act_codes8, act_scales8, mp, w_packed, w_scales, lora_act, lora_up, rank, bias, out, out_dtype, ldo,
+           epilogue, (int)M, (int)N, (int)K, 0};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // Variants (read at every call, for tests and benchmarks): NUNCHAKU_LITE_WGMMA_BT = tokens per CTA (128,
+  // 192, 256), NUNCHAKU_LITE_WGMMA_SUB = tokens per wgmma (64: pipelined sub-tiles; = BT: one wgmma pair per
+  // group, unpipelined), NUNCHAKU_LITE_WGMMA_STAGES = 16 (deeper ring, 128-token pipelined tile only),
+  // NUNCHAKU_LITE_WGMMA_RASTER = 0 | 1 (CTA order).
+  const char *env_bt = getenv("NUNCHAKU_LITE_WGMMA_BT"), *env_sub = getenv("NUNCHAKU_LITE_WGMMA_SUB");
+  const char *env_st = getenv("NUNCHAKU_LITE_WGMMA_STAGES"), *env_r = getenv("NUNCHAKU_LITE_WGMMA_RASTER");
+  const int bt = env_bt ? atoi(env_bt) : DEFAULT_BT, sub = env_sub ? atoi(env_sub) : 64;
+  const int stages = env_st ? atoi(env_st) : DEFAULT_STAGES;
+  p.raster = env_r ? atoi(env_r) != 0 : DEFAULT_RASTER;
+  const char *env_cl = getenv("NUNCHAKU_LITE_WGMMA_CLUSTER");  // 2: activation multicast over CTA pairs
+  const int cl = env_cl ? atoi(env_cl) : DEFAULT_CLUSTER;
+  if (cl == 2 && (N / BN) % 2 == 0 && sub == 64 && (bt == 128 || bt == 192)) {
+    p.raster = 1;  // cluster = two neighbouring weight tiles of one token tile
+    return bt == 192 ? dispatch_lora<192, 64, 10, 2>(p, lora_dtype, s) : dispatch_lora<128, 64, 10, 2>(p, lora_dtype, s);
+  }
+  if (bt == 256) return dispatch_lora<256, 64, 8>(p, lora_dtype, s);
+  if (bt == 192) return sub == 192 ? dispatch_lora<192, 192, 10>(p, lora_dtype, s) : dispatch_lora<192, 64, 10>(p, lora_dtype, s);
+  if (sub == 128) return dispatch_lora<128, 128, 10>(p, lora_dtype, s);
+  return stages == 16 ? dispatch_lora<128, 64, 16>(p, lora_dtype, s) : dispatch_lora<128, 64, 10>(p, lora_dtype, s);
+}
