@@ -190,7 +190,9 @@ template <> struct LrOp<__half> {
   }
 };
 
-// acc += lora_up[rows of this warpgroup, :] @ lora_act[tokens, :]^T, chunks of LRC ranks through shared memory.
+// lr = lora_up[rows of this warpgroup, :] @ lora_act[tokens, :]^T, chunks of LRC ranks through shared memory.
+// Its own accumulator, added to acc by the caller: when the main loop's acc is also a wgmma accumulator,
+// ptxas serializes every main-loop wgmma (warning C7515, the promotion FMAs write acc while wgmma is in flight).
 template <int BT, typename T>
 __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&acc)[BT / 2], int m0, int n0,
                                         int c, int ctid) {
@@ -198,6 +200,9 @@ __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&
   uint8_t *hi = smem, *lo = smem + BT * LRC * 2;
   const T *up = static_cast<const T *>(p.lora_up);
   const int row0 = n0 + c * 64 + 16 * w + (l >> 2);
+  float lr[BT / 2];
+#pragma unroll
+  for (int i = 0; i < BT / 2; ++i) lr[i] = 0.f;
   for (int r0 = 0; r0 < p.rank; r0 += LRC) {
     const int len = min(LRC, p.rank - r0);
     consumers_sync();  // the previous chunk's wgmma (or the main loop's stages) are done with this memory
@@ -224,13 +229,15 @@ __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&
       a[2] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * p.rank + k + 8);
       a[3] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * p.rank + k + 8);
       const uint32_t off = kk * 256;  // two core matrices along K per k16 step
-      LrOp<T>::template mma<BT>(acc, a, make_desc(smem_u32(hi) + off, 128, LRC * 16));
-      LrOp<T>::template mma<BT>(acc, a, make_desc(smem_u32(lo) + off, 128, LRC * 16));
+      LrOp<T>::template mma<BT>(lr, a, make_desc(smem_u32(hi) + off, 128, LRC * 16));
+      LrOp<T>::template mma<BT>(lr, a, make_desc(smem_u32(lo) + off, 128, LRC * 16));
     }
     wg_commit();
     wg_wait<0>();
-    reg_fence(acc);
+    reg_fence(lr);
   }
+#pragma unroll
+  for (int i = 0; i < BT / 2; ++i) acc[i] += lr[i];
 }
 #endif  // NL_SM90A
 
