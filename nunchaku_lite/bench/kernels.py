@@ -133,6 +133,64 @@ def bench_shape(m, k, n, path, exact=False):
     return r
 
 
+QUANT_SHAPES = [(4608, 3072), (1536, 3072), (4608, 12288), (4608, 15360)]  # (M, K)
+
+
+def quantize_bytes(m, k, rank, layout):
+    """HBM bytes of one quantize call: x read + codes, scales and lora_act written."""
+    g = k // 64
+    rows = native.padded_rows(m) if layout == "packed" else native.fp8_tile_rows(m)
+    codes = m * k // 2 if layout == "packed" else rows * k
+    return m * k * 2 + codes + g * rows * 4 + m * rank * 4
+
+
+def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
+    """The quantize + low-rank-down kernel, plain and LayerNorm-fused, both layouts: GB/s and % of copy."""
+    rows = []
+    for m, k in QUANT_SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(m + k)
+        x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+        smooth = torch.rand(k, generator=g, device="cuda") + 0.5
+        down = (torch.randn(rank, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        shift, scale = [(torch.randn(2, k, generator=g, device="cuda") * 0.3).to(torch.bfloat16) for _ in range(2)]
+        for tiling in tilings:
+            os.environ["NUNCHAKU_LITE_QUANT_BM"] = tiling
+            for layout in ("packed", "fp8_tiles"):
+                for fused in (False, True):
+                    if fused:
+                        fn = lambda: native.layernorm_quantize_act(x, shift, scale, -(-m // 2), smooth, down,
+                                                                   layout=layout)
+                    else:
+                        fn = lambda: native.quantize_act(x, smooth, down, layout=layout)
+                    ms = time_ms(fn, reps=20, replays=25)
+                    gbps = quantize_bytes(m, k, rank, layout) / ms / 1e6
+                    rows.append(dict(M=m, K=k, rank=rank, tiling=int(tiling), layout=layout,
+                                     kernel="layernorm+quantize" if fused else "quantize", us=ms * 1e3,
+                                     gbps=gbps, pct_of_copy=100 * gbps / copy_gbps))
+    os.environ.pop("NUNCHAKU_LITE_QUANT_BM", None)
+    hdr = f"{'M':>5} {'K':>6} {'BM':>3} {'layout':>9} {'kernel':>18} | {'us':>7} {'GB/s':>6} {'%copy':>5}"
+    print(f"\nquantize + low-rank down (rank {rank}, smooth; LN-fused: 2 batches), copy {copy_gbps:.0f} GB/s")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['M']:>5} {r['K']:>6} {r['tiling']:>3} {r['layout']:>9} {r['kernel']:>18} | {r['us']:7.1f} "
+              f"{r['gbps']:6.0f} {r['pct_of_copy']:5.0f}")
+    return rows
+
+
+def quantize_main(args, dev):
+    """--quantize: only the quantize table (and JSON)."""
+    copy_gbps = copy_bandwidth()
+    print(f"device: {dev}  torch {torch.__version__}\ndevice copy: {copy_gbps:.0f} GB/s (read + write)")
+    rows = quantize_table(copy_gbps, tuple(args.quant_bm.split(",")))
+    path = args.json.replace(".json", "_quantize.json") if args.json.endswith(".json") else args.json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=dev, torch=torch.__version__, copy_gbps=copy_gbps, rows=rows), f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nunchaku_lite.bench kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
@@ -140,14 +198,19 @@ def main(argv=None):
     ap.add_argument("--path", choices=["auto", "s4", "s8"], default="auto")
     ap.add_argument("--exact", action="store_true", help="time the bit-exact accumulation mode")
     ap.add_argument("--block-m", choices=["64", "128"], help="GEMM block rows (sets NUNCHAKU_LITE_GEMM_BM)")
+    ap.add_argument("--quantize", action="store_true", help="only the quantize-kernel table (both layouts, "
+                    "plain and LayerNorm-fused)")
+    ap.add_argument("--quant-bm", default="32", help="quantize CTA token tilings to time, e.g. 16,32,64")
     args = ap.parse_args(argv)
     if args.block_m:
         os.environ["NUNCHAKU_LITE_GEMM_BM"] = args.block_m
     if not native.available():
         print(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}", file=sys.stderr)
         return 1
-    path = native.default_path() if args.path == "auto" else args.path
     dev = torch.cuda.get_device_name()
+    if args.quantize:
+        return quantize_main(args, dev)
+    path = native.default_path() if args.path == "auto" else args.path
     block_m = os.environ.get("NUNCHAKU_LITE_GEMM_BM", "128")
     print(f"device: {dev}  torch {torch.__version__}  path {path}  GEMM block rows {block_m}"
           f"{'  exact' if args.exact else ''}")
@@ -207,4 +270,26 @@ def smoke(argv=None):
             native.w4a16_gemm(x[: min(m, 5)].contiguous(), p16)
     torch.cuda.synchronize()
     print("smoke ok")
+    return 0
+
+
+def quantize_smoke(argv=None):
+    """The quantize kernels once per layout/tiling on odd shapes (tile tails): for compute-sanitizer runs."""
+    if not native.available():
+        print(f"native kernels unavailable: {native.library_error()}", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    for m, k, rank in [(1, 64, 16), (37, 192, 32), (300, 1088, 0), (130, 256, 128), (513, 320, 64)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        down = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) if rank else None
+        smooth = torch.rand(k, device="cuda") + 0.5
+        sh, sc = torch.randn(2, 2, k, device="cuda", dtype=torch.bfloat16)
+        for tiling in ("16", "32", "64"):
+            os.environ["NUNCHAKU_LITE_QUANT_BM"] = tiling
+            for layout in ("packed", "fp8_tiles"):
+                native.quantize_act(x, smooth, down, True, 0.171875, layout=layout)
+                native.layernorm_quantize_act(x, sh, sc, -(-m // 2), smooth, down, layout=layout, return_y=True)
+    os.environ.pop("NUNCHAKU_LITE_QUANT_BM", None)
+    torch.cuda.synchronize()
+    print("quantize smoke ok")
     return 0
