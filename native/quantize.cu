@@ -11,10 +11,14 @@
 //   scale = max|xs| / 7,  codes = clamp(rint(xs / scale), -8, 7)        signed
 //   scale = max|xs| / 15, codes = clamp(rint(xs / scale),  0, 15)       unsigned;   scale == 0 -> codes 0
 //   lora_act[m, :] = a[m, :] @ lora_down^T            (16-bit operands on tensor cores, fp32 accumulation)
-// rint(xs / scale) is evaluated as rint(xs * RN(1/scale)) and recomputed with an IEEE division only where
-// that product lies within 1e-5 of a rounding boundary (x.5): the product is within 2e-6 of the true
-// quotient (|xs/scale| <= 15.0001), so elsewhere both round to the same integer. This keeps the codes
-// bit-identical while avoiding one division per element (the kernel is otherwise instruction-bound).
+// Divisions without division instructions (the kernel is instruction-bound; results stay bit-identical):
+//   xs / smooth: RN(1/smooth) once per channel and stage (__frcp_rn), then two Newton corrections with fma
+//     residuals (Markstein's theorem), exact for |inputs| >= 2^-100 and smooth in [2^-20, 2^20]; amax / qmax
+//     likewise with the constant RN(1/qmax);
+//   rint(xs / scale) as rint(xs * rcp.approx(scale)): the product is within 6e-6 of the true quotient
+//     (|xs / scale| <= 15.0001). Where it lies within 1e-5 of a rounding boundary (x.5), or a group is tiny
+//     or huge (amax outside [2^-60, 2^120]), or a smooth value is out of range, the whole warp redoes its
+//     units with IEEE divisions in the reference's order (rare: ~1% of warp passes on random data).
 //
 // Layouts written (`layout`):
 //   NL_ACT_PACKED     codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] (rows >= M: 0)
@@ -23,16 +27,23 @@
 //                     16-token permutation 8b+2q+e -> 4q+2b+e; rows >= M are 0 (ldm = Mp, multiple of 256)
 //   lora_act float [M, rank] in both.
 //
-// Tiling: a CTA of NWARPS warps owns BM tokens and streams K in stages of KC columns (KC/64 groups) through
-// a STAGES-deep cp.async ring shared by all warps: x tile [BM x KC] and lora_down tile [rank x KC] (16-byte
-// chunks XOR-swizzled within each 128-byte run so ldmatrix and the quantizer's reads are conflict-free).
-// lora_down is thus read once per CTA (from L2) for BM tokens. Quantization: a warp pass covers 8 tokens x one
-// group, 4 lanes per token (lane = c*8 + token, 16 elements each: chunks c and c+4), amax by 2 shuffles.
-// Low-rank: warp w owns m-tile w % (BM/16) and every (BM/16)-th... k-step of the stage; partial sums over the
-// k-split warps are reduced through shared memory in a fixed order at the end (deterministic).
-// LayerNorm: the CTA first computes each row's mean and rstd (two passes over the row: the second hits L1),
-// while the first stages are already in flight; each landed stage is then normalized and modulated in place.
+// Tiling: a CTA of NWARPS = 8 warps owns BM tokens (16 by default; 32 for rank > 32) and streams K in
+// stages of KC columns (256, or 128 for rank > 32) through a STAGES-deep cp.async ring shared by all warps:
+// x tile [BM x KC] and lora_down tile [rank x KC], 16-byte chunks XOR-swizzled within each 128-byte run so
+// that ldmatrix and the quantizer's reads are conflict-free. lora_down is read once per CTA (from L2) for
+// BM tokens. Each thread's copy addresses are computed once. Quantization: a unit is 8 tokens x one group,
+// 4 lanes per token (lane = c*8 + token, 16 elements each: chunks c and c+4), amax by a tree and 2 shuffles;
+// the units of a stage split evenly over the warps (UPW per warp, computed before any store for ILP).
+// Low-rank: warp w owns m-tile w % (BM/16) and every (NWARPS/(BM/16))-th k-step of the stage
+// (mma.m16n8k16, fp32 accumulators); the k-split partial sums are reduced through shared memory in a fixed
+// order at the end (deterministic).
+// LayerNorm: the CTA first computes each row's mean and rstd (row chunks in registers, one load for rows
+// up to 3072) while the first stages are in flight; each landed stage is normalized and modulated in place.
+// Measured (H100, M=4608, K=3072, rank 32): 49 us packed (31% of the copy bandwidth), 74 us LayerNorm-fused;
+// ncu: issue-bound (~37 warp instructions per element, 23% occupancy at 119-128 registers).
 #include "common.cuh"
+
+#include <type_traits>
 
 namespace {
 
@@ -45,14 +56,17 @@ template <int BM_, int MAXR_>
 struct Cfg {
   static constexpr int BM = BM_;
   static constexpr int MAXR = MAXR_;
-  static constexpr int MTILES = BM / 16;          // 16-token mma tiles
-  static constexpr int KSPLIT = NWARPS / MTILES;  // warps sharing one m-tile (split over k-steps)
-  static constexpr int KC = BM == 16 ? 256 : 128; // columns per stage: one quantizer pass per warp (BM <= 32)
-  static constexpr int GS = KC / 64;              // groups per stage
+  static constexpr int MTILES = BM / 16;            // 16-token mma tiles
+  static constexpr int KSPLIT = NWARPS / MTILES;    // warps sharing one m-tile (split over k-steps)
+  static constexpr int KC = MAXR > 32 ? 128 : 256;  // columns per stage (the lora_down tile grows with rank)
+  static constexpr int GS = KC / 64;                // groups per stage
+  static constexpr int KSTEPS = KC / 16;            // mma k-steps per stage
+  static constexpr int UPW = (BM / 8) * GS / NWARPS;  // quantizer units (8 tokens x 1 group) per warp
   static constexpr int ROW_BYTES = KC * 2;
   static constexpr int X_BYTES = BM * ROW_BYTES;
-  static constexpr int STAGES = MAXR > 64 ? 3 : 4;
+  static constexpr int STAGES = (BM == 16 && MAXR <= 32) ? 4 : 3;
   static constexpr int MIN_BLOCKS = MAXR > 64 ? 1 : 2;  // 2 x 8 warps per SM without register spills
+  static_assert(UPW >= 1 && (BM / 8) * GS == UPW * NWARPS, "quantizer units must split evenly over warps");
 };
 
 // Byte offset of logical 16-byte chunk `c` of row `row` in a tile with rows of `row_bytes`.
@@ -87,14 +101,13 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 
 // a / b correctly rounded without a division instruction, given y = RN(1/b): two Newton corrections with
 // exact fma residuals (the second is Markstein's theorem: y within half an ulp of 1/b and a first quotient
-// within one ulp give RN(a/b)). Valid without underflow in the residuals: callers require |a| >= 2^-100 or
-// a == 0, and 2^-100 <= |b| <= 2^100 (else they take the IEEE division path).
+// within one ulp give RN(a/b)). Valid without underflow or overflow in the residuals: |a| >= 2^-100 or
+// a == 0, and 2^-20 <= |b| <= 2^20 (callers check the cases that matter and take the IEEE path otherwise).
 __device__ __forceinline__ float div_rn_by(float a, float b, float y) {
   const float q0 = a * y;
   const float q1 = fmaf(fmaf(-b, q0, a), y, q0);
   return fmaf(fmaf(-b, q1, a), y, q1);
 }
-__device__ __forceinline__ bool div_operand_ok(float a) { return !(fabsf(a) < 0x1p-100f) || a == 0.f; }
 
 struct Args {
   const void *x;
@@ -148,50 +161,64 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   }
   const int K = p.K, G = K / 64, rank = p.rank;
   const int nstages = (G + C::GS - 1) / C::GS;
-  const int L_BYTES = rank * C::ROW_BYTES;
-  const int STAGE_BYTES = C::X_BYTES + L_BYTES;
+  const int STAGE_BYTES = C::X_BYTES + rank * C::ROW_BYTES;
   const T *x = static_cast<const T *>(p.x);
   const T *ld = static_cast<const T *>(p.lora_down);
+  constexpr int CPR = C::KC / 8;  // 16-byte chunks per tile row
 
+  // ---- per-thread copy slots, fixed for the whole K loop (stage s adds s * KC elements)
+  constexpr int XSLOTS = C::BM * CPR / NTHREADS, LSLOTS = C::MAXR * CPR / NTHREADS;
+  static_assert(XSLOTS >= 1 && LSLOTS >= 1, "tile too small for the copy slots");
+  const T *xsrc[XSLOTS];
+  int xoff[XSLOTS], xbytes[XSLOTS];
+  const int slot_c = tid % CPR;  // every slot of a thread has the same chunk column (NTHREADS % CPR == 0)
+#pragma unroll
+  for (int j = 0; j < XSLOTS; ++j) {
+    const int row = (tid + j * NTHREADS) / CPR, m = m0 + row;
+    xsrc[j] = x + (int64_t)(m < p.M ? m : 0) * p.ldx + slot_c * 8;
+    xoff[j] = swz(row, slot_c, C::ROW_BYTES);
+    xbytes[j] = m < p.M ? 16 : 0;
+  }
   auto load_stage = [&](int s) {
     uint8_t *xs = smem + (s % C::STAGES) * STAGE_BYTES, *ls = xs + C::X_BYTES;
     const int k0 = s * C::KC;
-    const int valid = min(C::GS, G - s * C::GS) * 8;  // 16-byte chunks per row in this stage
-    constexpr int CPR = C::KC / 8;
+    if (slot_c < min(C::GS, G - s * C::GS) * 8) {  // columns past K in a partial last stage stay unread
 #pragma unroll
-    for (int i = tid; i < C::BM * CPR; i += NTHREADS) {
-      const int row = i / CPR, c = i % CPR, m = m0 + row;
-      if (c < valid)
-        cp_async16(xs + swz(row, c, C::ROW_BYTES), x + (int64_t)(m < p.M ? m : 0) * p.ldx + k0 + c * 8,
-                   m < p.M ? 16 : 0);
-    }
-    for (int i = tid; i < rank * CPR; i += NTHREADS) {
-      const int row = i / CPR, c = i % CPR;
-      if (c < valid) cp_async16(ls + swz(row, c, C::ROW_BYTES), ld + (int64_t)row * K + k0 + c * 8);
+      for (int j = 0; j < XSLOTS; ++j) cp_async16(xs + xoff[j], xsrc[j] + k0, xbytes[j]);
+#pragma unroll
+      for (int j = 0; j < LSLOTS; ++j) {
+        const int row = (tid + j * NTHREADS) / CPR;
+        if (row < rank) cp_async16(ls + swz(row, slot_c, C::ROW_BYTES), ld + (int64_t)row * K + k0 + slot_c * 8);
+      }
     }
   };
+  // smooth of stage s, one channel per thread (KC <= NTHREADS), loaded one iteration ahead of its use so the
+  // global load's latency is not waited for inside the stage loop
+  auto smooth_load = [&](int s) -> float {
+    const int k = s * C::KC + tid;
+    return (p.smooth && tid < C::KC && k < K) ? __ldg(p.smooth + k) : 1.f;
+  };
+  auto smooth_stage = [&](int s, float v) {
+    if (p.smooth && tid < C::KC) {
+      const bool ok = fabsf(v) >= 0x1p-20f && fabsf(v) <= 0x1p20f;
+      s_smooth[s & 1][tid] = v;
+      s_rcp[s & 1][tid] = ok ? __frcp_rn(v) : __int_as_float(0x7fffffff);
+    }
+  };
+  static_assert(C::KC <= NTHREADS && NTHREADS % CPR == 0, "one smooth channel per thread");
 
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; ++s) {
     if (s < nstages) load_stage(s);
     cp_async_commit();
   }
-  auto smooth_stage = [&](int s) {  // one channel per thread (KC <= NTHREADS)
-    const int k = s * C::KC + tid;
-    if (p.smooth && tid < C::KC && k < K) {
-      const float v = p.smooth[k];
-      const bool ok = fabsf(v) >= 0x1p-100f && fabsf(v) <= 0x1p100f;
-      s_smooth[s & 1][tid] = v;
-      s_rcp[s & 1][tid] = ok ? __frcp_rn(v) : __int_as_float(0x7fffffff);
-    }
-  };
-  static_assert(C::KC <= NTHREADS, "one smooth channel per thread");
-  smooth_stage(0);
+  smooth_stage(0, smooth_load(0));
+  float smooth_next = smooth_load(1);
 
   if constexpr (LN) {
-    // Row statistics while the first stages land: mean, then the centred sum of squares (second pass from
-    // L1), as torch does in fp32; rstd = rsqrt(var + eps) with the same approximate rsqrt instruction.
-    constexpr int RCH = 12;  // 16-byte chunks per lane held in registers: rows up to 3072 in one load
+    // Row statistics while the first stages land: mean, then the centred sum of squares (from registers
+    // for rows up to 3072), as torch does in fp32; rstd = rsqrt(var + eps), the same approximate rsqrt.
+    constexpr int RCH = 12;
     for (int row = warp; row < C::BM; row += NWARPS) {
       const int m = m0 + row;
       float mean = 0.f, rstd = 0.f;
@@ -263,7 +290,8 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   const float qmax = uns ? 15.f : 7.f, flo = MAGIC + (uns ? 0.f : -8.f), fhi = MAGIC + (uns ? 15.f : 7.f);
   const float rqmax = uns ? 1.f / 15.f : 1.f / 7.f;  // RN(1/qmax), folded by the compiler
   const float shift = p.shift;
-  const int tok = lane & 7, ch = lane >> 3;  // quantizer: token within the 8-token pass, chunk pair (ch, ch+4)
+  const bool has_smooth = p.smooth != nullptr;
+  const int tok = lane & 7, ch = lane >> 3;  // quantizer: token within the 8-token unit, chunk pair (ch, ch+4)
   const int mt = warp % C::MTILES, ks = warp / C::MTILES;
 
   for (int it = 0; it < nstages; ++it) {
@@ -271,7 +299,10 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     __syncthreads();
     if (it + C::STAGES - 1 < nstages) load_stage(it + C::STAGES - 1);
     cp_async_commit();
-    if (it + 1 < nstages) smooth_stage(it + 1);  // read at it + 1, after that iteration's barrier
+    if (it + 1 < nstages) {  // read at it + 1, after that iteration's barrier
+      smooth_stage(it + 1, smooth_next);
+      smooth_next = smooth_load(it + 2);
+    }
 
     uint8_t *xs = smem + (it % C::STAGES) * STAGE_BYTES;
     const uint8_t *ls = xs + C::X_BYTES;
@@ -280,14 +311,14 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
 
     if constexpr (LN) {
       // a = (1 + mscale[b]) * T(LN(x)) + mshift[b], every op rounded to T like the torch path
-      constexpr int CPR = C::KC / 8;
       const T *msh = static_cast<const T *>(p.mshift), *msc = static_cast<const T *>(p.mscale);
-      for (int i = tid; i < C::BM * CPR; i += NTHREADS) {
-        const int row = i / CPR, c = i % CPR, m = m0 + row;
-        if (c >= ngs * 8 || m >= p.M) continue;
-        const int k = g0 * 64 + c * 8;
+#pragma unroll
+      for (int j = 0; j < XSLOTS; ++j) {
+        const int row = (tid + j * NTHREADS) / CPR, m = m0 + row;
+        if (slot_c >= ngs * 8 || m >= p.M) continue;
+        const int k = g0 * 64 + slot_c * 8;
         const int64_t b = row_batch[row];
-        uint4 *ptr = reinterpret_cast<uint4 *>(xs + swz(row, c, C::ROW_BYTES));
+        uint4 *ptr = reinterpret_cast<uint4 *>(xs + xoff[j]);
         const uint4 raw = *ptr;
         const uint4 rsc = __ldg(reinterpret_cast<const uint4 *>(msc + b * K + k));
         const uint4 rsh = __ldg(reinterpret_cast<const uint4 *>(msh + b * K + k));
@@ -296,12 +327,12 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         const float mean = row_mean[row], rstd = row_rstd[row];
         uint32_t o[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 v = unpack2<T>(w[j]), sc = unpack2<T>(wsc[j]), sh = unpack2<T>(wsh[j]);
+        for (int i = 0; i < 4; ++i) {
+          const float2 v = unpack2<T>(w[i]), sc = unpack2<T>(wsc[i]), sh = unpack2<T>(wsh[i]);
           const float2 n = unpack2<T>(pack2<T>((v.x - mean) * rstd, (v.y - mean) * rstd));
           const float2 s1 = unpack2<T>(pack2<T>(1.f + sc.x, 1.f + sc.y));
           const float2 pr = unpack2<T>(pack2<T>(s1.x * n.x, s1.y * n.y));
-          o[j] = pack2<T>(pr.x + sh.x, pr.y + sh.y);
+          o[i] = pack2<T>(pr.x + sh.x, pr.y + sh.y);
         }
         const uint4 out = make_uint4(o[0], o[1], o[2], o[3]);
         *ptr = out;
@@ -310,31 +341,43 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
       __syncthreads();
     }
 
-    // ---- quantization: units of (8 tokens, one group)
+    // ---- quantization: UPW units of (8 tokens, one group) per warp, all computed before any store (ILP)
     const float *sm_s = s_smooth[it & 1], *sm_r = s_rcp[it & 1];
-    for (int u = warp; u < (C::BM / 8) * ngs; u += NWARPS) {
-      const int gg = u % ngs, row = (u / ngs) * 8 + tok, m = m0 + row, g = g0 + gg;
+    uint32_t w[C::UPW][8];
+    float f[C::UPW][16], scale[C::UPW];
+    bool ok = !p.exact_div;
+#pragma unroll
+    for (int uu = 0; uu < C::UPW; ++uu) {
+      const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok;
       const uint4 r0 = *reinterpret_cast<const uint4 *>(xs + swz(row, gg * 8 + ch, C::ROW_BYTES));
       const uint4 r1 = *reinterpret_cast<const uint4 *>(xs + swz(row, gg * 8 + ch + 4, C::ROW_BYTES));
-      const uint32_t w[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
-      const int kc0 = gg * 64 + ch * 8;  // channel of element 0 within the stage; elements 8.. are +32
-      float f[16], scale;
-      // exact = false: divisions by precomputed reciprocals + exactness checks; exact = true: IEEE divisions
-      // everywhere (the reference's own sequence), taken by the whole warp when any check failed.
-      auto quantize = [&](bool exact) -> bool {
-        bool ok = true;
+      w[uu][0] = r0.x; w[uu][1] = r0.y; w[uu][2] = r0.z; w[uu][3] = r0.w;
+      w[uu][4] = r1.x; w[uu][5] = r1.y; w[uu][6] = r1.z; w[uu][7] = r1.w;
+    }
+    // rows >= M were zero-filled by the copy; their codes and scales must be 0 even with a shift. Units of
+    // groups past K (partial last stage) compute garbage that is never stored.
+    const bool tail_tile = m0 + C::BM > p.M;
+    // exact = false: divisions by reciprocals with exactness checks; exact = true: IEEE divisions everywhere
+    // (the reference's own sequence), taken by the whole warp when any check failed (amax is shared).
+    // The `general` tag adds the shift and clamps unsigned codes at 0; signed layers without a shift (most
+    // of them) skip both (separate code, no per-element cost).
+    auto quantize = [&](bool exact, auto general) {
+#pragma unroll
+      for (int uu = 0; uu < C::UPW; ++uu) {
+        const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok;
+        const int kc0 = gg * 64 + ch * 8;  // stage channel of element 0; elements 8..15 are +32
         float v[16];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const float2 t = unpack2<T>(w[j]);
+          const float2 t = unpack2<T>(w[uu][j]);
           v[2 * j] = t.x;
           v[2 * j + 1] = t.y;
         }
-        if (shift != 0.f) {
+        if constexpr (decltype(general)::value) {
 #pragma unroll
           for (int j = 0; j < 16; ++j) v[j] = __fadd_rn(v[j], shift);
         }
-        if (p.smooth) {
+        if (has_smooth) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float4 a0 = *reinterpret_cast<const float4 *>(sm_s + kc0 + 32 * h);
@@ -348,63 +391,83 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
               const float4 b1 = *reinterpret_cast<const float4 *>(sm_r + kc0 + 32 * h + 4);
               const float yv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-              for (int j = 0; j < 8; ++j) {
-                ok &= div_operand_ok(v[8 * h + j]);
-                v[8 * h + j] = div_rn_by(v[8 * h + j], sv[j], yv[j]);  // NaN reciprocal -> NaN -> check fails
-              }
+              for (int j = 0; j < 8; ++j) v[8 * h + j] = div_rn_by(v[8 * h + j], sv[j], yv[j]);
             }
           }
         }
-        if (m >= p.M) {  // tail rows: zero codes and scale (the fp8 layout stores them)
+        if (tail_tile && m0 + row >= p.M) {
 #pragma unroll
           for (int j = 0; j < 16; ++j) v[j] = 0.f;
         }
-        float amax = 0.f;
+        float am[8];  // a tree: short dependency chain
 #pragma unroll
-        for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[j]));
+        for (int j = 0; j < 8; ++j) am[j] = fmaxf(fabsf(v[2 * j]), fabsf(v[2 * j + 1]));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) am[j] = fmaxf(am[j], am[j + 4]);
+        float amax = fmaxf(fmaxf(am[0], am[2]), fmaxf(am[1], am[3]));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
         if (exact) {
-          scale = __fdiv_rn(amax, qmax);
+          const float sc = __fdiv_rn(amax, qmax);
+          scale[uu] = sc;
 #pragma unroll
-          for (int j = 0; j < 16; ++j)
-            f[j] = fminf(fmaxf(scale > 0.f ? rintf(__fdiv_rn(v[j], scale)) + MAGIC : MAGIC, flo), fhi);
-          return true;
+          for (int j = 0; j < 16; ++j) {
+            // a NaN quotient (inf / inf: x / smooth overflowed) becomes code 0, as torch's float -> int8
+            const float q = sc > 0.f ? rintf(__fdiv_rn(v[j], sc)) : 0.f;
+            f[uu][j] = q != q ? MAGIC : fminf(fmaxf(q + MAGIC, flo), fhi);
+          }
+          continue;
         }
-        ok &= div_operand_ok(amax);
-        scale = div_rn_by(amax, qmax, rqmax);
-        // a normal scale bounds |xs / scale| by qmax (1 + 2^-23), so only unsigned codes need a clamp (at 0)
-        ok &= scale == 0.f || scale >= 0x1p-120f;
-        const float rc = scale > 0.f ? __frcp_rn(scale) : 0.f;
+        // Quotients of inputs below 2^-100 may be off in their last bits (residual underflow), which only
+        // matters where they decide amax: require amax >= 2^-60, or amax == 0 with zero inputs (with a
+        // shift, |shift| >= 2^-60 is checked on the host, so x + shift is 0 or far from underflow).
+        uint32_t any = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) any |= w[uu][j];
+        ok &= (amax >= 0x1p-60f && amax <= 0x1p120f) || (amax == 0.f && (shift != 0.f || (any & 0x7fff7fffu) == 0u));
+        const float sc = div_rn_by(amax, qmax, rqmax);
+        scale[uu] = sc;
+        // a normal scale bounds |xs / scale| by qmax (1 + 2^-23): only unsigned codes need a clamp (at 0)
+        // rcp.approx (1 ulp) suffices: |t - xs/scale| <= 15 * 2^-22.4 < 1e-5 minus the quotient's rounding
+        const float rc = sc > 0.f ? __fdividef(1.f, sc) : 0.f;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
           const float t = v[j] * rc;
-          f[j] = t + MAGIC;
-          ok &= fabsf(t - (f[j] - MAGIC)) < BOUNDARY;  // NaN fails too
-          f[j] = fmaxf(f[j], flo);
+          const float fj = t + MAGIC;
+          ok &= fabsf(t - (fj - MAGIC)) < BOUNDARY;  // NaN (bad smooth channel) fails too
+          f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
         }
-        return ok;
-      };
-      const bool ok = quantize(p.exact_div != 0);
-      if (__any_sync(0xffffffffu, !ok)) quantize(true);  // rare; warp-uniform (amax is shared by 4 lanes)
+      }
+    };
+    if (uns || shift != 0.f) {
+      quantize(false, std::true_type{});
+      if (__any_sync(0xffffffffu, !ok)) quantize(true, std::true_type{});  // rare (x.5 quotients, tiny groups)
+    } else {
+      quantize(false, std::false_type{});
+      if (__any_sync(0xffffffffu, !ok)) quantize(true, std::false_type{});
+    }
 
+#pragma unroll
+    for (int uu = 0; uu < C::UPW; ++uu) {
+      const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok, m = m0 + row, g = g0 + gg;
+      if (gg >= ngs) continue;
       if (p.layout == NL_ACT_PACKED) {
         if (m < p.M) {
           uint32_t b0[8], b1[8];
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            b0[j] = __float_as_uint(f[j]);
-            b1[j] = __float_as_uint(f[8 + j]);
+            b0[j] = __float_as_uint(f[uu][j]);
+            b1[j] = __float_as_uint(f[uu][8 + j]);
           }
           uint8_t *cp = p.codes + (int64_t)m * (K / 2) + g * 32 + ch * 4;
           *reinterpret_cast<uint32_t *>(cp) = pack_nibbles(b0);
           *reinterpret_cast<uint32_t *>(cp + 16) = pack_nibbles(b1);
         }
-        if (ch == 0) p.scales[(int64_t)g * p.ldm + m] = scale;
+        if (ch == 0) p.scales[(int64_t)g * p.ldm + m] = scale[uu];
       } else {
         uint32_t e[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) e[j] = e4m3x2(f[2 * j] - MAGIC, f[2 * j + 1] - MAGIC);
+        for (int j = 0; j < 8; ++j) e[j] = e4m3x2(f[uu][2 * j] - MAGIC, f[uu][2 * j + 1] - MAGIC);
         // elements 0..7 are k = 8ch..8ch+7 (16-byte column ch/2, half ch%2); 8..15 are k + 32
         uint8_t *cp = p.codes + (int64_t)g * p.ldm * 64 + (int64_t)(m >> 3) * 512 + (ch >> 1) * 128 +
                       (m & 7) * 16 + (ch & 1) * 8;
@@ -414,14 +477,17 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         if (ch == 0) {
           const int i = m & 15;  // 8b + 2q + e -> 4q + 2b + e
           const int pos = ((i >> 1) & 3) * 4 + (i >> 3) * 2 + (i & 1);
-          p.scales[(int64_t)g * p.ldm + (m & ~15) + pos] = scale;
+          p.scales[(int64_t)g * p.ldm + (m & ~15) + pos] = scale[uu];
         }
       }
     }
 
     // ---- low-rank down: acc[16 x rank] += a_tile[mt] @ lora_tile^T over this warp's k-steps
     if (rank > 0) {
-      for (int kk = ks; kk < ngs * 4; kk += C::KSPLIT) {
+#pragma unroll
+      for (int j = 0; j < C::KSTEPS / C::KSPLIT; ++j) {
+        const int kk = ks + j * C::KSPLIT;
+        if (kk >= ngs * 4) break;
         uint32_t a[4];
         {
           const int row = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
@@ -489,24 +555,21 @@ int launch(const Args &p, cudaStream_t stream, const char *kname) {
   return NL_OK;
 }
 
-// Tokens per CTA: 32 by default (M = 4608 gives 144 CTAs, all resident); NUNCHAKU_LITE_QUANT_BM=16|64
-// selects the other tilings for rank <= 32 (benchmarks).
+// Tokens per CTA for rank <= 32: NUNCHAKU_LITE_QUANT_BM=16|32 overrides the default (benchmarks, tests).
+constexpr int DEFAULT_BM = 16;
 int tile_rows(int rank) {
   if (rank > 32) return 32;
   const char *env = getenv("NUNCHAKU_LITE_QUANT_BM");
   if (env && (env[0] == '1' && env[1] == '6')) return 16;
-  if (env && (env[0] == '6' && env[1] == '4')) return 64;
-  return 32;
+  if (env && (env[0] == '3' && env[1] == '2')) return 32;
+  return DEFAULT_BM;
 }
 
 template <typename T, bool LN>
 int dispatch(const Args &p, cudaStream_t s, const char *kname) {
   if (p.rank <= 32) {
-    switch (tile_rows(p.rank)) {
-      case 16: return launch<T, 16, 32, LN>(p, s, kname);
-      case 64: return launch<T, 64, 32, LN>(p, s, kname);
-      default: return launch<T, 32, 32, LN>(p, s, kname);
-    }
+    if (tile_rows(p.rank) == 16) return launch<T, 16, 32, LN>(p, s, kname);
+    return launch<T, 32, 32, LN>(p, s, kname);
   }
   if (p.rank <= 64) return launch<T, 32, 64, LN>(p, s, kname);
   return launch<T, 32, 128, LN>(p, s, kname);
@@ -554,6 +617,8 @@ extern "C" int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K,
   const char *k = "nl_quantize_act";
   if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, lora_down, rank, layout, codes, scales, ldm, lora_act))
     return rc;
+  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
+               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
   Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
          lora_act, nullptr, nullptr, 1, 0.f, nullptr, exact_div_requested()};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -568,6 +633,8 @@ extern "C" int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, 
   const char *k = "nl_layernorm_quantize_act";
   if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, lora_down, rank, layout, codes, scales, ldm, lora_act))
     return rc;
+  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
+               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
   NL_CHECK_ARG(tokens_per_batch >= 1, "%s: tokens_per_batch=%lld must be >= 1", k, (long long)tokens_per_batch);
   NL_CHECK_ARG(mod_shift && nl_aligned(mod_shift, 16), "%s: mod_shift must be a non-null 16-byte aligned pointer",
                k);

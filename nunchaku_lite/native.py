@@ -14,7 +14,9 @@ Entry points: `quantize_act` (codes + scales + low-rank activation, layout "pack
 load-time conversion of a layer), `w4a4_gemm`, `w4a4_linear(x, module)` and `w4a16_linear(x, module)` (the
 dispatch used by W4A4Linear / W4A16Linear; both cache the converted weights on the module).
 
-Precision: codes and scales are bit-identical to ops.quantize_act. The GEMM folds each 64-group into the fp32
+Precision: codes and scales are bit-identical to ops.quantize_act (both layouts; "fp8_tiles" is byte-identical
+to ops.pack_act_fp8_tiles); the LayerNorm-fused entry matches quantize_act(ops.layernorm_modulate(...)) up to
+LayerNorm's fp32 reduction order (see layernorm_quantize_act). The GEMM folds each 64-group into the fp32
 accumulator with one rounding (fused multiply-adds; closer to the float64 truth than the reference's three);
 exact=True reproduces ops.w4a4_linear's group loop bit for bit. Low-rank and bias then add in fp32.
 
