@@ -5,6 +5,9 @@ Timing: each variant is captured in a CUDA graph of `--reps` back-to-back calls 
 is not measured) and the graph is replayed `--replays` times between CUDA events; the reported time is the
 median replay divided by reps. All variants of a shape run in one process, side by side.
 Tokens M: 4608 = 1024x1024 image (4096) + 512 text, 1536 = 512x512 (1024) + 512. Weight N x K.
+`--quantize` prints only the quantize-kernel table (quantize_table): both activation layouts, plain and
+LayerNorm-fused, GB/s counting x read + codes/scales/lora_act written, and % of the copy bandwidth measured in
+the same run.
 """
 import argparse
 import json
