@@ -4,7 +4,7 @@
  * host thread) naming the kernel and the bad argument. All pointers are device pointers; `stream` is a
  * cudaStream_t passed as void*. Kernels are asynchronous on that stream. Data layouts:
  *
- *   act codes     uint8 [M, K/2]   row-major, two INT4 codes per byte, low nibble = even k
+ *   act codes     uint8 [M, K/2]   (NL_ACT_PACKED; NL_ACT_FP8_TILES: see nl_quantize_act) row-major, two INT4 codes per byte, low nibble = even k
  *                                  (quant/ops.py pack_int4 order); signed or unsigned codes
  *   act scales    float [K/64, ldm] group-major ("GEMM operand order"), ldm = M rounded up to 128;
  *                                  rows M..ldm-1 are written as 0 by nl_quantize_act
@@ -37,6 +37,7 @@ enum {
 enum { NL_F32 = 0, NL_BF16 = 1, NL_F16 = 2 };                    /* dtype codes */
 enum { NL_PATH_AUTO = 0, NL_PATH_S4 = 1, NL_PATH_S8 = 2 };       /* W4A4 tensor-core path */
 enum { NL_EPI_NONE = 0, NL_EPI_GELU_TANH = 1 };                  /* GEMM epilogue activation */
+enum { NL_ACT_PACKED = 0, NL_ACT_FP8_TILES = 1 };                /* quantized activation layout */
 
 const char *nl_last_error(void);
 int nl_version(void);
@@ -45,11 +46,26 @@ int nl_default_path(int device, int *path);
 
 /* INT4 quantization of x/smooth (or (x+shift)/smooth, unsigned) per token and 64-group, plus the low-rank
  * down projection lora_act = x @ lora_down^T in fp32. x: [M, K] of x_dtype with row stride ldx (elements);
- * smooth: float [K] or NULL; lora_down: [rank, K] of x_dtype or NULL (rank 0); rank a multiple of 16, <= 128. */
+ * smooth: float [K] or NULL; lora_down: [rank, K] of x_dtype or NULL (rank 0); rank a multiple of 16, <= 128.
+ * layout NL_ACT_PACKED: codes uint8 [M, K/2], scales float [K/64, ldm], ldm a multiple of 128 >= M.
+ * layout NL_ACT_FP8_TILES (sm_90 GEMM operand, quant/ops.py pack_act_fp8_tiles): codes uint8 [K/64, ldm, 64]
+ * (e4m3 bytes in 8x16-byte core matrices), scales float [K/64, ldm] (16-token permutation), ldm = Mp, a
+ * multiple of 256 >= M; rows >= M are written as 0 in both layouts' scales and in the fp8 codes. */
 int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
                     const float *smooth, float shift, int act_unsigned,
-                    const void *lora_down, int rank,
+                    const void *lora_down, int rank, int layout,
                     uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *stream);
+
+/* nl_quantize_act of y = (1 + mod_scale[b]) * LayerNorm(x) + mod_shift[b] (LayerNorm without affine over K,
+ * eps; b = row / tokens_per_batch; mod_shift, mod_scale: [B, K] of x_dtype), each op rounded to x_dtype as
+ * the unfused torch path (quant/ops.py layernorm_modulate); lora_act = y @ lora_down^T. y_out: [M, K] of
+ * x_dtype receiving y, or NULL. */
+int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
+                              const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch, float eps,
+                              const float *smooth, float shift, int act_unsigned,
+                              const void *lora_down, int rank, int layout,
+                              uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *y_out,
+                              void *stream);
 
 /* Canonical packed weight [N, K/2] -> kernel tile order [N/128, K/64, 128, 32] (run once at load). */
 int nl_repack_weight(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *tiled, void *stream);

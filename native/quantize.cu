@@ -1,155 +1,506 @@
-// Activation quantization + low-rank down projection (reference: quant/ops.py quantize_act and the
-// x @ lora_down^T half of the low-rank branch).
+// Activation quantization + low-rank down projection, optionally preceded by LayerNorm + modulation.
+// References: quant/ops.py quantize_act (codes, scales), pack_act_fp8_tiles (the sm_90 layout),
+// layernorm_modulate (the fused prologue) and x @ lora_down^T (the low-rank half of the SVDQuant branch).
 //
-// Math, per token m and 64-wide group g (all fp32, IEEE division as in the reference, bit-identical codes):
-//   xs = (x + shift) / smooth            (shift 0 for signed layers; smooth omitted when NULL)
-//   scale = max|xs| / 7   codes = clamp(rint(xs / scale), -8, 7)         signed
-//   scale = max|xs| / 15  codes = clamp(rint(xs / scale),  0, 15)        unsigned
-//   scale == 0 -> codes 0
-//   lora_act[m, :] = x[m, :] @ lora_down^T   (16-bit operands on tensor cores, fp32 accumulation; the raw x)
-// Layout written: codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] (rows >= M get 0),
-// lora_act float [M, rank].
+// Math, per token m and 64-wide group g (fp32, IEEE division, bit-identical codes and scales):
+//   a     = x                                         (nl_quantize_act)
+//   a     = (1 + mscale[b]) * LN(x) + mshift[b]       (nl_layernorm_quantize_act, b = m / tokens_per_batch;
+//            LN without affine over K; LN(x), 1 + mscale, the product and the sum each rounded to x's dtype,
+//            exactly the ops of the unfused torch path)
+//   xs    = (a + shift) / smooth                      (shift 0 for signed layers; smooth omitted when NULL)
+//   scale = max|xs| / 7,  codes = clamp(rint(xs / scale), -8, 7)        signed
+//   scale = max|xs| / 15, codes = clamp(rint(xs / scale),  0, 15)       unsigned;   scale == 0 -> codes 0
+//   lora_act[m, :] = a[m, :] @ lora_down^T            (16-bit operands on tensor cores, fp32 accumulation)
+// Divisions without division instructions (the kernel is instruction-bound; results stay bit-identical):
+//   xs / smooth: RN(1/smooth) once per channel and stage (__frcp_rn), then two Newton corrections with fma
+//     residuals (Markstein's theorem), exact for |inputs| >= 2^-100 and smooth in [2^-20, 2^20]; amax / qmax
+//     likewise with the constant RN(1/qmax);
+//   rint(xs / scale) as rint(xs * rcp.approx(scale)): the product is within 6e-6 of the true quotient
+//     (|xs / scale| <= 15.0001). Where it lies within 1e-5 of a rounding boundary (x.5), or a group is tiny
+//     or huge (amax outside [2^-60, 2^120]), or a smooth value is out of range, the whole warp redoes its
+//     units with IEEE divisions in the reference's order (rare: ~1% of warp passes on random data).
 //
-// Tiling: a block owns BM = 16*MT tokens and all of K; its QWARPS warps split the K groups round-robin (warp w
-// takes g = w, w+QWARPS, ...), each with its own cp.async pipeline of STAGES tiles [BM x 64] of x and
-// [rank x 64] of lora_down in shared memory (16-byte chunks XOR-swizzled by row so ldmatrix is
-// conflict-free). Quantization: 8 lanes per (token, group), 8 elements each, amax by 3 shuffles; each lane
-// writes one 32-bit word of codes. Low-rank: mma.m16n8k16 per warp on its groups, partial sums reduced over
-// the warps through shared memory in a fixed order (deterministic). The kernel is latency-bound (IEEE
-// divisions, shuffles), so it is shaped for many resident warps: 16 tokens per block, 8 warps (rank <= 32).
+// Layouts written (`layout`):
+//   NL_ACT_PACKED     codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] (rows >= M: 0)
+//   NL_ACT_FP8_TILES  codes uint8 [K/64, ldm, 64]: byte (g, m, k) at g*ldm*64 + ((m/8)*4 + k/16)*128
+//                     + (m%8)*16 + k%16 = e4m3 encoding of the code; scales float [K/64, ldm] with the
+//                     16-token permutation 8b+2q+e -> 4q+2b+e; rows >= M are 0 (ldm = Mp, multiple of 256)
+//   lora_act float [M, rank] in both.
+//
+// Tiling: a CTA of NWARPS = 8 warps owns BM tokens (16 by default; 32 for rank > 32) and streams K in
+// stages of KC columns (256, or 128 for rank > 32) through a STAGES-deep cp.async ring shared by all warps:
+// x tile [BM x KC] and lora_down tile [rank x KC], 16-byte chunks XOR-swizzled within each 128-byte run so
+// that ldmatrix and the quantizer's reads are conflict-free. lora_down is read once per CTA (from L2) for
+// BM tokens. Each thread's copy addresses are computed once. Quantization: a unit is 8 tokens x one group,
+// 4 lanes per token (lane = c*8 + token, 16 elements each: chunks c and c+4), amax by a tree and 2 shuffles;
+// the units of a stage split evenly over the warps (UPW per warp, computed before any store for ILP).
+// Low-rank: warp w owns m-tile w % (BM/16) and every (NWARPS/(BM/16))-th k-step of the stage
+// (mma.m16n8k16, fp32 accumulators); the k-split partial sums are reduced through shared memory in a fixed
+// order at the end (deterministic).
+// LayerNorm: the CTA first computes each row's mean and rstd (row chunks in registers, one load for rows
+// up to 3072) while the first stages are in flight; each landed stage is normalized and modulated in place.
+// Measured (H100, M=4608, K=3072, rank 32): 49 us packed (31% of the copy bandwidth), 74 us LayerNorm-fused;
+// ncu: issue-bound (~37 warp instructions per element, 23% occupancy at 119-128 registers).
 #include "common.cuh"
+
+#include <type_traits>
 
 namespace {
 
-template <typename T, int MT, int MAXR, int STAGES, int QWARPS>
-struct QuantCfg {
-  static constexpr int BM = 16 * MT;
-  static constexpr int X_BYTES = BM * 128;      // BM rows x 64 elements x 2 bytes
-  static constexpr int L_BYTES = MAXR * 128;    // rank rows x 64 elements x 2 bytes
-  static constexpr int STAGE_BYTES = X_BYTES + L_BYTES;
-  static constexpr int PIPE_BYTES = QWARPS * STAGES * STAGE_BYTES;
-  static constexpr int RED_STRIDE = MAXR + 4;   // floats per row of the cross-warp reduction buffer
-  static constexpr int RED_BYTES = QWARPS * BM * RED_STRIDE * 4;
-  static constexpr int SMEM = PIPE_BYTES > RED_BYTES ? PIPE_BYTES : RED_BYTES;
+constexpr int NWARPS = 8;
+constexpr int NTHREADS = NWARPS * 32;
+constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23: t + MAGIC rounds t to an integer (ties to even)
+constexpr float BOUNDARY = 0.5f - 1e-5f;
+
+template <int BM_, int MAXR_>
+struct Cfg {
+  static constexpr int BM = BM_;
+  static constexpr int MAXR = MAXR_;
+  static constexpr int MTILES = BM / 16;            // 16-token mma tiles
+  static constexpr int KSPLIT = NWARPS / MTILES;    // warps sharing one m-tile (split over k-steps)
+  static constexpr int KC = MAXR > 32 ? 128 : 256;  // columns per stage (the lora_down tile grows with rank)
+  static constexpr int GS = KC / 64;                // groups per stage
+  static constexpr int KSTEPS = KC / 16;            // mma k-steps per stage
+  static constexpr int UPW = (BM / 8) * GS / NWARPS;  // quantizer units (8 tokens x 1 group) per warp
+  static constexpr int ROW_BYTES = KC * 2;
+  static constexpr int X_BYTES = BM * ROW_BYTES;
+  static constexpr int STAGES = (BM == 16 && MAXR <= 32) ? 4 : 3;
+  static constexpr int MIN_BLOCKS = MAXR > 64 ? 1 : 2;  // 2 x 8 warps per SM without register spills
+  static_assert(UPW >= 1 && (BM / 8) * GS == UPW * NWARPS, "quantizer units must split evenly over warps");
 };
 
-template <typename T, int MT, int MAXR, int STAGES, int QWARPS>
-__global__ void __launch_bounds__(QWARPS * 32)
-quantize_act_kernel(const T *__restrict__ x, int M, int K, int64_t ldx, const float *__restrict__ smooth,
-                    float shift, int act_unsigned, const T *__restrict__ lora_down, int rank,
-                    uint8_t *__restrict__ codes, float *__restrict__ scales, int64_t ldm,
-                    float *__restrict__ lora_act) {
-  using C = QuantCfg<T, MT, MAXR, STAGES, QWARPS>;
-  extern __shared__ __align__(128) uint8_t smem[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int m0 = blockIdx.x * C::BM;
-  const int G = K / 64;
-  const int ng = G > warp ? (G - warp + QWARPS - 1) / QWARPS : 0;
-  uint8_t *my_pipe = smem + warp * STAGES * C::STAGE_BYTES;
+// Byte offset of logical 16-byte chunk `c` of row `row` in a tile with rows of `row_bytes`.
+__device__ __forceinline__ int swz(int row, int c, int row_bytes) {
+  return row * row_bytes + (((c & ~7) | ((c & 7) ^ (row & 7))) << 4);
+}
 
-  auto load_group = [&](int it, int stage) {
-    const int g = warp + it * QWARPS;
-    uint8_t *xs = my_pipe + stage * C::STAGE_BYTES, *ls = xs + C::X_BYTES;
-#pragma unroll
-    for (int i = lane; i < C::BM * 8; i += 32) {
-      const int row = i >> 3, c = i & 7, m = m0 + row;
-      const T *src = x + (int64_t)(m < M ? m : 0) * ldx + g * 64 + c * 8;
-      cp_async16(xs + row * 128 + ((c ^ (row & 7)) << 4), src, m < M ? 16 : 0);
+// Low 4 bits of each of 8 words -> 8 nibbles (element 0 in the low nibble).
+__device__ __forceinline__ uint32_t pack_nibbles(const uint32_t (&b)[8]) {
+  const uint32_t e = __byte_perm(__byte_perm(b[0], b[2], 0x0040), __byte_perm(b[4], b[6], 0x0040), 0x5410);
+  const uint32_t o = __byte_perm(__byte_perm(b[1], b[3], 0x0040), __byte_perm(b[5], b[7], 0x0040), 0x5410);
+  return (e & 0x0f0f0f0fu) | ((o << 4) & 0xf0f0f0f0u);
+}
+
+// e4m3 bytes of two small integers held in floats (|v| <= 15: exact).
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  auto one = [](float v) -> uint32_t {
+    const int n = static_cast<int>(v);
+    const uint32_t a = n < 0 ? -n : n;
+    if (a == 0) return 0u;
+    const int e = 31 - __clz(a);  // 0..3
+    return (n < 0 ? 0x80u : 0u) | (uint32_t)((e + 7) << 3) | ((a << (3 - e)) & 7u);
+  };
+  return one(lo) | (one(hi) << 8);
+#endif
+}
+
+// a / b correctly rounded without a division instruction, given y = RN(1/b): two Newton corrections with
+// exact fma residuals (the second is Markstein's theorem: y within half an ulp of 1/b and a first quotient
+// within one ulp give RN(a/b)). Valid without underflow or overflow in the residuals: |a| >= 2^-100 or
+// a == 0, and 2^-20 <= |b| <= 2^20 (callers check the cases that matter and take the IEEE path otherwise).
+__device__ __forceinline__ float div_rn_by(float a, float b, float y) {
+  const float q0 = a * y;
+  const float q1 = fmaf(fmaf(-b, q0, a), y, q0);
+  return fmaf(fmaf(-b, q1, a), y, q1);
+}
+
+struct Args {
+  const void *x;
+  int M, K;
+  int64_t ldx;
+  const float *smooth;
+  float shift;
+  int act_unsigned;
+  const void *lora_down;
+  int rank;
+  int layout;
+  uint8_t *codes;
+  float *scales;
+  int64_t ldm;
+  float *lora_act;
+  // LayerNorm + modulation (LN kernels only)
+  const void *mshift, *mscale;
+  int64_t tokens_per_batch;
+  float eps;
+  void *y_out;
+  int exact_div;  // 1: IEEE division for every code (debug / verification of the fast rounding)
+};
+
+// Zero rows [m0, m0 + BM) of the scales (and fp8 codes) of a tile that lies entirely in the padding.
+template <typename C>
+__device__ void write_padding_tile(const Args &p, int m0) {
+  const int G = p.K / 64;
+  for (int i = threadIdx.x; i < G * C::BM; i += NTHREADS)
+    p.scales[(int64_t)(i / C::BM) * p.ldm + m0 + i % C::BM] = 0.f;
+  if (p.layout == NL_ACT_FP8_TILES) {
+    // rows m0..m0+BM of every group slab are one contiguous run of BM*64 bytes (m0 is a multiple of 8)
+    for (int i = threadIdx.x; i < G * C::BM * 4; i += NTHREADS) {
+      const int g = i / (C::BM * 4), j = i % (C::BM * 4);
+      reinterpret_cast<uint4 *>(p.codes + (int64_t)g * p.ldm * 64 + (int64_t)m0 * 64)[j] = make_uint4(0, 0, 0, 0);
     }
-    for (int i = lane; i < rank * 8; i += 32) {
-      const int row = i >> 3, c = i & 7;
-      cp_async16(ls + row * 128 + ((c ^ (row & 7)) << 4), lora_down + (int64_t)row * K + g * 64 + c * 8);
+  }
+}
+
+template <typename T, typename C, bool LN>
+__global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const Args p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ float row_mean[C::BM], row_rstd[C::BM];
+  __shared__ int row_batch[C::BM];
+  // smooth and RN(1/smooth) of the stage's channels, double-buffered (NaN reciprocal: use IEEE division)
+  __shared__ __align__(16) float s_smooth[2][C::KC], s_rcp[2][C::KC];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
+  const int m0 = blockIdx.x * C::BM;
+  if (m0 >= p.M) {
+    write_padding_tile<C>(p, m0);
+    return;
+  }
+  const int K = p.K, G = K / 64, rank = p.rank;
+  const int nstages = (G + C::GS - 1) / C::GS;
+  const int STAGE_BYTES = C::X_BYTES + rank * C::ROW_BYTES;
+  const T *x = static_cast<const T *>(p.x);
+  const T *ld = static_cast<const T *>(p.lora_down);
+  constexpr int CPR = C::KC / 8;  // 16-byte chunks per tile row
+
+  // ---- per-thread copy slots, fixed for the whole K loop (stage s adds s * KC elements)
+  constexpr int XSLOTS = C::BM * CPR / NTHREADS, LSLOTS = C::MAXR * CPR / NTHREADS;
+  static_assert(XSLOTS >= 1 && LSLOTS >= 1, "tile too small for the copy slots");
+  const T *xsrc[XSLOTS];
+  int xoff[XSLOTS], xbytes[XSLOTS];
+  const int slot_c = tid % CPR;  // every slot of a thread has the same chunk column (NTHREADS % CPR == 0)
+#pragma unroll
+  for (int j = 0; j < XSLOTS; ++j) {
+    const int row = (tid + j * NTHREADS) / CPR, m = m0 + row;
+    xsrc[j] = x + (int64_t)(m < p.M ? m : 0) * p.ldx + slot_c * 8;
+    xoff[j] = swz(row, slot_c, C::ROW_BYTES);
+    xbytes[j] = m < p.M ? 16 : 0;
+  }
+  auto load_stage = [&](int s) {
+    uint8_t *xs = smem + (s % C::STAGES) * STAGE_BYTES, *ls = xs + C::X_BYTES;
+    const int k0 = s * C::KC;
+    if (slot_c < min(C::GS, G - s * C::GS) * 8) {  // columns past K in a partial last stage stay unread
+#pragma unroll
+      for (int j = 0; j < XSLOTS; ++j) cp_async16(xs + xoff[j], xsrc[j] + k0, xbytes[j]);
+#pragma unroll
+      for (int j = 0; j < LSLOTS; ++j) {
+        const int row = (tid + j * NTHREADS) / CPR;
+        if (row < rank) cp_async16(ls + swz(row, slot_c, C::ROW_BYTES), ld + (int64_t)row * K + k0 + slot_c * 8);
+      }
     }
   };
+  // smooth of stage s, one channel per thread (KC <= NTHREADS), loaded one iteration ahead of its use so the
+  // global load's latency is not waited for inside the stage loop
+  auto smooth_load = [&](int s) -> float {
+    const int k = s * C::KC + tid;
+    return (p.smooth && tid < C::KC && k < K) ? __ldg(p.smooth + k) : 1.f;
+  };
+  auto smooth_stage = [&](int s, float v) {
+    if (p.smooth && tid < C::KC) {
+      const bool ok = fabsf(v) >= 0x1p-20f && fabsf(v) <= 0x1p20f;
+      s_smooth[s & 1][tid] = v;
+      s_rcp[s & 1][tid] = ok ? __frcp_rn(v) : __int_as_float(0x7fffffff);
+    }
+  };
+  static_assert(C::KC <= NTHREADS && NTHREADS % CPR == 0, "one smooth channel per thread");
 
-  float acc[MT][MAXR / 8][4];
 #pragma unroll
-  for (int a = 0; a < MT; ++a)
-#pragma unroll
-    for (int b = 0; b < MAXR / 8; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
-
-  const float qmax = act_unsigned ? 15.f : 7.f, qlo = act_unsigned ? 0.f : -8.f, qhi = act_unsigned ? 15.f : 7.f;
-  const int chunk = lane & 7;  // this lane's 8-element slice of every group
-
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ng) load_group(s, s);
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < nstages) load_stage(s);
     cp_async_commit();
   }
-  for (int it = 0; it < ng; ++it) {
-    cp_async_wait<STAGES - 2>();
-    __syncwarp();
-    if (it + STAGES - 1 < ng) load_group(it + STAGES - 1, (it + STAGES - 1) % STAGES);
-    cp_async_commit();
+  smooth_stage(0, smooth_load(0));
+  float smooth_next = smooth_load(1);
 
-    const int g = warp + it * QWARPS;
-    const uint8_t *xs = my_pipe + (it % STAGES) * C::STAGE_BYTES, *ls = xs + C::X_BYTES;
-
-    // ---- quantization: 4 tokens per pass, 8 lanes per token
-    float sm[8];
-    if (smooth) {
-      const float4 s0 = __ldg(reinterpret_cast<const float4 *>(smooth + g * 64 + chunk * 8));
-      const float4 s1 = __ldg(reinterpret_cast<const float4 *>(smooth + g * 64 + chunk * 8 + 4));
-      sm[0] = s0.x; sm[1] = s0.y; sm[2] = s0.z; sm[3] = s0.w; sm[4] = s1.x; sm[5] = s1.y; sm[6] = s1.z; sm[7] = s1.w;
+  if constexpr (LN) {
+    // Row statistics while the first stages land: mean, then the centred sum of squares (from registers
+    // for rows up to 3072), as torch does in fp32; rstd = rsqrt(var + eps), the same approximate rsqrt.
+    constexpr int RCH = 12;
+    for (int row = warp; row < C::BM; row += NWARPS) {
+      const int m = m0 + row;
+      float mean = 0.f, rstd = 0.f;
+      if (m < p.M) {
+        const T *xr = x + (int64_t)m * p.ldx;
+        uint4 buf[RCH];
+        float s = 0.f;
+        for (int k0 = 0; k0 < K; k0 += RCH * 256) {
+#pragma unroll
+          for (int i = 0; i < RCH; ++i) {
+            const int k = k0 + i * 256 + lane * 8;
+            buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int i = 0; i < RCH; ++i) {
+            const uint32_t w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float2 f = unpack2<T>(w[j]);
+              s += f.x + f.y;
+            }
+          }
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        mean = s / (float)K;
+        float q = 0.f;
+        for (int k0 = 0; k0 < K; k0 += RCH * 256) {
+          if (K > RCH * 256) {  // long rows: reload (L1/L2 hits)
+#pragma unroll
+            for (int i = 0; i < RCH; ++i) {
+              const int k = k0 + i * 256 + lane * 8;
+              buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < RCH; ++i) {
+            if (k0 + i * 256 + lane * 8 < K) {
+              const uint32_t w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const float2 f = unpack2<T>(w[j]);
+                const float a = f.x - mean, b = f.y - mean;
+                q = fmaf(a, a, q);
+                q = fmaf(b, b, q);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+        rstd = rsqrtf(q / (float)K + p.eps);
+      }
+      if (lane == 0) {
+        row_mean[row] = mean;
+        row_rstd[row] = rstd;
+        row_batch[row] = m < p.M ? (int)(m / p.tokens_per_batch) : 0;
+      }
     }
+  }
+
+  float acc[C::MAXR / 8][4];
 #pragma unroll
-    for (int rr = 0; rr < C::BM / 4; ++rr) {
-      const int row = rr * 4 + (lane >> 3), m = m0 + row;
-      const uint4 raw = *reinterpret_cast<const uint4 *>(xs + row * 128 + ((chunk ^ (row & 7)) << 4));
-      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-      float v[8], amax = 0.f;
+  for (int b = 0; b < C::MAXR / 8; ++b)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = unpack2<T>(w[j]);
-        v[2 * j] = f.x; v[2 * j + 1] = f.y;
+    for (int c = 0; c < 4; ++c) acc[b][c] = 0.f;
+
+  const bool uns = p.act_unsigned;
+  const float qmax = uns ? 15.f : 7.f, flo = MAGIC + (uns ? 0.f : -8.f), fhi = MAGIC + (uns ? 15.f : 7.f);
+  const float rqmax = uns ? 1.f / 15.f : 1.f / 7.f;  // RN(1/qmax), folded by the compiler
+  const float shift = p.shift;
+  const bool has_smooth = p.smooth != nullptr;
+  const int tok = lane & 7, ch = lane >> 3;  // quantizer: token within the 8-token unit, chunk pair (ch, ch+4)
+  const int mt = warp % C::MTILES, ks = warp / C::MTILES;
+
+  for (int it = 0; it < nstages; ++it) {
+    cp_async_wait<C::STAGES - 2>();
+    __syncthreads();
+    if (it + C::STAGES - 1 < nstages) load_stage(it + C::STAGES - 1);
+    cp_async_commit();
+    if (it + 1 < nstages) {  // read at it + 1, after that iteration's barrier
+      smooth_stage(it + 1, smooth_next);
+      smooth_next = smooth_load(it + 2);
+    }
+
+    uint8_t *xs = smem + (it % C::STAGES) * STAGE_BYTES;
+    const uint8_t *ls = xs + C::X_BYTES;
+    const int g0 = it * C::GS;
+    const int ngs = min(C::GS, G - g0);
+
+    if constexpr (LN) {
+      // a = (1 + mscale[b]) * T(LN(x)) + mshift[b], every op rounded to T like the torch path
+      const T *msh = static_cast<const T *>(p.mshift), *msc = static_cast<const T *>(p.mscale);
+#pragma unroll
+      for (int j = 0; j < XSLOTS; ++j) {
+        const int row = (tid + j * NTHREADS) / CPR, m = m0 + row;
+        if (slot_c >= ngs * 8 || m >= p.M) continue;
+        const int k = g0 * 64 + slot_c * 8;
+        const int64_t b = row_batch[row];
+        uint4 *ptr = reinterpret_cast<uint4 *>(xs + xoff[j]);
+        const uint4 raw = *ptr;
+        const uint4 rsc = __ldg(reinterpret_cast<const uint4 *>(msc + b * K + k));
+        const uint4 rsh = __ldg(reinterpret_cast<const uint4 *>(msh + b * K + k));
+        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w}, wsc[4] = {rsc.x, rsc.y, rsc.z, rsc.w},
+                       wsh[4] = {rsh.x, rsh.y, rsh.z, rsh.w};
+        const float mean = row_mean[row], rstd = row_rstd[row];
+        uint32_t o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 v = unpack2<T>(w[i]), sc = unpack2<T>(wsc[i]), sh = unpack2<T>(wsh[i]);
+          const float2 n = unpack2<T>(pack2<T>((v.x - mean) * rstd, (v.y - mean) * rstd));
+          const float2 s1 = unpack2<T>(pack2<T>(1.f + sc.x, 1.f + sc.y));
+          const float2 pr = unpack2<T>(pack2<T>(s1.x * n.x, s1.y * n.y));
+          o[i] = pack2<T>(pr.x + sh.x, pr.y + sh.y);
+        }
+        const uint4 out = make_uint4(o[0], o[1], o[2], o[3]);
+        *ptr = out;
+        if (p.y_out) *reinterpret_cast<uint4 *>(static_cast<T *>(p.y_out) + (int64_t)m * K + k) = out;
       }
+      __syncthreads();
+    }
+
+    // ---- quantization: UPW units of (8 tokens, one group) per warp, all computed before any store (ILP)
+    const float *sm_s = s_smooth[it & 1], *sm_r = s_rcp[it & 1];
+    uint32_t w[C::UPW][8];
+    float f[C::UPW][16], scale[C::UPW];
+    bool ok = !p.exact_div;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        v[j] = __fadd_rn(v[j], shift);
-        if (smooth) v[j] = __fdiv_rn(v[j], sm[j]);
-        amax = fmaxf(amax, fabsf(v[j]));
-      }
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-      const float scale = __fdiv_rn(amax, qmax);
-      uint32_t word = 0;
-      if (scale > 0.f) {
+    for (int uu = 0; uu < C::UPW; ++uu) {
+      const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok;
+      const uint4 r0 = *reinterpret_cast<const uint4 *>(xs + swz(row, gg * 8 + ch, C::ROW_BYTES));
+      const uint4 r1 = *reinterpret_cast<const uint4 *>(xs + swz(row, gg * 8 + ch + 4, C::ROW_BYTES));
+      w[uu][0] = r0.x; w[uu][1] = r0.y; w[uu][2] = r0.z; w[uu][3] = r0.w;
+      w[uu][4] = r1.x; w[uu][5] = r1.y; w[uu][6] = r1.z; w[uu][7] = r1.w;
+    }
+    // rows >= M were zero-filled by the copy; their codes and scales must be 0 even with a shift. Units of
+    // groups past K (partial last stage) compute garbage that is never stored.
+    const bool tail_tile = m0 + C::BM > p.M;
+    // exact = false: divisions by reciprocals with exactness checks; exact = true: IEEE divisions everywhere
+    // (the reference's own sequence), taken by the whole warp when any check failed (amax is shared).
+    // The `general` tag adds the shift and clamps unsigned codes at 0; signed layers without a shift (most
+    // of them) skip both (separate code, no per-element cost).
+    auto quantize = [&](bool exact, auto general) {
+#pragma unroll
+      for (int uu = 0; uu < C::UPW; ++uu) {
+        const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok;
+        const int kc0 = gg * 64 + ch * 8;  // stage channel of element 0; elements 8..15 are +32
+        float v[16];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          const float q = fminf(fmaxf(rintf(__fdiv_rn(v[j], scale)), qlo), qhi);
-          word |= (static_cast<uint32_t>(static_cast<int>(q)) & 0xfu) << (4 * j);
+          const float2 t = unpack2<T>(w[uu][j]);
+          v[2 * j] = t.x;
+          v[2 * j + 1] = t.y;
+        }
+        if constexpr (decltype(general)::value) {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) v[j] = __fadd_rn(v[j], shift);
+        }
+        if (has_smooth) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float4 a0 = *reinterpret_cast<const float4 *>(sm_s + kc0 + 32 * h);
+            const float4 a1 = *reinterpret_cast<const float4 *>(sm_s + kc0 + 32 * h + 4);
+            const float sv[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            if (exact) {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) v[8 * h + j] = __fdiv_rn(v[8 * h + j], sv[j]);
+            } else {
+              const float4 b0 = *reinterpret_cast<const float4 *>(sm_r + kc0 + 32 * h);
+              const float4 b1 = *reinterpret_cast<const float4 *>(sm_r + kc0 + 32 * h + 4);
+              const float yv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+              for (int j = 0; j < 8; ++j) v[8 * h + j] = div_rn_by(v[8 * h + j], sv[j], yv[j]);
+            }
+          }
+        }
+        if (tail_tile && m0 + row >= p.M) {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) v[j] = 0.f;
+        }
+        float am[8];  // a tree: short dependency chain
+#pragma unroll
+        for (int j = 0; j < 8; ++j) am[j] = fmaxf(fabsf(v[2 * j]), fabsf(v[2 * j + 1]));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) am[j] = fmaxf(am[j], am[j + 4]);
+        float amax = fmaxf(fmaxf(am[0], am[2]), fmaxf(am[1], am[3]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
+        if (exact) {
+          const float sc = __fdiv_rn(amax, qmax);
+          scale[uu] = sc;
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            // a NaN quotient (inf / inf: x / smooth overflowed) becomes code 0, as torch's float -> int8
+            const float q = sc > 0.f ? rintf(__fdiv_rn(v[j], sc)) : 0.f;
+            f[uu][j] = q != q ? MAGIC : fminf(fmaxf(q + MAGIC, flo), fhi);
+          }
+          continue;
+        }
+        // Quotients of inputs below 2^-100 may be off in their last bits (residual underflow), which only
+        // matters where they decide amax: require amax >= 2^-60, or amax == 0 with zero inputs (with a
+        // shift, |shift| >= 2^-60 is checked on the host, so x + shift is 0 or far from underflow).
+        uint32_t any = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) any |= w[uu][j];
+        ok &= (amax >= 0x1p-60f && amax <= 0x1p120f) || (amax == 0.f && (shift != 0.f || (any & 0x7fff7fffu) == 0u));
+        const float sc = div_rn_by(amax, qmax, rqmax);
+        scale[uu] = sc;
+        // a normal scale bounds |xs / scale| by qmax (1 + 2^-23): only unsigned codes need a clamp (at 0)
+        // rcp.approx (1 ulp) suffices: |t - xs/scale| <= 15 * 2^-22.4 < 1e-5 minus the quotient's rounding
+        const float rc = sc > 0.f ? __fdividef(1.f, sc) : 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const float t = v[j] * rc;
+          const float fj = t + MAGIC;
+          ok &= fabsf(t - (fj - MAGIC)) < BOUNDARY;  // NaN (bad smooth channel) fails too
+          f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
         }
       }
-      if (m < M) *reinterpret_cast<uint32_t *>(codes + (int64_t)m * (K / 2) + g * 32 + chunk * 4) = word;
-      if (chunk == 0) scales[(int64_t)g * ldm + m] = m < M ? scale : 0.f;
+    };
+    if (uns || shift != 0.f) {
+      quantize(false, std::true_type{});
+      if (__any_sync(0xffffffffu, !ok)) quantize(true, std::true_type{});  // rare (x.5 quotients, tiny groups)
+    } else {
+      quantize(false, std::false_type{});
+      if (__any_sync(0xffffffffu, !ok)) quantize(true, std::false_type{});
     }
 
-    // ---- low-rank down: acc[BM x rank] += x_tile[BM x 64] @ lora_tile[rank x 64]^T
+#pragma unroll
+    for (int uu = 0; uu < C::UPW; ++uu) {
+      const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok, m = m0 + row, g = g0 + gg;
+      if (gg >= ngs) continue;
+      if (p.layout == NL_ACT_PACKED) {
+        if (m < p.M) {
+          uint32_t b0[8], b1[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            b0[j] = __float_as_uint(f[uu][j]);
+            b1[j] = __float_as_uint(f[uu][8 + j]);
+          }
+          uint8_t *cp = p.codes + (int64_t)m * (K / 2) + g * 32 + ch * 4;
+          *reinterpret_cast<uint32_t *>(cp) = pack_nibbles(b0);
+          *reinterpret_cast<uint32_t *>(cp + 16) = pack_nibbles(b1);
+        }
+        if (ch == 0) p.scales[(int64_t)g * p.ldm + m] = scale[uu];
+      } else {
+        uint32_t e[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) e[j] = e4m3x2(f[uu][2 * j] - MAGIC, f[uu][2 * j + 1] - MAGIC);
+        // elements 0..7 are k = 8ch..8ch+7 (16-byte column ch/2, half ch%2); 8..15 are k + 32
+        uint8_t *cp = p.codes + (int64_t)g * p.ldm * 64 + (int64_t)(m >> 3) * 512 + (ch >> 1) * 128 +
+                      (m & 7) * 16 + (ch & 1) * 8;
+        *reinterpret_cast<uint2 *>(cp) = make_uint2(__byte_perm(e[0], e[1], 0x5410), __byte_perm(e[2], e[3], 0x5410));
+        *reinterpret_cast<uint2 *>(cp + 256) =
+            make_uint2(__byte_perm(e[4], e[5], 0x5410), __byte_perm(e[6], e[7], 0x5410));
+        if (ch == 0) {
+          const int i = m & 15;  // 8b + 2q + e -> 4q + 2b + e
+          const int pos = ((i >> 1) & 3) * 4 + (i >> 3) * 2 + (i & 1);
+          p.scales[(int64_t)g * p.ldm + (m & ~15) + pos] = scale[uu];
+        }
+      }
+    }
+
+    // ---- low-rank down: acc[16 x rank] += a_tile[mt] @ lora_tile^T over this warp's k-steps
     if (rank > 0) {
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+      for (int j = 0; j < C::KSTEPS / C::KSPLIT; ++j) {
+        const int kk = ks + j * C::KSPLIT;
+        if (kk >= ngs * 4) break;
+        uint32_t a[4];
+        {
           const int row = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-          const int c = kk * 2 + (lane >> 4);
-          ldmatrix_x4(a[mt], xs + row * 128 + ((c ^ (row & 7)) << 4));
+          ldmatrix_x4(a, xs + swz(row, kk * 2 + (lane >> 4), C::ROW_BYTES));
         }
 #pragma unroll
-        for (int np = 0; np < MAXR / 16; ++np) {
+        for (int np = 0; np < C::MAXR / 16; ++np) {
           if (np * 16 < rank) {
             uint32_t b[4];
             const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
-            const int c = kk * 2 + ((lane >> 3) & 1);
-            ldmatrix_x4(b, ls + row * 128 + ((c ^ (row & 7)) << 4));
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
-              mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-            }
+            ldmatrix_x4(b, ls + swz(row, kk * 2 + ((lane >> 3) & 1), C::ROW_BYTES));
+            mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+            mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
           }
         }
       }
@@ -158,78 +509,89 @@ quantize_act_kernel(const T *__restrict__ x, int M, int K, int64_t ldx, const fl
   cp_async_wait<0>();
   if (rank == 0) return;
 
-  // ---- reduce the 4 warps' partial low-rank sums (fixed order) and write lora_act
+  // ---- reduce the k-split partial sums in a fixed order and write lora_act
   __syncthreads();
+  const int RS = rank + 4;  // padded row (floats): spreads the fragment writes over banks
   float *red = reinterpret_cast<float *>(smem);
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int nt = 0; nt < C::MAXR / 8; ++nt)
+    if (nt * 8 < rank)
 #pragma unroll
-    for (int nt = 0; nt < MAXR / 8; ++nt)
-      if (nt * 8 < rank)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = mt * 16 + (lane >> 2) + (i >= 2 ? 8 : 0), col = nt * 8 + (lane & 3) * 2 + (i & 1);
-          red[(warp * C::BM + row) * C::RED_STRIDE + col] = acc[mt][nt][i];
-        }
+      for (int i = 0; i < 4; ++i) {
+        const int r = (lane >> 2) + (i >= 2 ? 8 : 0), col = nt * 8 + (lane & 3) * 2 + (i & 1);
+        red[(warp * 16 + r) * RS + col] = acc[nt][i];
+      }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < C::BM * rank; idx += blockDim.x) {
+  for (int idx = tid; idx < C::BM * rank; idx += NTHREADS) {
     const int row = idx / rank, col = idx % rank, m = m0 + row;
+    const int t = row / 16, r = row % 16;
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < QWARPS; ++w) s += red[(w * C::BM + row) * C::RED_STRIDE + col];
-    if (m < M) lora_act[(int64_t)m * rank + col] = s;
+    for (int k = 0; k < C::KSPLIT; ++k) s += red[((k * C::MTILES + t) * 16 + r) * RS + col];
+    if (m < p.M) p.lora_act[(int64_t)m * rank + col] = s;
   }
 }
 
-template <typename T, int MT, int MAXR, int STAGES, int QWARPS>
-int launch_quantize(const void *x, int M, int K, int64_t ldx, const float *smooth, float shift, int act_unsigned,
-                    const void *lora_down, int rank, uint8_t *codes, float *scales, int64_t ldm, float *lora_act,
-                    cudaStream_t stream) {
-  using C = QuantCfg<T, MT, MAXR, STAGES, QWARPS>;
-  auto kern = quantize_act_kernel<T, MT, MAXR, STAGES, QWARPS>;
-  static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
+template <typename T, int BM, int MAXR, bool LN>
+int launch(const Args &p, cudaStream_t stream, const char *kname) {
+  using C = Cfg<BM, MAXR>;
+  auto kern = quantize_kernel<T, C, LN>;
+  const int stage = C::X_BYTES + p.rank * C::ROW_BYTES;
+  const int red = NWARPS * 16 * (p.rank + 4) * 4;
+  const int smem = max(C::STAGES * stage, red);
+  // The attribute is set once per (kernel, device) for the largest size: keeps launches legal inside
+  // CUDA-graph capture.
+  static bool attr_set[64] = {};
   int dev = 0;
-  NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_quantize_act");
+  NL_CHECK_CUDA(cudaGetDevice(&dev), kname);
   if (dev >= 64 || !attr_set[dev]) {
-    NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM),
-                  "nl_quantize_act");
+    const int most = max(C::STAGES * (C::X_BYTES + C::MAXR * C::ROW_BYTES), NWARPS * 16 * (C::MAXR + 4) * 4);
+    NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, most), kname);
     if (dev < 64) attr_set[dev] = true;
   }
-  const int blocks = (int)(ldm / C::BM);
-  kern<<<blocks, QWARPS * 32, C::SMEM, stream>>>(static_cast<const T *>(x), M, K, ldx, smooth, shift, act_unsigned,
-                                                  static_cast<const T *>(lora_down), rank, codes, scales, ldm,
-                                                  lora_act);
-  NL_CHECK_LAUNCH("nl_quantize_act");
+  const int blocks = (int)((p.ldm + BM - 1) / BM);
+  kern<<<blocks, NTHREADS, smem, stream>>>(p);
+  NL_CHECK_LAUNCH(kname);
   return NL_OK;
 }
 
-template <typename T>
-int dispatch_quantize(const void *x, int M, int K, int64_t ldx, const float *smooth, float shift, int act_unsigned,
-                      const void *lora_down, int rank, uint8_t *codes, float *scales, int64_t ldm, float *lora_act,
-                      cudaStream_t stream) {
-  // 16 tokens per block (M = 4608 gives 288 blocks); 8 warps x 2 stages (96 KB: two blocks per SM) for
-  // rank <= 32, 4 warps for larger ranks (their lora_down tiles are bigger).
-  if (rank <= 32)
-    return launch_quantize<T, 1, 32, 2, 8>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes,
-                                           scales, ldm, lora_act, stream);
-  return launch_quantize<T, 1, 128, 2, 4>(x, M, K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes, scales,
-                                          ldm, lora_act, stream);
+// Tokens per CTA for rank <= 32: NUNCHAKU_LITE_QUANT_BM=16|32 overrides the default (benchmarks, tests).
+constexpr int DEFAULT_BM = 16;
+int tile_rows(int rank) {
+  if (rank > 32) return 32;
+  const char *env = getenv("NUNCHAKU_LITE_QUANT_BM");
+  if (env && (env[0] == '1' && env[1] == '6')) return 16;
+  if (env && (env[0] == '3' && env[1] == '2')) return 32;
+  return DEFAULT_BM;
 }
 
-}  // namespace
+template <typename T, bool LN>
+int dispatch(const Args &p, cudaStream_t s, const char *kname) {
+  if (p.rank <= 32) {
+    if (tile_rows(p.rank) == 16) return launch<T, 16, 32, LN>(p, s, kname);
+    return launch<T, 32, 32, LN>(p, s, kname);
+  }
+  if (p.rank <= 64) return launch<T, 32, 64, LN>(p, s, kname);
+  return launch<T, 32, 128, LN>(p, s, kname);
+}
 
-extern "C" int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
-                               float shift, int act_unsigned, const void *lora_down, int rank, uint8_t *codes,
-                               float *scales, int64_t ldm, float *lora_act, void *stream) {
-  const char *k = "nl_quantize_act";
+int check_common(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
+                 const void *lora_down, int rank, int layout, const uint8_t *codes, const float *scales, int64_t ldm,
+                 const float *lora_act) {
   NL_CHECK_ARG(x_dtype == NL_BF16 || x_dtype == NL_F16, "%s: x dtype code %d is not bf16/fp16", k, x_dtype);
-  NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
+  NL_CHECK_ARG(M >= 1 && M < (1LL << 31) - 256, "%s: M=%lld out of range", k, (long long)M);
   NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K < (1LL << 24), "%s: K=%lld must be a positive multiple of 64", k,
                (long long)K);
   NL_CHECK_ARG(ldx >= K && ldx % 8 == 0, "%s: x row stride %lld must be >= K and a multiple of 8", k,
                (long long)ldx);
-  NL_CHECK_ARG(ldm >= M && ldm % 128 == 0, "%s: scales stride ldm=%lld must be >= M and a multiple of 128", k,
-               (long long)ldm);
+  NL_CHECK_ARG(layout == NL_ACT_PACKED || layout == NL_ACT_FP8_TILES, "%s: layout=%d is not NL_ACT_PACKED (0) or "
+               "NL_ACT_FP8_TILES (1)", k, layout);
+  if (layout == NL_ACT_PACKED)
+    NL_CHECK_ARG(ldm >= M && ldm % 128 == 0, "%s: scales stride ldm=%lld must be >= M and a multiple of 128", k,
+                 (long long)ldm);
+  else
+    NL_CHECK_ARG(ldm >= M && ldm % 256 == 0, "%s: padded rows ldm=%lld must be >= M and a multiple of 256 for "
+                 "the fp8 tile layout", k, (long long)ldm);
   NL_CHECK_ARG(rank >= 0 && rank <= 128 && rank % 16 == 0, "%s: rank=%d must be a multiple of 16 in [0, 128]", k,
                rank);
   NL_CHECK_ARG(x && nl_aligned(x, 16), "%s: x must be a non-null 16-byte aligned pointer", k);
@@ -239,10 +601,49 @@ extern "C" int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K,
   NL_CHECK_ARG(rank == 0 || (lora_down && nl_aligned(lora_down, 16)),
                "%s: lora_down must be a non-null 16-byte aligned pointer when rank > 0", k);
   NL_CHECK_ARG(rank == 0 || lora_act, "%s: lora_act must be non-null when rank > 0", k);
+  return NL_OK;
+}
+
+int exact_div_requested() {
+  const char *env = getenv("NUNCHAKU_LITE_QUANT_EXACT_DIV");
+  return env && env[0] == '1';
+}
+
+}  // namespace
+
+extern "C" int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
+                               float shift, int act_unsigned, const void *lora_down, int rank, int layout,
+                               uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *stream) {
+  const char *k = "nl_quantize_act";
+  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, lora_down, rank, layout, codes, scales, ldm, lora_act))
+    return rc;
+  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
+               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
+  Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
+         lora_act, nullptr, nullptr, 1, 0.f, nullptr, exact_div_requested()};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (x_dtype == NL_BF16)
-    return dispatch_quantize<__nv_bfloat16>(x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank,
-                                            codes, scales, ldm, lora_act, s);
-  return dispatch_quantize<__half>(x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, codes,
-                                   scales, ldm, lora_act, s);
+  return x_dtype == NL_BF16 ? dispatch<__nv_bfloat16, false>(p, s, k) : dispatch<__half, false>(p, s, k);
+}
+
+extern "C" int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
+                                         const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch,
+                                         float eps, const float *smooth, float shift, int act_unsigned,
+                                         const void *lora_down, int rank, int layout, uint8_t *codes,
+                                         float *scales, int64_t ldm, float *lora_act, void *y_out, void *stream) {
+  const char *k = "nl_layernorm_quantize_act";
+  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, lora_down, rank, layout, codes, scales, ldm, lora_act))
+    return rc;
+  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
+               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
+  NL_CHECK_ARG(tokens_per_batch >= 1, "%s: tokens_per_batch=%lld must be >= 1", k, (long long)tokens_per_batch);
+  NL_CHECK_ARG(mod_shift && nl_aligned(mod_shift, 16), "%s: mod_shift must be a non-null 16-byte aligned pointer",
+               k);
+  NL_CHECK_ARG(mod_scale && nl_aligned(mod_scale, 16), "%s: mod_scale must be a non-null 16-byte aligned pointer",
+               k);
+  NL_CHECK_ARG(!y_out || nl_aligned(y_out, 16), "%s: y_out must be 16-byte aligned", k);
+  NL_CHECK_ARG(eps >= 0.f, "%s: eps=%g must be >= 0", k, (double)eps);
+  Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
+         lora_act, mod_shift, mod_scale, tokens_per_batch, eps, y_out, exact_div_requested()};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return x_dtype == NL_BF16 ? dispatch<__nv_bfloat16, true>(p, s, k) : dispatch<__half, true>(p, s, k);
 }

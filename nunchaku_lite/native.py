@@ -9,14 +9,17 @@ Every wrapper checks dtype, device, contiguity and shapes of its torch tensors i
 argument), passes data pointers, sizes and the current CUDA stream, and turns a non-zero return code into an
 exception carrying the kernel's message (ValueError for a bad argument, NativeError otherwise).
 
-Entry points: `quantize_act` (codes + scales + low-rank activation), `repack_weight`, `prepare_w4a4` (the
+Entry points: `quantize_act` (codes + scales + low-rank activation, layout "packed" or the sm_90
+"fp8_tiles"), `layernorm_quantize_act` (the same after a fused LayerNorm + modulation), `repack_weight`, `prepare_w4a4` (the
 load-time conversion of a layer), `w4a4_gemm`, `w4a4_linear(x, module)` and `w4a16_linear(x, module)` (the
 dispatch used by W4A4Linear / W4A16Linear), `prepared_for(module, dtype)` (a layer's prepared tensors).
 Storage: `prepare_model_(model)` converts every quantized layer on CUDA once and keeps only the converted
 tensors (one weight copy on the GPU; Flux.from_pretrained calls it); an unconverted layer gets a cached
 converted copy beside its canonical buffers on its first CUDA forward (two copies).
 
-Precision: codes and scales are bit-identical to ops.quantize_act. The GEMM folds each 64-group into the fp32
+Precision: codes and scales are bit-identical to ops.quantize_act (both layouts; "fp8_tiles" is byte-identical
+to ops.pack_act_fp8_tiles); the LayerNorm-fused entry matches quantize_act(ops.layernorm_modulate(...)) up to
+LayerNorm's fp32 reduction order (see layernorm_quantize_act). The GEMM folds each 64-group into the fp32
 accumulator with one rounding (fused multiply-adds; closer to the float64 truth than the reference's three);
 exact=True reproduces ops.w4a4_linear's group loop bit for bit. Low-rank and bias then add in fp32.
 
@@ -225,18 +228,28 @@ def padded_rows(m: int) -> int:
     return max(128, -(-m // 128) * 128)
 
 
-class QuantizedActivation(NamedTuple):
-    """Output of `quantize_act`, already in the GEMM's operand order.
+ACT_LAYOUTS = {"packed": 0, "fp8_tiles": 1}  # NL_ACT_PACKED, NL_ACT_FP8_TILES
 
-    layout "packed" (s4/s8 paths): codes uint8 [M, K/2] (ops.pack_int4 order), scales float32 [K/64, ldm]
-    (ops.quantize_act's scales are scales[:, :M].T). layout "fp8_tiles" (wgmma path, ops.pack_act_fp8_tiles):
-    codes uint8 [K/64, Mp, 64] e4m3 bytes, scales float32 [K/64, Mp] (16-token permutation).
+
+def fp8_tile_rows(m: int) -> int:
+    """Padded token count Mp of the fp8_tiles layout: M rounded up to ops.FP8_TILE_ROWS (256)."""
+    return max(256, -(-m // 256) * 256)
+
+
+class QuantizedActivation(NamedTuple):
+    """Output of `quantize_act` / `layernorm_quantize_act`, already in a GEMM's operand order.
+
+    layout "packed" (sm_80..89 GEMM and the current generic one): codes uint8 [M, K/2] (ops.pack_int4 order),
+    scales float32 [K/64, ldm] with ldm = padded_rows(M); ops.quantize_act's scales are scales[:, :M].T.
+    layout "fp8_tiles" (sm_90 GEMM): codes uint8 [K/64, Mp, 64] and scales float32 [K/64, Mp], byte-identical
+    to ops.pack_act_fp8_tiles(codes, scales), Mp = fp8_tile_rows(M), padded rows 0.
     """
     codes: torch.Tensor
     scales: torch.Tensor
     lora_act: torch.Tensor | None  # float32 [M, rank] = x @ lora_down^T, or None
     unsigned: bool
     layout: str = "packed"
+    m: int | None = None           # real token count (the fp8_tiles arrays are padded to Mp rows)
 
 
 def to_fp8_tiles(act: QuantizedActivation) -> QuantizedActivation:
@@ -247,41 +260,158 @@ def to_fp8_tiles(act: QuantizedActivation) -> QuantizedActivation:
     m = act.codes.shape[0]
     codes = ops.unpack_int4(act.codes, signed=not act.unsigned)
     codes8, scales8 = ops.pack_act_fp8_tiles(codes, act.scales[:, :m].t())
-    return QuantizedActivation(codes8, scales8, act.lora_act, act.unsigned, "fp8_tiles")
+    return QuantizedActivation(codes8, scales8, act.lora_act, act.unsigned, "fp8_tiles", m)
 
 
-@_needs_lib
-def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down: torch.Tensor | None = None,
-                 unsigned: bool = False, shift: float = 0.0) -> QuantizedActivation:
-    """INT4 codes/scales of x (as ops.quantize_act, bit-identical) and the low-rank activation x @ lora_down^T.
-
-    x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None; lora_down [r, K] of x's dtype,
-    r a multiple of 16 up to 128, or None.
-    """
-    kname = "quantize_act"
-    _check(x, "x", kname, (torch.bfloat16, torch.float16))
+def _check_quantize_args(kname, x, smooth, lora_down, layout):
+    if layout not in ACT_LAYOUTS:
+        raise ValueError(f"{kname}: layout {layout!r} must be one of {sorted(ACT_LAYOUTS)}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{kname}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{kname}: x has dtype {x.dtype}, expected bfloat16 or float16")
     if x.dim() != 2:
         raise ValueError(f"{kname}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
     if k % GROUP:
         raise ValueError(f"{kname}: K={k} is not a multiple of {GROUP}")
-    if smooth is not None:
-        _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
+    if smooth is not None and (not isinstance(smooth, torch.Tensor) or tuple(smooth.shape) != (k,)):
+        raise ValueError(f"{kname}: smooth must be a tensor of shape ({k},), got "
+                         f"{tuple(smooth.shape) if isinstance(smooth, torch.Tensor) else type(smooth).__name__}")
     rank = 0
     if lora_down is not None:
-        _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
-        if lora_down.dim() != 2 or lora_down.shape[1] != k:
-            raise ValueError(f"{kname}: lora_down has shape {tuple(lora_down.shape)}, expected [rank, {k}]")
+        if not isinstance(lora_down, torch.Tensor) or lora_down.dim() != 2 or lora_down.shape[1] != k:
+            raise ValueError(f"{kname}: lora_down has shape "
+                             f"{tuple(lora_down.shape) if isinstance(lora_down, torch.Tensor) else '?'}, "
+                             f"expected [rank, {k}]")
         rank = lora_down.shape[0]
-    ldm = padded_rows(m)
-    codes = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(k // GROUP, ldm, dtype=torch.float32, device=x.device)
+        if rank % 16 or rank > 128:
+            raise ValueError(f"{kname}: lora_down rank={rank} must be a multiple of 16 and at most 128")
+        if lora_down.dtype != x.dtype:
+            raise ValueError(f"{kname}: lora_down has dtype {lora_down.dtype}, expected x's {x.dtype}")
+    return m, k, rank
+
+
+def quantize_act_reference(x, smooth=None, lora_down=None, unsigned=False, shift=0.0, layout="packed"
+                           ) -> QuantizedActivation:
+    """The PyTorch reference of quantize_act's outputs (any device, no library needed; used for CPU tensors)."""
+    from .quant import ops
+    m, k = x.shape
+    codes, scales = ops.quantize_act(x, smooth, unsigned, shift)
+    if layout == "packed":
+        sc = torch.zeros(k // GROUP, padded_rows(m), dtype=torch.float32, device=x.device)
+        sc[:, :m] = scales.t()
+        packed = ops.pack_int4(codes)
+    else:
+        packed, sc = ops.pack_act_fp8_tiles(codes, scales)
+    lora_act = None if lora_down is None or lora_down.shape[0] == 0 else x.float() @ lora_down.float().t()
+    return QuantizedActivation(packed, sc, lora_act, bool(unsigned), layout, m)
+
+
+def _alloc_outputs(x, m, k, rank, layout):
+    g = k // GROUP
+    if layout == "packed":
+        ldm = padded_rows(m)
+        codes = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
+    else:
+        ldm = fp8_tile_rows(m)
+        codes = torch.empty(g, ldm, GROUP, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(g, ldm, dtype=torch.float32, device=x.device)
     lora_act = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
+    return codes, scales, ldm, lora_act
+
+
+@_needs_lib
+def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down: torch.Tensor | None = None,
+                 unsigned: bool = False, shift: float = 0.0, layout: str = "packed") -> QuantizedActivation:
+    """INT4 codes/scales of x (as ops.quantize_act, bit-identical) and the low-rank activation x @ lora_down^T.
+
+    x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None; lora_down [r, K] of x's dtype,
+    r a multiple of 16 up to 128, or None; layout "packed" or "fp8_tiles" (see QuantizedActivation).
+    A CPU x runs the PyTorch reference (same outputs).
+    """
+    kname = "quantize_act"
+    m, k, rank = _check_quantize_args(kname, x, smooth, lora_down, layout)
+    if not x.is_cuda:
+        return quantize_act_reference(x, smooth, lora_down, unsigned, shift, layout)
+    _check(x, "x", kname, (torch.bfloat16, torch.float16))
+    if smooth is not None:
+        _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
+    if rank:
+        _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
+    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
     if m:
         _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
-              int(bool(unsigned)), _ptr(lora_down if rank else None), rank, _ptr(codes, "uint8_t *"),
-              _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _stream(x.device))
-    return QuantizedActivation(codes, scales, lora_act, bool(unsigned))
+              int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout],
+              _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _stream(x.device))
+    return QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
+
+
+def _modulation_rows(kname, x, shift, scale, tokens_per_batch):
+    """Flatten x to [M, K] and the modulation vectors to [B, K]; returns (x2, shift2, scale2, tokens_per_batch)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"{kname}: x must be a [M, K] or [B, L, K] tensor")
+    k = x.shape[-1]
+    if x.dim() == 3:
+        if tokens_per_batch not in (None, x.shape[1]):
+            raise ValueError(f"{kname}: tokens_per_batch={tokens_per_batch} does not match x's L={x.shape[1]}")
+        tokens_per_batch = x.shape[1]
+        x = x.reshape(-1, k)
+    elif tokens_per_batch is None:
+        tokens_per_batch = x.shape[0]
+    if int(tokens_per_batch) < 1:
+        raise ValueError(f"{kname}: tokens_per_batch={tokens_per_batch} must be >= 1")
+    batches = max(1, -(-x.shape[0] // int(tokens_per_batch)))
+    out = []
+    for name, t in (("shift", shift), ("scale", scale)):
+        if not isinstance(t, torch.Tensor) or t.shape[-1] != k or t.numel() != batches * k:
+            raise ValueError(f"{kname}: {name} must hold [B={batches}, K={k}] values (e.g. [B, 1, K]), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{kname}: {name} has dtype {t.dtype}, expected x's {x.dtype}")
+        out.append(t.reshape(batches, k))
+    return x, out[0], out[1], int(tokens_per_batch)
+
+
+@_needs_lib
+def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           tokens_per_batch: int | None = None, smooth: torch.Tensor | None = None,
+                           lora_down: torch.Tensor | None = None, unsigned: bool = False, shift_const: float = 0.0,
+                           layout: str = "packed", eps: float = 1e-6, return_y: bool = False):
+    """quantize_act(ops.layernorm_modulate(x, shift, scale)) in one kernel: LayerNorm (no affine) + modulation
+    y = (1 + scale[b]) * LN(x) + shift[b] feeding the quantizer and the low-rank down projection.
+
+    x [M, K] (rows of batch b = row // tokens_per_batch) or [B, L, K]; shift, scale [B, K] or [B, 1, K] in x's
+    dtype; shift_const is the quantizer's constant shift (unsigned layers). Returns a QuantizedActivation, or
+    (QuantizedActivation, y [M, K]) with return_y. Codes match the unfused path up to LayerNorm's fp32
+    reduction order (torch's own is not specified): a code may differ by 1 where LN(x) lies on a 16-bit
+    rounding boundary (measured: far below 0.1% of the codes).
+    """
+    kname = "layernorm_quantize_act"
+    x, shift, scale, tpb = _modulation_rows(kname, x, shift, scale, tokens_per_batch)
+    m, k, rank = _check_quantize_args(kname, x, smooth, lora_down, layout)
+    if not x.is_cuda:
+        from .quant import ops
+        rows = torch.arange(m, device=x.device) // tpb
+        y = ops.layernorm_modulate(x, shift[rows], scale[rows], eps)
+        act = quantize_act_reference(y, smooth, lora_down, unsigned, shift_const, layout)
+        return (act, y) if return_y else act
+    x = _aligned(x)
+    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
+        _check(t, name, kname, (torch.bfloat16, torch.float16), None, x.device)
+    if smooth is not None:
+        _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
+    if rank:
+        _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
+    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
+    y = torch.empty_like(x) if return_y else None
+    if m:
+        _call("nl_layernorm_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(shift), _ptr(scale), tpb,
+              float(eps), _ptr(smooth, "float *"), float(shift_const), int(bool(unsigned)),
+              _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
+              _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _ptr(y), _stream(x.device))
+    act = QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
+    return (act, y) if return_y else act
 
 
 @_needs_lib
@@ -482,6 +612,8 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m):
         raise ValueError(f"{kname}: activations have K={k}, the weight has K={prep.k}")
     _check(scales, "act.scales", kname, (torch.float32,), (g, mp), dev)
     if m is None:
+        m = act.m
+    if m is None:
         m = lora_act.shape[0] if lora_act is not None else (out.shape[0] if out is not None else None)
     if m is None or not 0 <= m <= mp or mp != max(ops.FP8_TILE_ROWS, -(-m // ops.FP8_TILE_ROWS) * ops.FP8_TILE_ROWS):
         raise ValueError(f"{kname}: token count m={m} does not fit the fp8_tiles operand with Mp={mp} "
@@ -514,9 +646,11 @@ def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "n
     """y [..., n] = the SVDQuant linear of x [..., K] with a prepared layer: quantize kernel + GEMM kernel."""
     lead = x.shape[:-1]
     x2 = _aligned(x.reshape(-1, x.shape[-1]))
-    act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift)
-    # the wgmma path converts this "packed" output with PyTorch ops (to_fp8_tiles) until the quantize kernel
-    # writes the fp8_tiles layout itself
+    path = path or default_path(x.device)
+    if exact and path == "wgmma":
+        path = "s8"
+    layout = "fp8_tiles" if path == "wgmma" else "packed"
+    act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift, layout=layout)
     y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact, m=x2.shape[0])
     if y.shape[1] != prep.n:
         y = y[:, : prep.n]

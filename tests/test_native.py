@@ -32,12 +32,15 @@ def built_lib() -> Path:
 def test_header_declares_the_documented_api():
     funcs = _declared_functions()
     assert {"nl_last_error", "nl_version", "nl_default_path", "nl_quantize_act", "nl_repack_weight",
-            "nl_w4a4_gemm", "nl_w4a16_gemm", "nl_w4a4_gemm_fp8", "nl_repack_weight_sm90"} <= funcs
+            "nl_w4a4_gemm", "nl_w4a16_gemm", "nl_w4a4_gemm_fp8", "nl_repack_weight_sm90",
+            "nl_layernorm_quantize_act"} <= funcs
     import cffi
     ffi = cffi.FFI()
     ffi.cdef(native.cdef_source(HEADER))  # the CDEF block is plain C that cffi parses
     assert ffi.typeof("int(*)(const void *, int, int64_t, int64_t, int64_t, const float *, float, int, "
-                      "const void *, int, uint8_t *, float *, int64_t, float *, void *)") is not None
+                      "const void *, int, int, uint8_t *, float *, int64_t, float *, void *)") is not None
+    cdef = " ".join(native.cdef_source(HEADER).split())
+    assert "const void *lora_down, int rank, int layout, uint8_t *codes" in cdef  # both quantize entry points
 
 
 def test_library_exports_every_declared_symbol(built_lib):

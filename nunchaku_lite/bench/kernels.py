@@ -9,6 +9,9 @@ Timing: each variant is captured in a CUDA graph of `--reps` back-to-back calls 
 is not measured) and the graph is replayed `--replays` times between CUDA events; the reported time is the
 median replay divided by reps. All variants of a shape run in one process, side by side.
 Tokens M: 4608 = 1024x1024 image (4096) + 512 text, 1536 = 512x512 (1024) + 512. Weight N x K.
+`--quantize` prints only the quantize-kernel table (quantize_table): both activation layouts, plain and
+LayerNorm-fused, GB/s counting x read + codes/scales/lora_act written, and % of the copy bandwidth measured in
+the same run.
 """
 import argparse
 import json
@@ -112,10 +115,14 @@ def bench_wgmma(r, x, k, n):
     qw = ops.pack_int4(codes)
     prep = native.prepare_w4a4(qw, wscales, lora_down, lora_up, bias, smooth, path="wgmma")
     prep0 = native.prepare_w4a4(qw, wscales, None, None, bias, smooth, path="wgmma")
-    act = native.to_fp8_tiles(native.quantize_act(x, prep.smooth, prep.lora_down))
-    act0 = native.to_fp8_tiles(native.quantize_act(x, prep.smooth))
+    act = native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles")
+    act0 = native.quantize_act(x, prep.smooth, layout="fp8_tiles")
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     r["wgmma_ms"] = time_ms(lambda: native.w4a4_gemm(act, prep, out=out, path="wgmma", m=m))
+    # the whole linear: quantize kernel (fp8_tiles) + GEMM, as w4a4_linear_prepared runs it
+    r["wgmma_linear_ms"] = time_ms(lambda: native.w4a4_gemm(
+        native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles"), prep, out=out, path="wgmma", m=m))
+    r["wgmma_linear_vs_bf16"] = r["bf16_ms"] / r["wgmma_linear_ms"]
     r["wgmma_nolora_ms"] = time_ms(lambda: native.w4a4_gemm(act0, prep0, out=out, path="wgmma", m=m))
     flops = 2 * m * n * k
     r["wgmma_tops"] = flops / r["wgmma_ms"] / 1e9
@@ -172,6 +179,64 @@ def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False):
     return r
 
 
+QUANT_SHAPES = [(4608, 3072), (1536, 3072), (4608, 12288), (4608, 15360)]  # (M, K)
+
+
+def quantize_bytes(m, k, rank, layout):
+    """HBM bytes of one quantize call: x read + codes, scales and lora_act written."""
+    g = k // 64
+    rows = native.padded_rows(m) if layout == "packed" else native.fp8_tile_rows(m)
+    codes = m * k // 2 if layout == "packed" else rows * k
+    return m * k * 2 + codes + g * rows * 4 + m * rank * 4
+
+
+def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
+    """The quantize + low-rank-down kernel, plain and LayerNorm-fused, both layouts: GB/s and % of copy."""
+    rows = []
+    for m, k in QUANT_SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(m + k)
+        x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+        smooth = torch.rand(k, generator=g, device="cuda") + 0.5
+        down = (torch.randn(rank, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        shift, scale = [(torch.randn(2, k, generator=g, device="cuda") * 0.3).to(torch.bfloat16) for _ in range(2)]
+        for tiling in tilings:
+            os.environ["NUNCHAKU_LITE_QUANT_BM"] = tiling
+            for layout in ("packed", "fp8_tiles"):
+                for fused in (False, True):
+                    if fused:
+                        fn = lambda: native.layernorm_quantize_act(x, shift, scale, -(-m // 2), smooth, down,
+                                                                   layout=layout)
+                    else:
+                        fn = lambda: native.quantize_act(x, smooth, down, layout=layout)
+                    ms = time_ms(fn, reps=20, replays=25)
+                    gbps = quantize_bytes(m, k, rank, layout) / ms / 1e6
+                    rows.append(dict(M=m, K=k, rank=rank, tiling=int(tiling), layout=layout,
+                                     kernel="layernorm+quantize" if fused else "quantize", us=ms * 1e3,
+                                     gbps=gbps, pct_of_copy=100 * gbps / copy_gbps))
+    os.environ.pop("NUNCHAKU_LITE_QUANT_BM", None)
+    hdr = f"{'M':>5} {'K':>6} {'BM':>3} {'layout':>9} {'kernel':>18} | {'us':>7} {'GB/s':>6} {'%copy':>5}"
+    print(f"\nquantize + low-rank down (rank {rank}, smooth; LN-fused: 2 batches), copy {copy_gbps:.0f} GB/s")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['M']:>5} {r['K']:>6} {r['tiling']:>3} {r['layout']:>9} {r['kernel']:>18} | {r['us']:7.1f} "
+              f"{r['gbps']:6.0f} {r['pct_of_copy']:5.0f}")
+    return rows
+
+
+def quantize_main(args, dev):
+    """--quantize: only the quantize table (and JSON)."""
+    copy_gbps = copy_bandwidth()
+    print(f"device: {dev}  torch {torch.__version__}\ndevice copy: {copy_gbps:.0f} GB/s (read + write)")
+    rows = quantize_table(copy_gbps, tuple(args.quant_bm.split(",")))
+    path = args.json.replace(".json", "_quantize.json") if args.json.endswith(".json") else args.json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=dev, torch=torch.__version__, copy_gbps=copy_gbps, rows=rows), f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nunchaku_lite.bench kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
@@ -181,18 +246,23 @@ def main(argv=None):
     ap.add_argument("--no-legacy", action="store_true", help="only the baselines and the sm_90 wgmma columns")
     ap.add_argument("--exact", action="store_true", help="time the bit-exact accumulation mode")
     ap.add_argument("--block-m", choices=["64", "128"], help="GEMM block rows (sets NUNCHAKU_LITE_GEMM_BM)")
+    ap.add_argument("--quantize", action="store_true", help="only the quantize-kernel table (both layouts, "
+                    "plain and LayerNorm-fused)")
+    ap.add_argument("--quant-bm", default="16", help="quantize CTA token tilings to time, e.g. 16,32")
     args = ap.parse_args(argv)
     if args.block_m:
         os.environ["NUNCHAKU_LITE_GEMM_BM"] = args.block_m
     if not native.available():
         print(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}", file=sys.stderr)
         return 1
+    dev = torch.cuda.get_device_name()
+    if args.quantize:
+        return quantize_main(args, dev)
     wgmma = torch.cuda.get_device_capability() == (9, 0) and native.has_wgmma()
     path = native.default_path() if args.path == "auto" else args.path
     if path == "wgmma":
         path = "s8"
     legacy = not args.no_legacy
-    dev = torch.cuda.get_device_name()
     block_m = os.environ.get("NUNCHAKU_LITE_GEMM_BM", "128")
     print(f"device: {dev}  torch {torch.__version__}  path {path}  GEMM block rows {block_m}"
           f"{'  exact' if args.exact else ''}")
@@ -215,16 +285,17 @@ def main(argv=None):
     hdr = (f"{'M':>5} {'K':>5} {'N':>5} | {'fused':>7} {'gemm':>7} {'nolora':>7} {'unfused':>7} {'quant':>6} "
            f"{'bf16':>7} {'fp8':>7} | {'TOPS':>5} {'xbf16':>5} {'gemm':>5} {'xfp8':>5} {'LRov%':>6} {'q%cp':>5}")
     if wgmma:
-        wh = (f"{'M':>5} {'K':>5} {'N':>5} | {'wgmma':>7} {'wg0':>7} {'bf16':>7} {'fp8':>7} | {'TOPS':>5} "
-              f"{'xbf16':>5} {'x0bf16':>6} {'xfp8':>5} {'LRov%':>6}")
-        print("\nsm_90 wgmma GEMM alone, ms per call (wgmma: + low-rank rank 32; wg0: without low-rank)")
+        wh = (f"{'M':>5} {'K':>5} {'N':>5} | {'wgmma':>7} {'wg0':>7} {'linear':>7} {'bf16':>7} {'fp8':>7} | "
+              f"{'TOPS':>5} {'xbf16':>5} {'x0bf16':>6} {'xfp8':>5} {'LRov%':>6} {'lin/bf16':>8}")
+        print("\nsm_90 wgmma GEMM, ms per call (wgmma: GEMM + low-rank rank 32; wg0: GEMM without low-rank; "
+              "linear: quantize kernel + GEMM + low-rank)")
         print(wh)
         print("-" * len(wh))
         for r in rows:
             print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {r['wgmma_ms']:7.3f} {r['wgmma_nolora_ms']:7.3f} "
-                  f"{r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {r['wgmma_tops']:5.0f} {r['wgmma_vs_bf16']:5.2f} "
-                  f"{r['wgmma_nolora_vs_bf16']:6.2f} {r['wgmma_vs_fp8']:5.2f} "
-                  f"{100 * r['wgmma_lowrank_overhead']:6.1f}")
+                  f"{r['wgmma_linear_ms']:7.3f} {r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {r['wgmma_tops']:5.0f} "
+                  f"{r['wgmma_vs_bf16']:5.2f} {r['wgmma_nolora_vs_bf16']:6.2f} {r['wgmma_vs_fp8']:5.2f} "
+                  f"{100 * r['wgmma_lowrank_overhead']:6.1f} {r['wgmma_linear_vs_bf16']:8.2f}")
     print("\nms per call (fused/nolora/unfused include the quantize kernel; gemm = GEMM kernel alone)")
     print(hdr)
     print("-" * len(hdr))
@@ -270,4 +341,28 @@ def smoke(argv=None):
             native.w4a16_gemm(x[: min(m, 5)].contiguous(), p16)
     torch.cuda.synchronize()
     print("smoke ok")
+    return 0
+
+
+def quantize_smoke(argv=None):
+    """The quantize kernels once per layout/tiling on odd shapes (tile tails): for compute-sanitizer runs."""
+    if not native.available():
+        print(f"native kernels unavailable: {native.library_error()}", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    for m, k, rank in [(1, 64, 16), (37, 192, 32), (300, 1088, 0), (130, 256, 128), (513, 320, 64)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        down = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) if rank else None
+        smooth = torch.rand(k, device="cuda") + 0.5
+        sh, sc = torch.randn(2, 2, k, device="cuda", dtype=torch.bfloat16)
+        for tiling in ("16", "32"):
+            os.environ["NUNCHAKU_LITE_QUANT_BM"] = tiling
+            for layout in ("packed", "fp8_tiles"):
+                native.quantize_act(x, smooth, down, True, 0.171875, layout=layout)
+                tpb = -(-m // 2)
+                b = -(-m // tpb)  # 1 batch when m == 1
+                native.layernorm_quantize_act(x, sh[:b], sc[:b], tpb, smooth, down, layout=layout, return_y=True)
+    os.environ.pop("NUNCHAKU_LITE_QUANT_BM", None)
+    torch.cuda.synchronize()
+    print("quantize smoke ok")
     return 0

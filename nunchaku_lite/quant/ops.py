@@ -201,6 +201,19 @@ def unpack_weight_wgmma(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return v.permute(0, 2, 3, 7, 4, 1, 6, 5, 8).contiguous().view(n, k // 2)
 
 
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(1 + scale) * LayerNorm(x) + shift exactly as the unfused DiT path computes it (models/dit.py
+    `ModulationOut.apply(layer_norm(dim)(x))`): the reference of the fused LayerNorm + modulation + quantize
+    kernel (native.layernorm_quantize_act).
+
+    x [..., K] (bf16/fp16/fp32); shift, scale broadcastable to x (e.g. [B, 1, K] for x [B, L, K]), same dtype.
+    LayerNorm has no affine and normalizes over the last dim in fp32; its output is rounded to x's dtype, then
+    `1 + scale`, the product and the sum are each rounded to x's dtype (torch's 16-bit elementwise ops).
+    """
+    xn = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+    return (1 + scale) * xn + shift
+
+
 def _group_dots(qa: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
     """Exact integer dot products per group as float32: qa [M, K], cw [N, K] -> [G, M, N]."""
     m, k = qa.shape
