@@ -384,11 +384,10 @@ def single_block(block: nn.Module, x: Tensor, silu_vec: Tensor, pe: Tensor, bufs
     x2 = x.reshape(B * L, D)
     lin1, lin2, qn = block.linear1, block.linear2, block.norm
     w4a4 = _w4a4_fast(lin1, x2)
-    if not w4a4:  # one buffer [q | k | v | mlp]: GELU in place on mlp, attention into the v slot, linear2 reads
-        y1 = ln_linear(lin1, x2, shift, scale, L, block.pre_norm.eps)  # [attn | gelu(mlp)] as a strided view
-        qknorm_rope(y1, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)
-        mlp = y1[:, 3 * D:]
-        torch.ops.aten.gelu_(mlp, approximate="tanh")
+    if not w4a4:  # one buffer [q | k | v | gelu(mlp)]; the attention output goes into the consumed v slot, so
+        y1 = _single_linear1(lin1, x2, shift, scale, L, block.pre_norm.eps, 3 * D)  # linear2 reads
+        qknorm_rope(y1, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)  # [attn |
+        mlp = y1[:, 3 * D:]  # gelu(mlp)] as a strided view of y1 (no cat)
         attn = bufs.attention()
         if type(lin2) is nn.Linear:
             y1[:, 2 * D: 3 * D].view(B, L, D).copy_(attn)
@@ -399,6 +398,22 @@ def single_block(block: nn.Module, x: Tensor, silu_vec: Tensor, pe: Tensor, bufs
     qknorm_rope(qkv, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)
     attn = bufs.attention()
     return gate_residual(x, gate, _linear2(lin2, attn.reshape(B * L, D), mlp))
+
+
+def _single_linear1(lin1: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, L: int, eps: float, n_qkv: int):
+    """[qkv | gelu(mlp)] = linear1(LN-modulated x) with GELU on the columns from n_qkv on, in one buffer. 16-bit
+    on CUDA: two GEMMs writing into column slices of the buffer, the GELU in cuBLASLt's epilogue (no extra
+    pass); otherwise one linear and GELU in place on the slice."""
+    xm = layernorm_modulate(x, shift, scale, L, eps)
+    if type(lin1) is nn.Linear and x.is_cuda and lin1.bias is not None and _lt_gelu_is_tanh(x.device):
+        w, b = lin1.weight, lin1.bias
+        y1 = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        torch.addmm(b[:n_qkv], xm, w[:n_qkv].t(), out=y1[:, :n_qkv])
+        torch._addmm_activation(b[n_qkv:], xm, w[n_qkv:].t(), use_gelu=True, out=y1[:, n_qkv:])
+        return y1
+    y1 = linear(lin1, xm)
+    torch.ops.aten.gelu_(y1[:, n_qkv:], approximate="tanh")
+    return y1
 
 
 def _linear2(lin2: nn.Module, attn: Tensor, mlp: Tensor) -> Tensor:
@@ -421,11 +436,17 @@ def last_layer(layer: nn.Module, x: Tensor, silu_vec: Tensor) -> Tensor:
 # The whole model
 
 
+_PE_CACHE = True
+
+
 def _pe(model: nn.Module, txt_ids: Tensor, img_ids: Tensor) -> Tensor:
     """pe_embedder(cat(txt_ids, img_ids)), cached on the model while the same ids tensors come back unchanged
     (the sampler passes the same ids every step)."""
+    if not _PE_CACHE:
+        return model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)).contiguous()
     c = getattr(model, "_fused_pe", None)
-    ver = (txt_ids._version, img_ids._version)
+    ver = tuple(None if t.is_inference() else t._version for t in (txt_ids, img_ids))  # inference tensors have
+    # no version counter (they cannot change outside inference mode; the sampler never writes its ids)
     if c is not None and c[0] is txt_ids and c[1] is img_ids and c[2] == ver:
         return c[3]
     pe = model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)).contiguous()
@@ -449,3 +470,63 @@ def flux_forward(model: nn.Module, img: Tensor, img_ids: Tensor, txt: Tensor, tx
     for block in model.single_blocks:
         x = single_block(block, x, silu_vec, pe, bufs)
     return last_layer(model.final_layer, x[:, Lt:], silu_vec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA graph of a whole step (optional: Flux.enable_cuda_graph)
+
+
+@dataclass
+class _Graph:
+    key: tuple
+    graph: "torch.cuda.CUDAGraph"
+    inputs: dict
+    out: Tensor
+
+
+def _graph_key(model: nn.Module, inputs: dict) -> tuple:
+    # shapes/dtypes of the inputs and the identity of every weight: a replaced or reallocated tensor (e.g.
+    # quantization in place, .to()) re-captures instead of replaying stale pointers
+    shapes = tuple((k, None if v is None else (tuple(v.shape), v.dtype, v.device)) for k, v in inputs.items())
+    weights = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+    return shapes, weights, W4A4_GELU_EPILOGUE, torch.is_inference_mode_enabled()
+
+
+def graphed_forward(model: nn.Module, **inputs) -> Tensor:
+    """flux_forward replayed from a CUDA graph (captured on the first call for these shapes and weights, after
+    two warmup steps): no per-kernel launch cost on the host. The inputs are copied into the graph's static
+    buffers; the output is a fresh tensor. The rope table is computed inside the graph (ids may change)."""
+    key = _graph_key(model, inputs)
+    g = getattr(model, "_fused_graph", None)
+    if g is None or g.key != key:
+        object.__setattr__(model, "_fused_graph", None)  # free the old graph's pool first
+        static = {k: None if v is None else v.clone() for k, v in inputs.items()}
+        side = torch.cuda.Stream(inputs["img"].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # allocator warmup, one-time probes and weight preparation happen here
+                flux_forward(model, **static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        object.__setattr__(model, "_fused_pe", None)
+        with _no_pe_cache(), torch.cuda.graph(graph):
+            out = flux_forward(model, **static)
+        g = _Graph(key, graph, static, out)
+        object.__setattr__(model, "_fused_graph", g)
+    for k, v in inputs.items():
+        if v is not None:
+            g.inputs[k].copy_(v)
+    g.graph.replay()
+    return g.out.clone()
+
+
+class _no_pe_cache:
+    """Inside a graph capture the rope table must be computed by the graph itself, not taken from the cache."""
+
+    def __enter__(self):
+        global _PE_CACHE
+        self.prev, _PE_CACHE = _PE_CACHE, False
+
+    def __exit__(self, *exc):
+        global _PE_CACHE
+        _PE_CACHE = self.prev

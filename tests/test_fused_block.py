@@ -296,16 +296,20 @@ def _cuda_pair(quant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant", [False, True])
-def test_fast_dit_matches_plain_on_cuda(quant):
+@pytest.mark.parametrize("quant,gelu_epilogue", [(False, True), (True, False), (True, True)])
+def test_fast_dit_matches_plain_on_cuda(quant, gelu_epilogue, monkeypatch):
     _needs_kernels()
+    monkeypatch.setattr(fused, "W4A4_GELU_EPILOGUE", gelu_epilogue)
     model, inp = _cuda_pair(quant)
     with torch.inference_mode():
         fast = model(**inp)
         plain = model.set_fast(False)(**inp)
         model.set_fast(True)
-        # the CPU references of the same fused math agree with the kernels
-        assert _rel(fast, plain) < 1e-2
+        rel = _rel(fast, plain)
+        print(f"fast vs plain, quant={quant} gelu_epilogue={gelu_epilogue}: rel {rel:.2e}")
+        # W4A4 without the GELU epilogue: the same roundings, so (nearly) the same activation codes; the
+        # epilogue's single rounding moves some fc2 codes (see fused.W4A4_GELU_EPILOGUE)
+        assert rel < (1e-1 if quant and gelu_epilogue else 1e-2)
         assert math.isfinite(fast.float().sum().item())
         # blocks called one by one dispatch to the fused path too
         img, txt, vec, pe = _block_states(model, inp)
@@ -381,3 +385,18 @@ def test_kernel_argument_errors():
         native._call("nl_layernorm_modulate", null, 1, 4, 3080, 3080, 2, null, null, 0, 1e-6, null, 3080, null)
     with pytest.raises(ValueError, match="nl_gate_residual: N=12"):
         native._call("nl_gate_residual", null, null, 12, null, 0, 1, 4, 12, 2, null, null)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_matches_eager():
+    _needs_kernels()
+    model, inp = _cuda_pair(True)
+    with torch.inference_mode():
+        eager = model(**inp)
+        model.enable_cuda_graph()
+        graphed = model(**inp)  # capture + replay
+        assert _rel(graphed, eager) < 1e-3
+        inp2 = dict(inp, img=inp["img"].flip(1), timesteps=inp["timesteps"] * 0.5)
+        again = model(**inp2)  # replay with new inputs
+        model.enable_cuda_graph(False)
+        assert _rel(again, model(**inp2)) < 1e-3

@@ -308,6 +308,7 @@ class Flux(nn.Module):
     """
 
     fast = True  # the fused CUDA forward (nunchaku_lite/fused.py) when it can run; see set_fast
+    cuda_graph = False  # replay the fused step from a CUDA graph; see enable_cuda_graph
 
     def __init__(self, params: FluxParams):
         super().__init__()
@@ -342,6 +343,14 @@ class Flux(nn.Module):
             m.fast = bool(enabled)
         return self
 
+    def enable_cuda_graph(self, enabled: bool = True) -> "Flux":
+        """Capture the fused CUDA step in a CUDA graph on its first call for given input shapes (and weights) and
+        replay it afterwards: no host launch overhead. Applies only when the fused path runs. Returns self."""
+        self.cuda_graph = bool(enabled)
+        if not enabled:
+            object.__setattr__(self, "_fused_graph", None)
+        return self
+
     def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, dtype: torch.dtype) -> Tensor:
         """The vector fed to every modulation: time_in(t) [+ guidance_in(g)] + vector_in(y)."""
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
@@ -369,7 +378,9 @@ class Flux(nn.Module):
                 f"{tuple(img.shape)}, txt_ids {tuple(txt_ids.shape)} for txt {tuple(txt.shape)}"
             )
         if _use_fused(self, img):
-            return fused.flux_forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance)
+            step = fused.graphed_forward if self.cuda_graph else fused.flux_forward
+            return step(self, img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y,
+                        guidance=guidance)
         vec = self.conditioning(timesteps, y, guidance, img.dtype)
         img = self.img_in(img)
         txt = self.txt_in(txt.to(img.dtype))
