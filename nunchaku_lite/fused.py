@@ -11,10 +11,11 @@ models/dit.py stays the readable reference (and the CPU path); on CUDA, with the
   MLP                      fc1 with the GELU in the GEMM epilogue (W4A4: native epilogue; 16-bit: cuBLASLt's
                            GELU epilogue through torch._addmm_activation), then fc2
   gate + residual          one kernel (nl_gate_residual), fp16 saturation (clip_fp16) included
-  single block             linear1 -> [qkv | mlp]; 16-bit: GELU in place on the mlp columns, the attention
-                           output copied into the (consumed) v columns, so linear2 reads [attn | gelu(mlp)] as a
-                           strided view of the same buffer (no cat); W4A4: two GEMMs over one quantized input
-                           (qkv rows plain, mlp rows with the GELU epilogue), linear2 as SplitInputLinear parts
+  single block             linear1 -> [qkv | mlp] -> linear2 on [attn | gelu(mlp)] without a concatenation: 16-bit:
+                           linear1 as two GEMMs (qkv rows; mlp rows with the GELU epilogue), linear2 as two GEMMs
+                           over its column blocks, the second accumulating in place; W4A4: two GEMMs over one
+                           quantized input (qkv rows plain, mlp rows with the GELU epilogue), linear2 as its
+                           SplitInputLinear parts (a single W4A4 linear2 still gets a concatenated input)
   modulation               silu(vec) once per step, not per block; rope `pe` cached across steps (same ids)
 
 No host syncs inside a step. Each fused op has a pure-PyTorch reference beside it (`*_ref`), used on CPU and
@@ -384,6 +385,15 @@ def single_block(block: nn.Module, x: Tensor, silu_vec: Tensor, pe: Tensor, bufs
     x2 = x.reshape(B * L, D)
     lin1, lin2, qn = block.linear1, block.linear2, block.norm
     w4a4 = _w4a4_fast(lin1, x2)
+    if _dense_cuda(lin1, lin2, x2):  # split both linears by rows/columns: no GELU pass, no concatenation
+        xm = layernorm_modulate(x2, shift, scale, L, block.pre_norm.eps)
+        w1, b1, w2 = lin1.weight, lin1.bias, lin2.weight
+        qkv = torch.addmm(b1[: 3 * D], xm, w1[: 3 * D].t())
+        mlp = torch._addmm_activation(b1[3 * D:], xm, w1[3 * D:].t(), use_gelu=True)  # GELU in the epilogue
+        qknorm_rope(qkv, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)
+        attn = bufs.attention().reshape(B * L, D)
+        y = torch.addmm(lin2.bias, attn, w2[:, :D].t()) if lin2.bias is not None else attn @ w2[:, :D].t()
+        return gate_residual(x, gate, y.addmm_(mlp, w2[:, D:].t()))  # + gelu(mlp) @ W2b^T, accumulated in place
     if not w4a4:  # one buffer [q | k | v | gelu(mlp)]; the attention output goes into the consumed v slot, so
         y1 = _single_linear1(lin1, x2, shift, scale, L, block.pre_norm.eps, 3 * D)  # linear2 reads
         qknorm_rope(y1, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)  # [attn |
@@ -400,18 +410,17 @@ def single_block(block: nn.Module, x: Tensor, silu_vec: Tensor, pe: Tensor, bufs
     return gate_residual(x, gate, _linear2(lin2, attn.reshape(B * L, D), mlp))
 
 
+def _dense_cuda(lin1: nn.Module, lin2: nn.Module, x: Tensor) -> bool:
+    """The single block's 16-bit CUDA layout: linear1 as two GEMMs (qkv rows; mlp rows with cuBLASLt's GELU
+    epilogue), linear2 as two GEMMs over its column blocks, the second accumulating in place (beta = 1: one
+    extra bf16 rounding of the attention half's partial sum, instead of a GELU pass and a concatenation)."""
+    return (type(lin1) is nn.Linear and type(lin2) is nn.Linear and x.is_cuda and lin1.bias is not None
+            and _lt_gelu_is_tanh(x.device))
+
+
 def _single_linear1(lin1: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, L: int, eps: float, n_qkv: int):
-    """[qkv | gelu(mlp)] = linear1(LN-modulated x) with GELU on the columns from n_qkv on, in one buffer. 16-bit
-    on CUDA: two GEMMs writing into column slices of the buffer, the GELU in cuBLASLt's epilogue (no extra
-    pass); otherwise one linear and GELU in place on the slice."""
-    xm = layernorm_modulate(x, shift, scale, L, eps)
-    if type(lin1) is nn.Linear and x.is_cuda and lin1.bias is not None and _lt_gelu_is_tanh(x.device):
-        w, b = lin1.weight, lin1.bias
-        y1 = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        torch.addmm(b[:n_qkv], xm, w[:n_qkv].t(), out=y1[:, :n_qkv])
-        torch._addmm_activation(b[n_qkv:], xm, w[n_qkv:].t(), use_gelu=True, out=y1[:, n_qkv:])
-        return y1
-    y1 = linear(lin1, xm)
+    """[qkv | gelu(mlp)] = linear1(LN-modulated x) with GELU in place on the columns from n_qkv on."""
+    y1 = linear(lin1, layernorm_modulate(x, shift, scale, L, eps))
     torch.ops.aten.gelu_(y1[:, n_qkv:], approximate="tanh")
     return y1
 

@@ -437,6 +437,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pipeline-steps", type=int, default=2, help="sampler steps of the whole-generation phases")
     ap.add_argument("--skip-16bit", action="store_true", help="no 16-bit DiT phase (implies --quick random)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (both paths)")
+    ap.add_argument("--plain", action="store_true", help="the plain DiT forward (models/dit.py) instead of the "
+                    "fused CUDA path (nunchaku_lite/fused.py, the default where it can run)")
     ap.add_argument("--weights-only", action="store_true", help="only the weight memory of each component and "
                     "mode, from models built on the meta device (no device, no time)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -446,6 +448,9 @@ def main(argv=None) -> int:
     if args.batch < 1 or (args.steps is not None and args.steps < 1) or args.pipeline_steps < 1:
         ap.error("--batch, --steps and --pipeline-steps must be >= 1")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.plain:  # class-level switch: every DiT built below runs the plain path
+        from ..models import dit
+        dit.Flux.fast = dit.DoubleStreamBlock.fast = dit.SingleStreamBlock.fast = False
     if args.weights_only:
         result = weight_plan(args.arch, dtype, args.rank)
         print(f"{args.arch} weights ({args.dtype}, W4A4 rank {args.rank})")
