@@ -17,6 +17,7 @@ models/dit.py stays the readable reference (and the CPU path); on CUDA, with the
                            quantized input (qkv rows plain, mlp rows with the GELU epilogue), linear2 as its
                            SplitInputLinear parts (a single W4A4 linear2 still gets a concatenated input)
   modulation               silu(vec) once per step, not per block; rope `pe` cached across steps (same ids)
+  CUDA graph (optional)    Flux.enable_cuda_graph(): the whole fused step captured once per shape, replayed
 
 No host syncs inside a step. Each fused op has a pure-PyTorch reference beside it (`*_ref`), used on CPU and
 by the tests; the block functions run on CPU too (through the references), so the fused-block math is tested
@@ -54,7 +55,8 @@ def _fused_lib():
         return None
     try:
         lib, _ = native._lib()
-        getattr(lib, "nl_qknorm_rope"), getattr(lib, "nl_layernorm_modulate")
+        for name in ("nl_qknorm_rope", "nl_layernorm_modulate", "nl_gate_residual"):
+            getattr(lib, name)
     except (AttributeError, native.NativeError):  # an older library without fused_block.cu
         return None
     return native
@@ -394,10 +396,12 @@ def single_block(block: nn.Module, x: Tensor, silu_vec: Tensor, pe: Tensor, bufs
         attn = bufs.attention().reshape(B * L, D)
         y = torch.addmm(lin2.bias, attn, w2[:, :D].t()) if lin2.bias is not None else attn @ w2[:, :D].t()
         return gate_residual(x, gate, y.addmm_(mlp, w2[:, D:].t()))  # + gelu(mlp) @ W2b^T, accumulated in place
-    if not w4a4:  # one buffer [q | k | v | gelu(mlp)]; the attention output goes into the consumed v slot, so
-        y1 = _single_linear1(lin1, x2, shift, scale, L, block.pre_norm.eps, 3 * D)  # linear2 reads
-        qknorm_rope(y1, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)  # [attn |
-        mlp = y1[:, 3 * D:]  # gelu(mlp)] as a strided view of y1 (no cat)
+    if not w4a4:
+        # generic layout (CPU, other linears): one buffer [q | k | v | gelu(mlp)]; the attention output goes into
+        # the consumed v slot, so a dense linear2 reads [attn | gelu(mlp)] as a strided view (no cat)
+        y1 = _single_linear1(lin1, x2, shift, scale, L, block.pre_norm.eps, 3 * D)
+        qknorm_rope(y1, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)
+        mlp = y1[:, 3 * D:]
         attn = bufs.attention()
         if type(lin2) is nn.Linear:
             y1[:, 2 * D: 3 * D].view(B, L, D).copy_(attn)
