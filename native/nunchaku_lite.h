@@ -102,6 +102,27 @@ int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t K, uint8_t 
 int nl_w4a16_gemm(const void *x, int x_dtype, int64_t ldx, const uint8_t *qweight, const float *scales,
                   const float *zeros, const float *bias, void *out, int64_t ldo,
                   int64_t M, int64_t N, int64_t K, void *stream);
+/* Fused DiT block pieces (fused_block.cu). q/k RMSNorm + RoPE: qkv [M, >= 3*H*D] of dtype (row stride ld; row
+ * m = token (m / L, m % L)), q_scale/k_scale [D] of scale_dtype, pe float [Bpe, L_out, D/2, 2, 2] with batch
+ * stride pe_stride_b floats (0: shared) or NULL; writes q, k, v [B, L_out, H, D] at tokens tok_offset + t.
+ * D a multiple of 64 up to 256. */
+int nl_qknorm_rope(const void *qkv, int dtype, int64_t M, int64_t L, int64_t ld, int H, int D,
+                   const void *q_scale, const void *k_scale, int scale_dtype, float eps,
+                   const float *pe, int64_t pe_stride_b, void *q, void *k, void *v, int64_t L_out,
+                   int64_t tok_offset, void *stream);
+
+/* out[m, :] = (1 + scale[m / L]) * LayerNorm(x[m, :]) + shift[m / L] with the unfused roundings. x, out [M, K]
+ * of dtype (row strides ldx, ldo); shift/scale [B, K] of dtype with batch stride mod_stride_b. K a multiple of
+ * 8 up to 3072; strides multiples of 8, pointers 16-byte aligned. */
+int nl_layernorm_modulate(const void *x, int dtype, int64_t M, int64_t K, int64_t ldx, int64_t L,
+                          const void *shift, const void *scale, int64_t mod_stride_b, float eps,
+                          void *out, int64_t ldo, void *stream);
+
+/* out[m, :] = x[m, :] + gate[m / L] * y[m, :] with the unfused roundings (product, then sum), clamped to
+ * +-65504 for fp16. x, out [M, N] contiguous; y row stride ldy; gate [B, N] with batch stride gate_stride_b.
+ * N, ldy, gate_stride_b multiples of 8; pointers 16-byte aligned. */
+int nl_gate_residual(const void *x, const void *y, int64_t ldy, const void *gate, int64_t gate_stride_b,
+                     int dtype, int64_t M, int64_t N, int64_t L, void *out, void *stream);
 /* CDEF END */
 
 #if defined(__GNUC__)

@@ -686,6 +686,8 @@ def main(argv=None) -> int:
                     "layout (the kernels then cache a second copy of every weight)")
     ap.add_argument("--dit-only", action="store_true", help="only the DiT phases (no text encoders, VAE, pipeline)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (both paths)")
+    ap.add_argument("--plain", action="store_true", help="the plain DiT forward (models/dit.py) instead of the "
+                    "fused CUDA path (nunchaku_lite/fused.py, the default where it can run)")
     ap.add_argument("--weights-only", action="store_true", help="only the weight memory of each component and "
                     "mode, from models built on the meta device (no device, no time)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file (after every phase)")
@@ -701,6 +703,9 @@ def main(argv=None) -> int:
             or args.pipeline_steps < 1 or args.phase_seconds <= 0:
         ap.error("--steps, --min-steps and --pipeline-steps must be >= 1, --phase-seconds > 0")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.plain:  # class-level switch: every DiT built below runs the plain path
+        from ..models import dit
+        dit.Flux.fast = dit.DoubleStreamBlock.fast = dit.SingleStreamBlock.fast = False
     if args.weights_only:
         result = weight_plan(args.arch, dtype, args.rank)
         print(f"{args.arch} weights ({args.dtype}, W4A4 rank {args.rank}, canonical format)")

@@ -5,6 +5,10 @@ nn.Linear called through its module (`self.img_attn.qkv(x)`), never through `.we
 replacement with the same call signature can be swapped in by name.
 
 Tensor layouts: B batch, L tokens, H heads, D head dim, K = 3 (q, k, v). Token order is always [txt, img].
+
+This file is the reference. On CUDA (16-bit activations, native library built) the blocks and Flux.forward
+dispatch to nunchaku_lite/fused.py, the same math with the memory-bound work fused; `fast = False` on a block
+(or `Flux.set_fast(False)`) keeps the plain path.
 """
 import math
 from dataclasses import dataclass
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .. import fused
 
 
 @dataclass
@@ -200,6 +206,12 @@ def gelu_mlp(dim: int, hidden: int) -> nn.Sequential:
 # Blocks
 
 
+def _use_fused(module: nn.Module, x: Tensor) -> bool:
+    """The fused CUDA path runs when enabled on the module, possible for x (CUDA, 16-bit, library built) and
+    nothing observes the module's submodule calls (hooks, e.g. the quantizer's calibration; torch.compile)."""
+    return module.fast and fused.usable(x) and not fused.intercepted(module)
+
+
 class DoubleStreamBlock(nn.Module):
     """Separate weights for the image and text streams, one joint attention over [txt, img]."""
 
@@ -218,7 +230,11 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = layer_norm(hidden_size)
         self.txt_mlp = gelu_mlp(hidden_size, mlp_hidden)
 
+    fast = True  # dispatch to fused.double_block when it can run (see _use_fused)
+
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        if _use_fused(self, img):
+            return fused.double_block(self, img, txt, F.silu(vec), pe)
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
@@ -252,7 +268,11 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
+    fast = True  # dispatch to fused.single_block when it can run (see _use_fused)
+
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        if _use_fused(self, x):
+            return fused.single_block(self, x, F.silu(vec), pe)
         mod, _ = self.modulation(vec)
         qkv, mlp = self.linear1(mod.apply(self.pre_norm(x))).split([3 * self.hidden_size, self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
@@ -287,6 +307,9 @@ class Flux(nn.Module):
     txt, y and the time/guidance embeddings are cast to img's dtype, which must match the weights.
     """
 
+    fast = True  # the fused CUDA forward (nunchaku_lite/fused.py) when it can run; see set_fast
+    cuda_graph = False  # replay the fused step from a CUDA graph; see enable_cuda_graph
+
     def __init__(self, params: FluxParams):
         super().__init__()
         if params.hidden_size % params.num_heads:
@@ -314,6 +337,20 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(params.hidden_size, 1, params.out_channels)
 
+    def set_fast(self, enabled: bool) -> "Flux":
+        """Use the fused CUDA forward (default) or always the plain reference path (False). Returns self."""
+        for m in (self, *self.double_blocks, *self.single_blocks):
+            m.fast = bool(enabled)
+        return self
+
+    def enable_cuda_graph(self, enabled: bool = True) -> "Flux":
+        """Capture the fused CUDA step in a CUDA graph on its first call for given input shapes (and weights) and
+        replay it afterwards: no host launch overhead. Applies only when the fused path runs. Returns self."""
+        self.cuda_graph = bool(enabled)
+        if not enabled:
+            object.__setattr__(self, "_fused_graph", None)
+        return self
+
     def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, dtype: torch.dtype) -> Tensor:
         """The vector fed to every modulation: time_in(t) [+ guidance_in(g)] + vector_in(y)."""
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
@@ -340,6 +377,10 @@ class Flux(nn.Module):
                 f"ids must be [B, L, 3] matching their tokens; got img_ids {tuple(img_ids.shape)} for img "
                 f"{tuple(img.shape)}, txt_ids {tuple(txt_ids.shape)} for txt {tuple(txt.shape)}"
             )
+        if _use_fused(self, img):
+            step = fused.graphed_forward if self.cuda_graph else fused.flux_forward
+            return step(self, img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y,
+                        guidance=guidance)
         vec = self.conditioning(timesteps, y, guidance, img.dtype)
         img = self.img_in(img)
         txt = self.txt_in(txt.to(img.dtype))
