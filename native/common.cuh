@@ -82,3 +82,17 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
   return __half22float2(h);
 }
 
+// ---- epilogue activation ---------------------------------------------------------------------------------
+// GELU(tanh) of a GEMM output as the unfused path computes it: the linear's output is first rounded to the
+// output dtype (the 16-bit tensor it would have written), then GELU in fp32, then the caller rounds again.
+// Rounding first keeps the next layer's activation codes identical to the unfused path's.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.f + tanhf(u));
+}
+__device__ __forceinline__ float round_as(float v, int dtype) {
+  if (dtype == NL_BF16) return __bfloat162float(__float2bfloat16_rn(v));
+  if (dtype == NL_F16) return __half2float(__float2half_rn(v));
+  return v;
+}
+__device__ __forceinline__ float gelu_epilogue(float v, int out_dtype) { return gelu_tanh(round_as(v, out_dtype)); }

@@ -108,11 +108,6 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
 __device__ __forceinline__ uint32_t nib_hi16(uint32_t w) { return w & 0xF0F0F0F0u; }          // odd k, x16
 __device__ __forceinline__ uint32_t nib_lo16(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }   // even k, x16
 
-__device__ __forceinline__ float gelu_tanh(float x) {
-  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  return 0.5f * x * (1.f + tanhf(u));
-}
-
 // acc += lora_act[block rows, :] @ lora_up[block cols, :]^T on tensor cores (hi/lo split of the fp32 side).
 template <typename T, int WNT, int WMT>
 __device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *smem, float (&acc)[WMT][WNT][4],
@@ -346,7 +341,7 @@ __global__ void __launch_bounds__(THREADS, WMT == 2 ? 2 : 1) w4a4_gemm_kernel(co
       for (int h = 0; h < 2; ++h) {
         const int m = m0 + wm * WMT * 16 + mi * 16 + (lane >> 2) + h * 8;
         float v0 = __fadd_rn(acc[mi][ni][2 * h], bias.x), v1 = __fadd_rn(acc[mi][ni][2 * h + 1], bias.y);
-        if (p.epilogue == NL_EPI_GELU_TANH) { v0 = gelu_tanh(v0); v1 = gelu_tanh(v1); }
+        if (p.epilogue == NL_EPI_GELU_TANH) { v0 = gelu_epilogue(v0, p.out_dtype); v1 = gelu_epilogue(v1, p.out_dtype); }
         if (m < p.M) {
           if (p.out_dtype == NL_BF16)
             *reinterpret_cast<uint32_t *>(static_cast<__nv_bfloat16 *>(p.out) + (int64_t)m * p.ldo + col) =

@@ -173,11 +173,6 @@ __device__ __forceinline__ void nib8_to_e4m3(uint32_t x, uint32_t &lo, uint32_t 
   hi = select_bits(prmt(POS_LO, POS_HI, th), prmt(NEG_LO, NEG_HI, th), prmt(x, x4, 0xBFAE));
 }
 
-__device__ __forceinline__ float gelu_tanh(float x) {
-  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  return 0.5f * x * (1.f + tanhf(u));
-}
-
 template <typename T> struct LrOp;
 template <> struct LrOp<__nv_bfloat16> {
   template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
@@ -429,7 +424,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   for (int i = 0; i < ND; ++i) {
     const int j = i >> 2, t = 8 * j + 2 * q + (i & 1), r = rloc + ((i >> 1) & 1) * 8;
     float v = acc[i] + ((i >> 1) & 1 ? b1 : b0);
-    if (gelu) v = gelu_tanh(v);
+    if (gelu) v = gelu_epilogue(v, p.out_dtype);
     uint8_t *dst = smem + t * srow + r * esz;
     if (p.out_dtype == NL_BF16) *reinterpret_cast<__nv_bfloat16 *>(dst) = __float2bfloat16_rn(v);
     else if (p.out_dtype == NL_F16) *reinterpret_cast<__half *>(dst) = __float2half_rn(v);

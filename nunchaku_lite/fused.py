@@ -4,7 +4,7 @@ models/dit.py stays the readable reference (and the CPU path); on CUDA, with the
 16-bit activations, its blocks and `Flux.forward` dispatch here. Same math, fewer passes over the activations:
 
   LayerNorm + modulation   one kernel (nl_layernorm_modulate) writing the 16-bit input of the next linear; for a
-                           W4A4 linear it feeds the quantize kernel (`layernorm_quantize_act`)
+                           W4A4 linear it is fused into the quantize kernel (`native.layernorm_quantize_act`)
   q/k RMSNorm + RoPE       one kernel (nl_qknorm_rope) reading the QKV projection output once and writing q, k,
                            v as [B, L, H, D] straight into the joint (txt + img) buffers: no split, no cat, and
                            SDPA (FlashAttention) reads them as .transpose(1, 2) views
@@ -24,7 +24,7 @@ by the tests; the block functions run on CPU too (through the references), so th
 against the unfused modules without a GPU. Rounding: the kernels round where the unfused ops round (LayerNorm
 output, 1 + scale, product, sum; gate * y, then + x; RMSNorm, gain, RoPE), so a W4A4 linear sees the same
 activation codes as on the plain path, up to rare one-ulp differences of the fp32 reductions (LayerNorm mean
-and variance, RMS); see W4A4_GELU_EPILOGUE for the one deliberate exception. The 16-bit path's GELU runs in
+and variance, RMS, tanh in GELU). The 16-bit path's GELU runs in
 cuBLASLt's epilogue (fp32, one rounding).
 """
 from __future__ import annotations
@@ -118,19 +118,9 @@ def _row_ok(t: Tensor, mult: int) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def layernorm_quantize_act(x: Tensor, shift: Tensor, scale: Tensor, tokens_per_batch: int, smooth=None,
-                           lora_down=None, unsigned: bool = False, shift_const: float = 0.0, layout=None):
-    """Stand-in with the signature of the fused LayerNorm + modulation + quantize kernel (being written in
-    native.py as `native.layernorm_quantize_act`): here our LN + modulation kernel, then native.quantize_act.
-    Returns a native.QuantizedActivation."""
-    native = _fused_lib()
-    real = getattr(native, "layernorm_quantize_act", None)
-    if real is not None:  # the fused kernel has landed: use it
-        return real(x, shift, scale, tokens_per_batch, smooth, lora_down, unsigned, shift_const, layout)
-    if layout not in (None, "canonical"):
-        raise ValueError(f"layernorm_quantize_act (stand-in): layout {layout!r} is not supported")
-    xm = layernorm_modulate(x, shift, scale, tokens_per_batch)
-    return native.quantize_act(xm, smooth, lora_down, unsigned, shift_const)
+def act_layout(device) -> str:
+    """The activation layout the W4A4 GEMM of `device` reads: "fp8_tiles" for the sm_90 wgmma path."""
+    return "fp8_tiles" if _fused_lib().default_path(device) == "wgmma" else "packed"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,10 +230,10 @@ def _w4a4_fast(lin: nn.Module, x: Tensor) -> bool:
             and _fused_lib() is not None)
 
 
-# The native GELU epilogue applies GELU to the fp32 accumulator and rounds once; the plain path rounds the
-# linear's output, then GELU, then rounds again. The values differ by an ulp here and there, enough to move a
-# few of fc2's activation codes across a rounding boundary. True: the epilogue (one pass less over the MLP
-# activations); False: GELU as its own pass with the plain path's roundings (the same codes as the plain path).
+# The native GELU epilogue rounds the linear's fp32 result to the output dtype, applies GELU in fp32 and rounds
+# again: the plain path's roundings, so fc2 sees the same activation codes up to the last-bit differences of
+# the two tanh implementations. True: the epilogue (one pass less over the MLP activations); False: GELU as
+# its own pass (torch's GELU, for comparisons).
 W4A4_GELU_EPILOGUE = True
 
 
@@ -266,7 +256,8 @@ def linear(lin: nn.Module, x: Tensor, act: str | None = None) -> Tensor:
         prep = native.prepared_for(lin, x.dtype)
         if x.stride(1) != 1 or x.stride(0) != x.shape[1] or x.data_ptr() % 16:
             x = x.contiguous()
-        qa = native.quantize_act(x, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift)
+        qa = native.quantize_act(x, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift,
+                                 layout=act_layout(x.device))
         return _gemm(qa, prep, x.dtype, act == "gelu")
     else:
         y = lin(x)
@@ -281,8 +272,8 @@ def ln_linear(lin: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, tokens_pe
     if _w4a4_fast(lin, x) and eps == 1e-6:
         native = _fused_lib()
         prep = native.prepared_for(lin, x.dtype)
-        qa = layernorm_quantize_act(x, shift, scale, tokens_per_batch, prep.smooth, prep.lora_down,
-                                    prep.act_unsigned, prep.act_shift)
+        qa = native.layernorm_quantize_act(x, shift, scale, tokens_per_batch, prep.smooth, prep.lora_down,
+                                           prep.act_unsigned, prep.act_shift, act_layout(x.device), eps)
         if parts is None:
             return _gemm(qa, prep, x.dtype, act == "gelu")
         return [_gemm(qa, p, x.dtype, a == "gelu") for p, (_, _, a) in zip(_row_split(lin, prep, parts), parts)]
@@ -306,9 +297,10 @@ def _row_split(lin: W4A4Linear, prep, parts) -> list:
         if lo % 128 or (hi % 128 and hi != prep.n):
             raise ValueError(f"fused: row split [{lo}, {hi}) of {type(lin).__name__} is not 128-aligned")
         hp = -(-hi // 128) * 128
+        # w_tiled is [Np, K/2] bytes in 128-row tiles (both layouts), so a 128-aligned row range is a slice
         out.append(replace(prep, w_tiled=prep.w_tiled[lo:hp], w_scales=prep.w_scales[:, lo:hp].contiguous(),
                            bias=None if prep.bias is None else prep.bias[lo:hp],
-                           lora_up=None if prep.lora_up is None else prep.lora_up[lo:hp], n=hi - lo))
+                           lora_up=None if prep.lora_up is None else prep.lora_up[lo:hp], n=hi - lo, alt={}))
     object.__setattr__(lin, "_fused_row_split", (key, out))
     return out
 

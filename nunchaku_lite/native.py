@@ -369,7 +369,7 @@ def _modulation_rows(kname, x, shift, scale, tokens_per_batch):
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.dtype != x.dtype:
             raise ValueError(f"{kname}: {name} has dtype {t.dtype}, expected x's {x.dtype}")
-        out.append(t.reshape(batches, k))
+        out.append(t.reshape(batches, k).contiguous())  # the kernel reads rows of stride K
     return x, out[0], out[1], int(tokens_per_batch)
 
 

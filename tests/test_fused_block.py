@@ -307,9 +307,9 @@ def test_fast_dit_matches_plain_on_cuda(quant, gelu_epilogue, monkeypatch):
         model.set_fast(True)
         rel = _rel(fast, plain)
         print(f"fast vs plain, quant={quant} gelu_epilogue={gelu_epilogue}: rel {rel:.2e}")
-        # W4A4 without the GELU epilogue: the same roundings, so (nearly) the same activation codes; the
-        # epilogue's single rounding moves some fc2 codes (see fused.W4A4_GELU_EPILOGUE)
-        tol = 1e-1 if quant and gelu_epilogue else 1e-2
+        # the same roundings with or without the GELU epilogue (it rounds to 16 bits before the GELU, as the
+        # plain path does), so (nearly) the same activation codes
+        tol = 1e-2
         assert rel < tol
         assert math.isfinite(fast.float().sum().item())
         # blocks called one by one dispatch to the fused path too
@@ -334,10 +334,21 @@ class _RefNative:
                               lora_up=lin.lora_up if lin.rank else None, n=lin.out_features, k=lin.in_features,
                               rank=lin.rank, act_unsigned=lin.act_unsigned, act_shift=lin.act_shift, fast_ok=True)
 
-    def quantize_act(self, x, smooth, lora_down, unsigned, shift):
+    def default_path(self, device):
+        return "s8"  # the "packed" activation layout
+
+    def quantize_act(self, x, smooth, lora_down, unsigned, shift, layout="packed"):
+        assert layout == "packed"
         codes, scales = ops.quantize_act(x, smooth, unsigned, shift)
         lora = None if lora_down is None else x.float() @ lora_down.float().T
         return self._n.QuantizedActivation(codes, scales.t().contiguous(), lora, unsigned)
+
+    def layernorm_quantize_act(self, x, shift, scale, tokens_per_batch, smooth, lora_down, unsigned, shift_const,
+                               layout, eps):
+        rows = torch.arange(x.shape[0]) // tokens_per_batch
+        k = x.shape[-1]
+        y = ops.layernorm_modulate(x, shift.reshape(-1, k)[rows], scale.reshape(-1, k)[rows], eps)
+        return self.quantize_act(y, smooth, lora_down, unsigned, shift_const, layout)
 
     def w4a4_gemm(self, act, prep, dtype, epilogue="none"):
         cw = ops.unpack_int4(prep.w_tiled).float()  # [N, K] (canonical rows here)
@@ -348,7 +359,8 @@ class _RefNative:
             y = y + act.lora_act @ prep.lora_up.float().T
         if prep.bias is not None:
             y = y + prep.bias.float()
-        return (fused.gelu(y) if epilogue == "gelu_tanh" else y).to(dtype)
+        # the kernels' GELU epilogue: round to the output dtype, GELU, round again
+        return (fused.gelu(y.to(dtype)) if epilogue == "gelu_tanh" else y).to(dtype)
 
 
 def test_w4a4_kernel_branch_matches_modules(monkeypatch):
