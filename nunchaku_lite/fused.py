@@ -226,7 +226,7 @@ def _lt_gelu_is_tanh(device: torch.device) -> bool:
 
 def _w4a4_fast(lin: nn.Module, x: Tensor) -> bool:
     return (isinstance(lin, W4A4Linear) and lin.act_quant and x.is_cuda and x.dtype in _HALF
-            and 2 * lin.qweight.shape[1] == lin.in_features and (lin.rank % 16 == 0 and lin.rank <= 128)
+            and lin.in_features % 64 == 0 and (lin.rank % 16 == 0 and lin.rank <= 128)
             and _fused_lib() is not None)
 
 
