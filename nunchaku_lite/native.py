@@ -537,6 +537,25 @@ def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smoo
         fast_ok=_scales_exact_for_fast_path(wscales), w_layout=layout)
 
 
+def _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, out_align):
+    """Shared argument checks of both W4A4 GEMMs; returns (padded N, rank used, output tensor)."""
+    npad = prep.w_scales.shape[1]
+    if out_dtype not in _DTYPE_CODE:
+        raise ValueError(f"{kname}: out_dtype {out_dtype} is not float32/bfloat16/float16")
+    if epilogue not in _EPILOGUES:
+        raise ValueError(f"{kname}: epilogue {epilogue!r} not in {sorted(_EPILOGUES)}")
+    rank = prep.rank if use_lora else 0
+    if rank:
+        if lora_act is None or tuple(lora_act.shape) != (m, rank):
+            raise ValueError(f"{kname}: act.lora_act must be [{m}, {rank}] (quantize_act with the layer's lora_down)")
+        _check(lora_act, "act.lora_act", kname, (torch.float32,), None, dev)
+    if out is None:
+        out = torch.empty(m, npad, dtype=out_dtype, device=dev)
+    else:
+        _check(out, "out", kname, (out_dtype,), (m, npad), dev, align=out_align)
+    return npad, rank, out
+
+
 @_needs_lib
 def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dtype = torch.bfloat16,
               epilogue: str = "none", path: str | None = None, exact: bool = False,
@@ -570,20 +589,7 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
         raise ValueError(f"{kname}: activations have K={k}, the weight has K={prep.k}")
     ldm = scales.shape[1]
     _check(scales, "act.scales", kname, (torch.float32,), (k // GROUP, ldm), dev)
-    npad = prep.w_scales.shape[1]
-    if out_dtype not in _DTYPE_CODE:
-        raise ValueError(f"{kname}: out_dtype {out_dtype} is not float32/bfloat16/float16")
-    if epilogue not in _EPILOGUES:
-        raise ValueError(f"{kname}: epilogue {epilogue!r} not in {sorted(_EPILOGUES)}")
-    rank = prep.rank if use_lora else 0
-    if rank:
-        if lora_act is None or tuple(lora_act.shape) != (m, rank):
-            raise ValueError(f"{kname}: act.lora_act must be [{m}, {rank}] (quantize_act with the layer's lora_down)")
-        _check(lora_act, "act.lora_act", kname, (torch.float32,), None, dev)
-    if out is None:
-        out = torch.empty(m, npad, dtype=out_dtype, device=dev)
-    else:
-        _check(out, "out", kname, (out_dtype,), (m, npad), dev, align=8)
+    npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 8)
     if m:
         _call("nl_w4a4_gemm", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, int(act.unsigned),
               _ptr(weight_for(prep, "tiled"), "uint8_t *"), _ptr(prep.w_scales, "float *"),
@@ -618,20 +624,7 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m):
     if m is None or not 0 <= m <= mp or mp != max(ops.FP8_TILE_ROWS, -(-m // ops.FP8_TILE_ROWS) * ops.FP8_TILE_ROWS):
         raise ValueError(f"{kname}: token count m={m} does not fit the fp8_tiles operand with Mp={mp} "
                          "(pass m=, or an act with lora_act)")
-    npad = prep.w_scales.shape[1]
-    if out_dtype not in _DTYPE_CODE:
-        raise ValueError(f"{kname}: out_dtype {out_dtype} is not float32/bfloat16/float16")
-    if epilogue not in _EPILOGUES:
-        raise ValueError(f"{kname}: epilogue {epilogue!r} not in {sorted(_EPILOGUES)}")
-    rank = prep.rank if use_lora else 0
-    if rank:
-        if lora_act is None or tuple(lora_act.shape) != (m, rank):
-            raise ValueError(f"{kname}: act.lora_act must be [{m}, {rank}] (quantize_act with the layer's lora_down)")
-        _check(lora_act, "act.lora_act", kname, (torch.float32,), None, dev)
-    if out is None:
-        out = torch.empty(m, npad, dtype=out_dtype, device=dev)
-    else:
-        _check(out, "out", kname, (out_dtype,), (m, npad), dev)
+    npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 16)
     if m:
         _call("nl_w4a4_gemm_fp8", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), mp,
               _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(prep.w_scales, "float *"),
