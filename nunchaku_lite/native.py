@@ -10,9 +10,11 @@ argument), passes data pointers, sizes and the current CUDA stream, and turns a 
 exception carrying the kernel's message (ValueError for a bad argument, NativeError otherwise).
 
 Entry points: `quantize_act` (codes + scales + low-rank activation, layout "packed" or the sm_90
-"fp8_tiles"), `layernorm_quantize_act` (the same after a fused LayerNorm + modulation), `repack_weight`, `prepare_w4a4` (the
-load-time conversion of a layer), `w4a4_gemm`, `w4a4_linear(x, module)` and `w4a16_linear(x, module)` (the
-dispatch used by W4A4Linear / W4A16Linear), `prepared_for(module, dtype)` (a layer's prepared tensors).
+"fp8_tiles"), `layernorm_quantize_act` (the same after a fused LayerNorm + modulation), `repack_weight`,
+`prepare_w4a4` (the load-time conversion of a layer), `w4a4_gemm`, `w4a4_linear(x, module)` and
+`w4a16_linear(x, module)` (the dispatch used by W4A4Linear / W4A16Linear; W4A16 inputs of more than
+W4A16_GEMV_MAX_ROWS rows are dequantized to 16 bits and multiplied by cuBLAS), `prepared_for(module, dtype)`
+(a layer's prepared tensors).
 Storage: `prepare_model_(model)` converts every quantized layer on CUDA once and keeps only the converted
 tensors (one weight copy on the GPU; Flux.from_pretrained calls it); an unconverted layer gets a cached
 converted copy beside its canonical buffers on its first CUDA forward (two copies).
