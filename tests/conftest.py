@@ -10,6 +10,25 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("NUNCHAKU_LITE_SHARED", REPO.parent / "shared"))
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 on the CPU (kernel and fused-path checks)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def random_w4a4_layer(n: int, k: int, rank: int, gen: torch.Generator, dtype=torch.bfloat16):
+    """Random canonical W4A4 layer tensors for kernel tests:
+    (qweight, wscales, lora_down, lora_up, bias, smooth); lora_* are None for rank 0."""
+    from nunchaku_lite.quant import ops
+    codes = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    wscales = (torch.rand(n, k // 64, generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
+    lora_down = (torch.randn(rank, k, generator=gen) / k ** 0.5).to(dtype) if rank else None
+    lora_up = (torch.randn(n, rank, generator=gen) * 0.1).to(dtype) if rank else None
+    bias = torch.randn(n, generator=gen).to(dtype)
+    smooth = torch.rand(k, generator=gen) * 2 + 0.25
+    return ops.pack_int4(codes), wscales, lora_down, lora_up, bias, smooth
+
+
 def shared_path(*parts) -> Path:
     """Path inside ../shared, or skip the calling test when it is not there."""
     p = SHARED.joinpath(*parts)

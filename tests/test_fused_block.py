@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from nunchaku_lite import fused, sampling
 from nunchaku_lite.models import dit
 from nunchaku_lite.quant import ops
+from conftest import rel_err as _rel
 from nunchaku_lite.quant.modules import SplitInputLinear, W4A4Linear
 
 HIDDEN, HEADS = 128, 2
@@ -82,11 +83,6 @@ def _inputs(b=2, lt=5, h=3, w=4, dtype=torch.float32, seed=1):
                 txt=torch.randn(b, lt, 48, generator=g).to(dtype), txt_ids=txt_ids,
                 timesteps=torch.tensor([0.3, 0.8][:b]).to(dtype), y=torch.randn(b, 32, generator=g).to(dtype),
                 guidance=torch.full((b,), 3.5).to(dtype))
-
-
-def _rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _block_states(model, inp):

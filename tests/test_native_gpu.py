@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nunchaku_lite.quant import ops
+from conftest import random_w4a4_layer as _rand_layer, rel_err as _rel
 
 pytestmark = pytest.mark.gpu
 
@@ -30,21 +31,6 @@ def _rand_act(m, k, dtype, gen, outliers=True):
     if outliers:  # a few large channels, as real activations have
         x[:, torch.randint(0, k, (max(1, k // 64),), generator=gen)] *= 30.0
     return x.to(dtype)
-
-
-def _rand_layer(n, k, rank, gen, dtype=torch.bfloat16):
-    codes = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-    wscales = (torch.rand(n, k // 64, generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
-    lora_down = (torch.randn(rank, k, generator=gen) / k ** 0.5).to(dtype) if rank else None
-    lora_up = (torch.randn(n, rank, generator=gen) * 0.1).to(dtype) if rank else None
-    bias = torch.randn(n, generator=gen).to(dtype)
-    smooth = torch.rand(k, generator=gen) * 2 + 0.25
-    return ops.pack_int4(codes), wscales, lora_down, lora_up, bias, smooth
-
-
-def _rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

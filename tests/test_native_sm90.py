@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nunchaku_lite.quant import ops
+from conftest import random_w4a4_layer as _layer, rel_err as _rel
 
 native = pytest.importorskip("nunchaku_lite.native")
 
@@ -121,21 +122,6 @@ def sm90():
         pytest.skip(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}")
     if torch.cuda.get_device_capability() != (9, 0) or not native.has_wgmma():
         pytest.skip("the wgmma GEMM needs an sm_90 device")
-
-
-def _layer(n, k, rank, gen, dtype):
-    codes = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-    wscales = (torch.rand(n, k // 64, generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
-    lora_down = (torch.randn(rank, k, generator=gen) / k ** 0.5).to(dtype) if rank else None
-    lora_up = (torch.randn(n, rank, generator=gen) * 0.1).to(dtype) if rank else None
-    bias = torch.randn(n, generator=gen).to(dtype)
-    smooth = torch.rand(k, generator=gen) * 2 + 0.25
-    return ops.pack_int4(codes), wscales, lora_down, lora_up, bias, smooth
-
-
-def _rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0):
