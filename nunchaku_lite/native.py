@@ -416,31 +416,27 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     return (act, y) if return_y else act
 
 
-@_needs_lib
-def repack_weight(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical packed weight uint8 [N, K/2] -> the GEMM's tile order (same bytes, new order), on the GPU."""
-    kname = "repack_weight"
+def _repack(qweight: torch.Tensor, kname: str) -> torch.Tensor:
+    """Canonical packed weight uint8 [N, K/2] through the repack kernel nl_<kname> (same bytes, new order)."""
     _check(qweight, "qweight", kname, (torch.uint8,))
     if qweight.dim() != 2:
         raise ValueError(f"{kname}: qweight must be 2-D [N, K/2], got shape {tuple(qweight.shape)}")
     n, k = qweight.shape[0], qweight.shape[1] * 2
     out = torch.empty_like(qweight)
-    _call("nl_repack_weight", _ptr(qweight, "uint8_t *"), n, k, _ptr(out, "uint8_t *"), _stream(qweight.device))
+    _call(f"nl_{kname}", _ptr(qweight, "uint8_t *"), n, k, _ptr(out, "uint8_t *"), _stream(qweight.device))
     return out
+
+
+@_needs_lib
+def repack_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical packed weight uint8 [N, K/2] -> the GEMM's tile order (same bytes, new order), on the GPU."""
+    return _repack(qweight, "repack_weight")
 
 
 @_needs_lib
 def repack_weight_sm90(qweight: torch.Tensor) -> torch.Tensor:
     """Canonical packed weight uint8 [N, K/2] -> the sm_90 GEMM's order (ops.pack_weight_wgmma), on the GPU."""
-    kname = "repack_weight_sm90"
-    _check(qweight, "qweight", kname, (torch.uint8,))
-    if qweight.dim() != 2:
-        raise ValueError(f"{kname}: qweight must be 2-D [N, K/2], got shape {tuple(qweight.shape)}")
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    out = torch.empty_like(qweight)
-    _call("nl_repack_weight_sm90", _ptr(qweight, "uint8_t *"), n, k, _ptr(out, "uint8_t *"),
-          _stream(qweight.device))
-    return out
+    return _repack(qweight, "repack_weight_sm90")
 
 
 def _untile(tiled: torch.Tensor, n: int, k: int) -> torch.Tensor:
