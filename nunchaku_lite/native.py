@@ -207,7 +207,7 @@ def has_wgmma() -> bool:
     try:
         getattr(lib, "nl_w4a4_gemm_fp8")
         return True
-    except (AttributeError, Exception):  # an older library: symbol missing
+    except Exception:  # an older library: symbol missing
         return False
 
 
@@ -297,7 +297,6 @@ def _check_quantize_args(kname, x, smooth, lora_down, layout):
 def quantize_act_reference(x, smooth=None, lora_down=None, unsigned=False, shift=0.0, layout="packed"
                            ) -> QuantizedActivation:
     """The PyTorch reference of quantize_act's outputs (any device, no library needed; used for CPU tensors)."""
-    from .quant import ops
     m, k = x.shape
     codes, scales = ops.quantize_act(x, smooth, unsigned, shift)
     if layout == "packed":
@@ -393,7 +392,6 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     x, shift, scale, tpb = _modulation_rows(kname, x, shift, scale, tokens_per_batch)
     m, k, rank = _check_quantize_args(kname, x, smooth, lora_down, layout)
     if not x.is_cuda:
-        from .quant import ops
         rows = torch.arange(m, device=x.device) // tpb
         y = ops.layernorm_modulate(x, shift[rows], scale[rows], eps)
         act = quantize_act_reference(y, smooth, lora_down, unsigned, shift_const, layout)
@@ -749,7 +747,6 @@ DEQUANT_ROWS = 1024
 
 
 def _w4a16_dense(x: torch.Tensor, prep: PreparedW4A16) -> torch.Tensor:
-    from .quant import ops
     w = torch.empty(prep.n, prep.k, dtype=x.dtype, device=x.device)
     signed = prep.zeros is None
     for r0 in range(0, prep.n, DEQUANT_ROWS):
