@@ -533,6 +533,14 @@ def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smoo
         fast_ok=_scales_exact_for_fast_path(wscales), w_layout=layout)
 
 
+def _resolve_path(path: str | None, exact: bool, device) -> str:
+    """The GEMM path for `path` (None: default_path; exact=True then means 's8', since wgmma has no exact mode)."""
+    if path is not None:
+        return path
+    path = default_path(device)
+    return "s8" if exact and path == "wgmma" else path
+
+
 def _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, out_align):
     """Shared argument checks of both W4A4 GEMMs; returns (padded N, rank used, output tensor)."""
     npad = prep.w_scales.shape[1]
@@ -568,10 +576,7 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     codes, scales, lora_act = act.codes, act.scales, act.lora_act
     _check(codes, "act.codes", kname, (torch.uint8,))
     dev = codes.device
-    if path is None:
-        path = default_path(dev)
-        if exact and path == "wgmma":
-            path = "s8"
+    path = _resolve_path(path, exact, dev)
     if path not in PATH_NAMES[1:]:
         raise ValueError(f"{kname}: path {path!r} must be one of {PATH_NAMES[1:]}")
     if path == "wgmma":
@@ -635,9 +640,7 @@ def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "n
     """y [..., n] = the SVDQuant linear of x [..., K] with a prepared layer: quantize kernel + GEMM kernel."""
     lead = x.shape[:-1]
     x2 = _aligned(x.reshape(-1, x.shape[-1]))
-    path = path or default_path(x.device)
-    if exact and path == "wgmma":
-        path = "s8"
+    path = _resolve_path(path, exact, x.device)
     layout = "fp8_tiles" if path == "wgmma" else "packed"
     act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift, layout=layout)
     y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact, m=x2.shape[0])
