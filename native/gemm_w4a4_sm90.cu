@@ -8,6 +8,11 @@
 //   Low-rank: lora_act (fp32) = hi + lo (16-bit each, lo = the rounding rest), both through a 16-bit wgmma
 //   against lora_up (16-bit, exact), fp32 accumulation (error ~2^-17 of the low-rank term).
 //
+// Folded weights (nl_w4a4_gemm_fp8_pow2, FOLD): when every weight group scale is sw[n, g] = c[n] * 2^-e[n, g]
+//   (0 <= e <= 9, quant/ops.py pow2_split), code * 2^-e is exact in e4m3 (subnormals included), so the
+//   nibble -> e4m3 step uses per-row tables of e4m3(code * 2^-e) and the wgmma yields dot_g * 2^-e exactly;
+//   promotion is then one fma per group, acc = fma(dot_e, sa, acc), and c[n] multiplies acc once before the
+//   low-rank epilogue. The stage carries the group's exponent bytes (128 B) instead of its float scales.
 // Transposed product: wgmma's M = weight rows (64 per consumer warpgroup), N = tokens (BT per CTA), K = 32
 // per instruction (two per group). The accumulator is therefore out^T: thread (warp w, lane l) of a
 // consumer holds rows n = 16w + l/4 (+8) and tokens 8j + 2(l%4) + {0,1} for j < BT/8.
@@ -62,6 +67,10 @@ constexpr int OUT_PAD = 8;              // staging row padding (elements)
 // Defaults chosen by the H100 sweep (bench/results/h100-2026-11-25b/gemm_README.md): the variants differ by
 // <= 5 %, except the cluster-multicast one, which is 2.5x slower (kept opt-in for further work).
 constexpr int DEFAULT_BT = 128, DEFAULT_STAGES = 10, DEFAULT_RASTER = 1, DEFAULT_CLUSTER = 1;
+// Folded weights: group scale = channel scale * 2^-e with 0 <= e <= FOLD_MAX_EXP, so that every code * 2^-e
+// (|code| <= 8) is exact in e4m3, subnormals included (quant/ops.py POW2_MAX_EXP).
+constexpr int FOLD_MAX_EXP = 9;
+constexpr int EXP_BYTES = BN;           // one exponent byte per weight row and group
 
 template <int BT, int NSTAGES>
 struct Cfg {
@@ -72,7 +81,8 @@ struct Cfg {
   static constexpr int EPI_OUT = BT * (BN + OUT_PAD) * 4;  // fp32 staging (largest)
   static constexpr int EPI_LR = 2 * BT * LRC * 2;          // hi + lo 16-bit
   static constexpr int BAR_OFF = PIPE;                     // PIPE >= both epilogue uses (static_assert)
-  static constexpr int SMEM = BAR_OFF + 2 * STAGES * 8 + 128; // + mbarriers + slack
+  static constexpr int TAB_OFF = BAR_OFF + 2 * STAGES * 8;  // FOLD: e4m3 tables, 16 bytes per exponent
+  static constexpr int SMEM = TAB_OFF + 16 * (FOLD_MAX_EXP + 1) + 128; // + slack
   static_assert(PIPE >= EPI_OUT && PIPE >= EPI_LR, "epilogue staging must fit in the pipeline memory");
   static_assert(SMEM <= 227 * 1024, "shared memory per block");
   static_assert(STAGE % 128 == 0, "stage alignment");
@@ -85,6 +95,8 @@ struct Params {
   const float *bias; void *out; int out_dtype; int64_t ldo; int epilogue;
   int M, N, K;
   int raster;         // CTA order, see the kernel
+  const float *wch;   // folded weights (FOLD): per-channel scale [N] and group exponents uint8 [K/64, N]
+  const uint8_t *wexp;
 };
 
 #ifdef NL_SM90A
@@ -173,6 +185,20 @@ __device__ __forceinline__ void nib8_to_e4m3(uint32_t x, uint32_t &lo, uint32_t 
   hi = select_bits(prmt(POS_LO, POS_HI, th), prmt(NEG_LO, NEG_HI, th), prmt(x, x4, 0xBFAE));
 }
 
+// The same with per-row tables (FOLD): t0/t1 = {POS_LO, POS_HI, NEG_LO, NEG_HI} of e4m3(code * 2^-e) for the
+// exponent of the low-half row (t0) and of the high-half row (t1).
+__device__ __forceinline__ void nib8_to_e4m3(uint32_t x, const uint4 &t0, const uint4 &t1, uint32_t &lo,
+                                             uint32_t &hi) {
+  const uint32_t t = x & 0x77777777u, x4 = x << 4, th = t >> 16;
+  lo = select_bits(prmt(t0.x, t0.y, t), prmt(t0.z, t0.w, t), prmt(x, x4, 0x9D8C));
+  hi = select_bits(prmt(t1.x, t1.y, th), prmt(t1.z, t1.w, th), prmt(x, x4, 0xBFAE));
+}
+__device__ __forceinline__ uint32_t e4m3_byte(float v) {  // exact for the table's values
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(0.f), "f"(v));
+  return r & 0xFFu;
+}
+
 template <typename T> struct LrOp;
 template <> struct LrOp<__nv_bfloat16> {
   template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
@@ -236,7 +262,7 @@ __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&
 }
 #endif  // NL_SM90A
 
-template <int BT, typename LT, int SUB, int NSTAGES, int CL>
+template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIPE>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
 #ifdef NL_SM90A
   using C = Cfg<BT, NSTAGES>;
@@ -260,6 +286,13 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
+  if constexpr (FOLD) {  // table byte 16e + b: e4m3((b < 8 ? b : b - 16) * 2^-e), the word order of POS/NEG
+    uint8_t *tab = smem + C::TAB_OFF;
+    for (int i = threadIdx.x; i < 16 * (FOLD_MAX_EXP + 1); i += THREADS) {
+      const int b = i & 15;
+      tab[i] = (uint8_t)e4m3_byte(ldexpf((float)(b < 8 ? b : b - 16), -(i >> 4)));
+    }
+  }
   // CL = 2: a cluster of two CTAs on neighbouring weight tiles of the same token tile; each producer loads
   // half of the activation slab and its scales and multicasts it to both CTAs (halving the L2 -> SM
   // activation traffic), so a stage is refilled only when the consumers of both CTAs released it.
@@ -271,7 +304,8 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
     if (ctid == 0) {
       const int rows = (int)(p.mp - m0 < BT ? p.mp - m0 : BT);  // the operand holds Mp rows (zero padded)
       const uint32_t act_bytes = rows * 64, sa_bytes = rows * 4;
-      const uint32_t bytes = act_bytes + sa_bytes + W_BYTES + SW_BYTES;
+      const uint32_t wsb = FOLD ? EXP_BYTES : SW_BYTES;  // exponent bytes or float scales of the group
+      const uint32_t bytes = act_bytes + sa_bytes + W_BYTES + wsb;
       for (int g = 0; g < G; ++g) {
         const int s = g % C::STAGES;
         const uint32_t st = smem_base + s * C::STAGE, fb = full_bar + s * 8;
@@ -289,7 +323,9 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
           bulk_g2s(st + C::ACT_BYTES + W_BYTES, p.sa + (int64_t)g * p.mp + m0, sa_bytes, fb);
         }
         bulk_g2s(st + C::ACT_BYTES, p.w + ((int64_t)nb * G + g) * W_BYTES, W_BYTES, fb);
-        bulk_g2s(st + C::ACT_BYTES + W_BYTES + C::SA_BYTES, p.sw + (int64_t)g * p.N + n0, SW_BYTES, fb);
+        const void *wsrc = FOLD ? static_cast<const void *>(p.wexp + (int64_t)g * p.N + n0)
+                                : static_cast<const void *>(p.sw + (int64_t)g * p.N + n0);
+        bulk_g2s(st + C::ACT_BYTES + W_BYTES + C::SA_BYTES, wsrc, wsb, fb);
       }
     }
     if constexpr (CL > 1) cluster_sync();  // the peer may still arrive on our barriers
@@ -311,11 +347,22 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   auto load_a = [&](int g, uint32_t (&a)[8]) {
     const int s = g % C::STAGES;
     mbar_wait(full_bar + s * 8, (g / C::STAGES) & 1);
-    const uint4 wv = *reinterpret_cast<const uint4 *>(smem + s * C::STAGE + C::ACT_BYTES + c * 2048 + ctid * 16);
-    nib8_to_e4m3(wv.x, a[0], a[1]);
-    nib8_to_e4m3(wv.y, a[2], a[3]);
-    nib8_to_e4m3(wv.z, a[4], a[5]);
-    nib8_to_e4m3(wv.w, a[6], a[7]);
+    const uint8_t *st = smem + s * C::STAGE;
+    const uint4 wv = *reinterpret_cast<const uint4 *>(st + C::ACT_BYTES + c * 2048 + ctid * 16);
+    if constexpr (FOLD) {  // this group's exponents of the thread's two rows select their tables
+      const uint8_t *ex = st + C::ACT_BYTES + W_BYTES + C::SA_BYTES;
+      const uint4 *tab = reinterpret_cast<const uint4 *>(smem + C::TAB_OFF);
+      const uint4 t0 = tab[ex[rloc]], t1 = tab[ex[rloc + 8]];
+      nib8_to_e4m3(wv.x, t0, t1, a[0], a[1]);
+      nib8_to_e4m3(wv.y, t0, t1, a[2], a[3]);
+      nib8_to_e4m3(wv.z, t0, t1, a[4], a[5]);
+      nib8_to_e4m3(wv.w, t0, t1, a[6], a[7]);
+    } else {
+      nib8_to_e4m3(wv.x, a[0], a[1]);
+      nib8_to_e4m3(wv.y, a[2], a[3]);
+      nib8_to_e4m3(wv.z, a[4], a[5]);
+      nib8_to_e4m3(wv.w, a[6], a[7]);
+    }
   };
   // t = the group's integer dots for token sub-tile u (both k32 steps), one commit group
   auto issue = [&](int g, int u, const uint32_t (&a)[8], float (&t)[HN]) {
@@ -325,26 +372,52 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
     wgmma::E4m3<SUB>::mma(t, a + 4, make_desc(base + 256, 128, 512), 1u);
     wg_commit();
   };
-  // acc[tokens of sub-tile u] += t * sa * sw (after the wait that retired t's wgmma)
-  auto promote = [&](int g, int u, float (&t)[HN]) {
-    reg_fence(t);
+  // The scales of item (g, u), loaded from shared memory before the wait that retires its wgmma, so the
+  // promotion's fmas do not stall on the loads (ncu: short-scoreboard stalls on the fmas otherwise).
+  struct Scales {
+    float4 sa[SUB / 16];  // tokens 16j + {2q, 2q+1, 8+2q, 8+2q+1} of the sub-tile
+    float sw0, sw1;       // the thread's two weight rows (unfolded only)
+  };
+  auto load_scales = [&](int g, int u, Scales &sc) {
     const uint8_t *st = smem + (g % C::STAGES) * C::STAGE;
-    const float *sws = reinterpret_cast<const float *>(st + C::ACT_BYTES + W_BYTES + C::SA_BYTES);
-    const float sw0 = sws[rloc], sw1 = sws[rloc + 8];
     const float4 *sa4 = reinterpret_cast<const float4 *>(st + C::ACT_BYTES + W_BYTES) + u * (SUB / 4) + q;
 #pragma unroll
+    for (int j = 0; j < SUB / 16; ++j) sc.sa[j] = sa4[4 * j];
+    if constexpr (!FOLD) {
+      const float *sws = reinterpret_cast<const float *>(st + C::ACT_BYTES + W_BYTES + C::SA_BYTES);
+      sc.sw0 = sws[rloc];
+      sc.sw1 = sws[rloc + 8];
+    }
+  };
+  // acc[tokens of sub-tile u] += t * sa * sw (after the wait that retired t's wgmma); FOLD: t already holds
+  // dot * 2^-e, the channel scale is applied once in the epilogue, so one fma per element
+  auto promote = [&](int u, float (&t)[HN], const Scales &sc) {
+    reg_fence(t);
+#pragma unroll
     for (int j = 0; j < SUB / 16; ++j) {
-      const float4 v = sa4[4 * j];  // tokens 16j + {2q, 2q+1, 8+2q, 8+2q+1} of the sub-tile
+      const float4 v = sc.sa[j];
       float *A = acc + u * HN + 8 * j;
       const float *D = t + 8 * j;
-      A[0] = __fmaf_rn(D[0], v.x * sw0, A[0]);
-      A[1] = __fmaf_rn(D[1], v.y * sw0, A[1]);
-      A[2] = __fmaf_rn(D[2], v.x * sw1, A[2]);
-      A[3] = __fmaf_rn(D[3], v.y * sw1, A[3]);
-      A[4] = __fmaf_rn(D[4], v.z * sw0, A[4]);
-      A[5] = __fmaf_rn(D[5], v.w * sw0, A[5]);
-      A[6] = __fmaf_rn(D[6], v.z * sw1, A[6]);
-      A[7] = __fmaf_rn(D[7], v.w * sw1, A[7]);
+      if constexpr (FOLD) {
+        A[0] = __fmaf_rn(D[0], v.x, A[0]);
+        A[1] = __fmaf_rn(D[1], v.y, A[1]);
+        A[2] = __fmaf_rn(D[2], v.x, A[2]);
+        A[3] = __fmaf_rn(D[3], v.y, A[3]);
+        A[4] = __fmaf_rn(D[4], v.z, A[4]);
+        A[5] = __fmaf_rn(D[5], v.w, A[5]);
+        A[6] = __fmaf_rn(D[6], v.z, A[6]);
+        A[7] = __fmaf_rn(D[7], v.w, A[7]);
+      } else {
+        const float sw0 = sc.sw0, sw1 = sc.sw1;
+        A[0] = __fmaf_rn(D[0], v.x * sw0, A[0]);
+        A[1] = __fmaf_rn(D[1], v.y * sw0, A[1]);
+        A[2] = __fmaf_rn(D[2], v.x * sw1, A[2]);
+        A[3] = __fmaf_rn(D[3], v.y * sw1, A[3]);
+        A[4] = __fmaf_rn(D[4], v.z * sw0, A[4]);
+        A[5] = __fmaf_rn(D[5], v.w * sw0, A[5]);
+        A[6] = __fmaf_rn(D[6], v.z * sw1, A[6]);
+        A[7] = __fmaf_rn(D[7], v.w * sw1, A[7]);
+      }
     }
   };
   auto release = [&](int g) {
@@ -359,7 +432,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
     }
   };
 
-  if constexpr (NSUB > 1) {
+  if constexpr (NSUB > 1 || PIPE) {
     // Software pipeline over (group, sub-tile) items, two result buffers: item i+1 is issued before item i
     // is waited for and promoted, so this warpgroup always has one wgmma in flight while it promotes.
     // Group g+1's A fragments are built while g's last item still reads its own (two register sets,
@@ -371,17 +444,23 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
 #pragma unroll
       for (int u = 0; u < NSUB; ++u) {
         const int cur = (p0 + u) & 1;
+        Scales sc;
         if (u + 1 < NSUB) {
           issue(g, u + 1, ac, buf[cur ^ 1]);
+          // the next group's A fragments while this group's wgmma run (group g-1's, which read `an`, retired)
+          if (u == 0 && next) load_a(g + 1, an);
+          load_scales(g, u, sc);
           wg_wait<1>();
         } else if (next) {
-          load_a(g + 1, an);
+          if (NSUB == 1) load_a(g + 1, an);
           issue(g + 1, 0, an, buf[cur ^ 1]);
+          load_scales(g, u, sc);
           wg_wait<1>();
         } else {
+          load_scales(g, u, sc);
           wg_wait<0>();
         }
-        promote(g, u, buf[cur]);
+        promote(u, buf[cur], sc);
       }
       release(g);
     };
@@ -406,12 +485,19 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
     for (int g = 0; g < G; ++g) {
       load_a(g, a);
       issue(g, 0, a, t);
+      Scales sc;
+      load_scales(g, 0, sc);
       wg_wait<0>();
-      promote(g, 0, t);
+      promote(0, t, sc);
       release(g);
     }
   }
 
+  if constexpr (FOLD) {
+    const float c0 = p.wch[n0 + rloc], c1 = p.wch[n0 + rloc + 8];
+#pragma unroll
+    for (int i = 0; i < ND; ++i) acc[i] *= ((i >> 1) & 1) ? c1 : c0;
+  }
   if (p.rank > 0) lowrank<BT, LT>(p, smem, acc, m0, n0, c, ctid);
 
   // ---------------- epilogue: bias, GELU, convert, stage transposed, write rows < M ----------------
@@ -444,9 +530,9 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
 #endif
 }
 
-template <int BT, typename LT, int SUB, int NSTAGES, int CL>
+template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIPE>
 int launch(const Params &p, cudaStream_t stream) {
-  auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES, CL>;
+  auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES, CL, FOLD, PIPE>;
   constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
   static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
   int dev = 0;
@@ -478,10 +564,10 @@ int launch(const Params &p, cudaStream_t stream) {
   return NL_OK;
 }
 
-template <int BT, int SUB, int NSTAGES, int CL = 1>
+template <int BT, int SUB, int NSTAGES, int CL = 1, bool FOLD = false, bool PIPE = false>
 int dispatch_lora(const Params &p, int lora_dtype, cudaStream_t s) {
-  return lora_dtype == NL_F16 ? launch<BT, __half, SUB, NSTAGES, CL>(p, s)
-                              : launch<BT, __nv_bfloat16, SUB, NSTAGES, CL>(p, s);
+  return lora_dtype == NL_F16 ? launch<BT, __half, SUB, NSTAGES, CL, FOLD, PIPE>(p, s)
+                              : launch<BT, __nv_bfloat16, SUB, NSTAGES, CL, FOLD, PIPE>(p, s);
 }
 
 // ---- weight repacking into the wgmma A-fragment order ----------------------------------------------------
@@ -538,12 +624,12 @@ extern "C" int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t 
   return NL_OK;
 }
 
-extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
-                                const uint8_t *w_packed, const float *w_scales, const float *lora_act,
-                                const void *lora_up, int lora_dtype, int rank, const float *bias, void *out,
-                                int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int epilogue,
-                                void *stream) {
-  const char *k = "nl_w4a4_gemm_fp8";
+// Argument checks and variant dispatch shared by both entry points (wexp != NULL: folded weights).
+static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                    const uint8_t *w_packed, const float *w_scales, const float *w_chscale, const uint8_t *w_exp,
+                    const float *lora_act, const void *lora_up, int lora_dtype, int rank, const float *bias,
+                    void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int epilogue,
+                    void *stream) {
   NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
   NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
                (long long)N);
@@ -562,7 +648,12 @@ extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scal
   NL_CHECK_ARG(act_scales8 && nl_aligned(act_scales8, 16), "%s: act_scales8 must be non-null and 16-byte aligned",
                k);
   NL_CHECK_ARG(w_packed && nl_aligned(w_packed, 16), "%s: w_packed must be non-null and 16-byte aligned", k);
-  NL_CHECK_ARG(w_scales && nl_aligned(w_scales, 16), "%s: w_scales must be non-null and 16-byte aligned", k);
+  if (w_exp) {
+    NL_CHECK_ARG(nl_aligned(w_exp, 16), "%s: w_exp must be 16-byte aligned", k);
+    NL_CHECK_ARG(w_chscale && nl_aligned(w_chscale, 4), "%s: w_chscale must be non-null and 4-byte aligned", k);
+  } else {
+    NL_CHECK_ARG(w_scales && nl_aligned(w_scales, 16), "%s: w_scales must be non-null and 16-byte aligned", k);
+  }
   NL_CHECK_ARG(out && nl_aligned(out, 16), "%s: out must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(!bias || nl_aligned(bias, 4), "%s: bias must be 4-byte aligned", k);
   if (rank > 0) {
@@ -574,17 +665,24 @@ extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scal
   const int rc = check_sm90(k);
   if (rc) return rc;
   Params p{act_codes8, act_scales8, mp, w_packed, w_scales, lora_act, lora_up, rank, bias, out, out_dtype, ldo,
-           epilogue, (int)M, (int)N, (int)K, 0};
+           epilogue, (int)M, (int)N, (int)K, 0, w_chscale, w_exp};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // Variants (read at every call, for tests and benchmarks): NUNCHAKU_LITE_WGMMA_BT = tokens per CTA (128,
   // 192, 256), NUNCHAKU_LITE_WGMMA_SUB = tokens per wgmma (64: pipelined sub-tiles; = BT: one wgmma pair per
-  // group, unpipelined), NUNCHAKU_LITE_WGMMA_STAGES = 16 (deeper ring, 128-token pipelined tile only),
-  // NUNCHAKU_LITE_WGMMA_RASTER = 0 | 1 (CTA order).
+  // group, unpipelined unless NUNCHAKU_LITE_WGMMA_PIPE=1), NUNCHAKU_LITE_WGMMA_STAGES = 16 (deeper ring,
+  // 128-token pipelined tile only), NUNCHAKU_LITE_WGMMA_RASTER = 0 | 1 (CTA order). Folded weights: BT 128
+  // with SUB 64 (default) or SUB 128 pipelined.
   const char *env_bt = getenv("NUNCHAKU_LITE_WGMMA_BT"), *env_sub = getenv("NUNCHAKU_LITE_WGMMA_SUB");
   const char *env_st = getenv("NUNCHAKU_LITE_WGMMA_STAGES"), *env_r = getenv("NUNCHAKU_LITE_WGMMA_RASTER");
+  const char *env_pipe = getenv("NUNCHAKU_LITE_WGMMA_PIPE");
   const int bt = env_bt ? atoi(env_bt) : DEFAULT_BT, sub = env_sub ? atoi(env_sub) : 64;
   const int stages = env_st ? atoi(env_st) : DEFAULT_STAGES;
+  const bool pipe = env_pipe && atoi(env_pipe) != 0;
   p.raster = env_r ? atoi(env_r) != 0 : DEFAULT_RASTER;
+  if (w_exp) {
+    return sub == 128 ? dispatch_lora<128, 128, 10, 1, true, true>(p, lora_dtype, s)
+                      : dispatch_lora<128, 64, 10, 1, true, false>(p, lora_dtype, s);
+  }
   const char *env_cl = getenv("NUNCHAKU_LITE_WGMMA_CLUSTER");  // 2: activation multicast over CTA pairs
   const int cl = env_cl ? atoi(env_cl) : DEFAULT_CLUSTER;
   if (cl == 2 && (N / BN) % 2 == 0 && sub == 64 && (bt == 128 || bt == 192)) {
@@ -593,6 +691,27 @@ extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scal
   }
   if (bt == 256) return dispatch_lora<256, 64, 8>(p, lora_dtype, s);
   if (bt == 192) return sub == 192 ? dispatch_lora<192, 192, 10>(p, lora_dtype, s) : dispatch_lora<192, 64, 10>(p, lora_dtype, s);
-  if (sub == 128) return dispatch_lora<128, 128, 10>(p, lora_dtype, s);
+  if (sub == 128) return pipe ? dispatch_lora<128, 128, 10, 1, false, true>(p, lora_dtype, s)
+                              : dispatch_lora<128, 128, 10>(p, lora_dtype, s);
   return stages == 16 ? dispatch_lora<128, 64, 16>(p, lora_dtype, s) : dispatch_lora<128, 64, 10>(p, lora_dtype, s);
+}
+
+extern "C" int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                                const uint8_t *w_packed, const float *w_scales, const float *lora_act,
+                                const void *lora_up, int lora_dtype, int rank, const float *bias, void *out,
+                                int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int epilogue,
+                                void *stream) {
+  return gemm_fp8("nl_w4a4_gemm_fp8", act_codes8, act_scales8, mp, w_packed, w_scales, nullptr, nullptr, lora_act,
+                  lora_up, lora_dtype, rank, bias, out, out_dtype, ldo, M, N, K, epilogue, stream);
+}
+
+extern "C" int nl_w4a4_gemm_fp8_pow2(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                                     const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
+                                     const float *lora_act, const void *lora_up, int lora_dtype, int rank,
+                                     const float *bias, void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N,
+                                     int64_t K, int epilogue, void *stream) {
+  const char *k = "nl_w4a4_gemm_fp8_pow2";
+  NL_CHECK_ARG(w_exp, "%s: w_exp must be non-null", k);
+  return gemm_fp8(k, act_codes8, act_scales8, mp, w_packed, nullptr, w_chscale, w_exp, lora_act, lora_up,
+                  lora_dtype, rank, bias, out, out_dtype, ldo, M, N, K, epilogue, stream);
 }

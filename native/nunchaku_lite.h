@@ -92,6 +92,16 @@ int nl_w4a4_gemm_fp8(const uint8_t *act_codes8, const float *act_scales8, int64_
                      const float *bias, void *out, int out_dtype, int64_t ldo,
                      int64_t M, int64_t N, int64_t K, int epilogue, void *stream);
 
+/* The same GEMM for weights with power-of-two group scales (quant/ops.py pow2_split): w_scales[g, n] =
+ * w_chscale[n] * 2^-w_exp[g, n] with w_exp uint8 [K/64, N] in 0..9, so each code * 2^-e is exact in e4m3 and is
+ * folded into the weight operand; one fma per group (acc = fma(dot_e, sa, acc)) and the channel scale once in
+ * the epilogue. Other arguments as nl_w4a4_gemm_fp8 (w_chscale float [N]). */
+int nl_w4a4_gemm_fp8_pow2(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                          const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
+                          const float *lora_act, const void *lora_up, int lora_dtype, int rank,
+                          const float *bias, void *out, int out_dtype, int64_t ldo,
+                          int64_t M, int64_t N, int64_t K, int epilogue, void *stream);
+
 /* Canonical packed weight [N, K/2] -> the sm_90 GEMM's order [N/128, K/64, 2, 128, 16] (each thread's A
  * fragments of one group as 16 bytes; quant/ops.py pack_weight_wgmma). Runs on any device. */
 int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *packed, void *stream);

@@ -298,9 +298,11 @@ def _row_split(lin: W4A4Linear, prep, parts) -> list:
             raise ValueError(f"fused: row split [{lo}, {hi}) of {type(lin).__name__} is not 128-aligned")
         hp = -(-hi // 128) * 128
         # w_tiled is [Np, K/2] bytes in 128-row tiles (both layouts), so a 128-aligned row range is a slice
-        out.append(replace(prep, w_tiled=prep.w_tiled[lo:hp], w_scales=prep.w_scales[:, lo:hp].contiguous(),
+        out.append(replace(prep, w_tiled=prep.w_tiled[lo:hp], w_scales=None if prep.w_scales is None else prep.w_scales[:, lo:hp].contiguous(),
                            bias=None if prep.bias is None else prep.bias[lo:hp],
-                           lora_up=None if prep.lora_up is None else prep.lora_up[lo:hp], n=hi - lo, alt={}))
+                           lora_up=None if prep.lora_up is None else prep.lora_up[lo:hp], n=hi - lo, alt={},
+                           w_chscale=None if prep.w_chscale is None else prep.w_chscale[lo:hp],
+                           w_exp=None if prep.w_exp is None else prep.w_exp[:, lo:hp].contiguous()))
     object.__setattr__(lin, "_fused_row_split", (key, out))
     return out
 

@@ -457,7 +457,7 @@ def _scales_exact_for_fast_path(wscales: torch.Tensor) -> bool:
 class PreparedW4A4:
     """A W4A4 layer converted once for the kernels (see `prepare_w4a4`)."""
     w_tiled: torch.Tensor          # uint8 [Np, K/2] bytes in the order of w_layout
-    w_scales: torch.Tensor         # float32 [K/64, Np]
+    w_scales: torch.Tensor | None  # float32 [K/64, Np]; None when folded (w_exp set): see scales_of
     bias: torch.Tensor | None      # float32 [Np]
     smooth: torch.Tensor | None    # float32 [K]
     lora_down: torch.Tensor | None  # [r, K] in the activation dtype
@@ -470,6 +470,19 @@ class PreparedW4A4:
     fast_ok: bool                  # weight scales allow the fast (fma) promotion of the s4/s8 paths
     w_layout: str = "tiled"        # "tiled" (s4/s8, repack.cu) or "wgmma" (ops.pack_weight_wgmma)
     alt: dict = field(default_factory=dict, repr=False)  # other layouts, built on demand
+    # power-of-two weight scales (ops.pow2_split), wgmma layout only: the folded GEMM's operands
+    w_chscale: torch.Tensor | None = None  # float32 [Np]
+    w_exp: torch.Tensor | None = None      # uint8 [K/64, Np]
+
+
+def scales_of(prep: PreparedW4A4) -> torch.Tensor:
+    """The float32 [K/64, Np] weight scales; a folded layer keeps only chscale and exponents (1/4 of the
+    bytes) and rebuilds them exactly here, cached, for the paths that take plain scales."""
+    if prep.w_scales is not None:
+        return prep.w_scales
+    if "scales" not in prep.alt:
+        prep.alt["scales"] = (prep.w_chscale[None, :] * torch.exp2(-prep.w_exp.float())).contiguous()
+    return prep.alt["scales"]
 
 
 def weight_for(prep: PreparedW4A4, layout: str) -> torch.Tensor:
@@ -477,7 +490,7 @@ def weight_for(prep: PreparedW4A4, layout: str) -> torch.Tensor:
     if layout == prep.w_layout:
         return prep.w_tiled
     if layout not in prep.alt:
-        npad = prep.w_scales.shape[1]
+        npad = prep.w_tiled.shape[0]
         canon = (ops.unpack_weight_wgmma(prep.w_tiled, npad, prep.k) if prep.w_layout == "wgmma"
                  else _untile(prep.w_tiled, npad, prep.k))
         prep.alt[layout] = repack_weight_sm90(canon) if layout == "wgmma" else repack_weight(canon)
@@ -521,16 +534,26 @@ def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smoo
         raise ValueError(f"{kname}: path {path!r} must be one of {PATH_NAMES[1:]}")
     layout = "wgmma" if path == "wgmma" else "tiled"
     canon = _aligned(pad_rows(qweight.to(dev)))
+    split = ops.pow2_split(wscales.to(dev)) if layout == "wgmma" else None
+    chscale = wexp = None
+    if split is not None:
+        chscale, wexp = split
+        zero = wscales.to(dev) == 0  # such groups contribute 0; folded, their codes would not: zero them
+        if zero.any():
+            canon = _aligned(canon.view(canon.shape[0], -1, GROUP // 2).masked_fill(
+                pad_rows(zero)[..., None], 0).view(canon.shape))
+        chscale = _aligned(pad_rows(chscale))
+        wexp = _aligned(pad_rows(wexp).t().contiguous())
     tiled = repack_weight_sm90(canon) if layout == "wgmma" else repack_weight(canon)
     return PreparedW4A4(
         w_tiled=tiled,
-        w_scales=_aligned(pad_rows(wscales.to(dev)).float().t()),
+        w_scales=None if wexp is not None else _aligned(pad_rows(wscales.to(dev)).float().t()),
         bias=None if bias is None else _aligned(pad_rows(bias.to(dev).float())),
         smooth=None if smooth is None else _aligned(smooth.to(dev).float()),
         lora_down=_aligned(lora_down.to(dev, dtype)) if rank else None,
         lora_up=_aligned(pad_rows(lora_up.to(dev, dtype))) if rank else None,
         n=n, k=k, rank=rank, act_unsigned=bool(act_unsigned), act_shift=float(act_shift),
-        fast_ok=_scales_exact_for_fast_path(wscales), w_layout=layout)
+        fast_ok=_scales_exact_for_fast_path(wscales), w_layout=layout, w_chscale=chscale, w_exp=wexp)
 
 
 def _resolve_path(path: str | None, exact: bool, device) -> str:
@@ -543,7 +566,7 @@ def _resolve_path(path: str | None, exact: bool, device) -> str:
 
 def _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, out_align):
     """Shared argument checks of both W4A4 GEMMs; returns (padded N, rank used, output tensor)."""
-    npad = prep.w_scales.shape[1]
+    npad = prep.w_tiled.shape[0]
     if out_dtype not in _DTYPE_CODE:
         raise ValueError(f"{kname}: out_dtype {out_dtype} is not float32/bfloat16/float16")
     if epilogue not in _EPILOGUES:
@@ -563,14 +586,17 @@ def _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, 
 @_needs_lib
 def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dtype = torch.bfloat16,
               epilogue: str = "none", path: str | None = None, exact: bool = False,
-              use_lora: bool = True, out: torch.Tensor | None = None, m: int | None = None) -> torch.Tensor:
+              use_lora: bool = True, out: torch.Tensor | None = None, m: int | None = None,
+              fold: bool | None = None) -> torch.Tensor:
     """out [M, Np] = W4A4 GEMM of quantized activations with the prepared weight, + low-rank + bias (+ GELU).
 
     path: 's4', 's8', 'wgmma' or None (default_path(); exact=True then means 's8' on sm_90). exact=True
     reproduces ops.w4a4_linear's fp32 group accumulation bit for bit (s4/s8 only); otherwise each group is
     folded in with fused multiply-adds. use_lora=False skips the low-rank branch (benchmarks). The wgmma
     path takes "fp8_tiles" activations (a "packed" one is converted with PyTorch ops, slowly); their token
-    count M is `m`, else act.lora_act's rows, else out's rows.
+    count M is `m`, else act.lora_act's rows, else out's rows. fold (wgmma only): None runs the folded
+    kernel (nl_w4a4_gemm_fp8_pow2) when the weight has power-of-two scales (unless the environment sets
+    NUNCHAKU_LITE_FOLD=0), False never, True requires it.
     """
     kname = "w4a4_gemm"
     codes, scales, lora_act = act.codes, act.scales, act.lora_act
@@ -582,7 +608,7 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     if path == "wgmma":
         if exact:
             raise ValueError(f"{kname}: exact=True is not available on the wgmma path (use path='s8')")
-        return _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m)
+        return _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold)
     if act.layout != "packed":
         raise ValueError(f"{kname}: path {path!r} needs 'packed' activations, got layout {act.layout!r}")
     m, k = codes.shape[0], codes.shape[1] * 2
@@ -593,7 +619,7 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 8)
     if m:
         _call("nl_w4a4_gemm", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, int(act.unsigned),
-              _ptr(weight_for(prep, "tiled"), "uint8_t *"), _ptr(prep.w_scales, "float *"),
+              _ptr(weight_for(prep, "tiled"), "uint8_t *"), _ptr(scales_of(prep), "float *"),
               _ptr(lora_act if rank else None, "float *"), _ptr(prep.lora_up if rank else None),
               _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank, _ptr(prep.bias, "float *"), _ptr(out),
               _DTYPE_CODE[out_dtype], npad, m, npad, k, _EPILOGUES[epilogue], _PATHS[path],
@@ -601,7 +627,7 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     return out
 
 
-def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m):
+def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None):
     """The sm_90 fp8 wgmma GEMM (nl_w4a4_gemm_fp8); see w4a4_gemm."""
     kname = "w4a4_gemm(wgmma)"
     if act.layout == "packed":
@@ -626,9 +652,21 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m):
         raise ValueError(f"{kname}: token count m={m} does not fit the fp8_tiles operand with Mp={mp} "
                          "(pass m=, or an act with lora_act)")
     npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 16)
-    if m:
+    if fold and prep.w_exp is None:
+        raise ValueError(f"{kname}: fold=True needs power-of-two weight scales (ops.quantize_weight(pow2=True)) "
+                         "prepared for the wgmma path")
+    if fold is None and os.environ.get("NUNCHAKU_LITE_FOLD") == "0":  # A/B switch for benchmarks
+        fold = False
+    if m and prep.w_exp is not None and fold is not False:
+        _call("nl_w4a4_gemm_fp8_pow2", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), mp,
+              _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(prep.w_chscale, "float *"),
+              _ptr(prep.w_exp, "uint8_t *"), _ptr(lora_act if rank else None, "float *"),
+              _ptr(prep.lora_up if rank else None), _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank,
+              _ptr(prep.bias, "float *"), _ptr(out), _DTYPE_CODE[out_dtype], npad, m, npad, k,
+              _EPILOGUES[epilogue], _stream(dev))
+    elif m:
         _call("nl_w4a4_gemm_fp8", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), mp,
-              _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(prep.w_scales, "float *"),
+              _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(scales_of(prep), "float *"),
               _ptr(lora_act if rank else None, "float *"), _ptr(prep.lora_up if rank else None),
               _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank, _ptr(prep.bias, "float *"), _ptr(out),
               _DTYPE_CODE[out_dtype], npad, m, npad, k, _EPILOGUES[epilogue], _stream(dev))

@@ -124,9 +124,25 @@ def sm90():
         pytest.skip("the wgmma GEMM needs an sm_90 device")
 
 
-def _run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0):
+def _pow2_scales(n, k, gen, zero_groups=False):
+    """Random power-of-two weight scales (ops.pow2_split form), every exponent 0..9 present; zero_groups
+    zeroes some scales (their nonzero codes must then contribute nothing)."""
+    ch = torch.rand(n, 1, generator=gen) * 0.02 + 1e-3
+    e = torch.randint(0, ops.POW2_MAX_EXP + 1, (n, k // 64), generator=gen)
+    e[:, 0] = 0
+    s = (ch.to(torch.bfloat16).float() * torch.exp2(-e.float())).to(torch.bfloat16)
+    if zero_groups:
+        s[torch.rand(n, k // 64, generator=gen) < 0.1] = 0
+        s[:, 0] = ch.to(torch.bfloat16)[:, 0]
+    return s
+
+
+def _run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0,
+         pow2=False, fold=None, zero_groups=False):
     gen = torch.Generator().manual_seed(seed + m + 7 * k + 13 * n + rank)
     qweight, wscales, lora_down, lora_up, bias, smooth = _layer(n, k, rank, gen, lora_dtype)
+    if pow2:
+        wscales = _pow2_scales(n, k, gen, zero_groups)
     bias = bias if use_bias else None
     x = torch.randn(m, k, generator=gen) * 2.0
     x[:, torch.randint(0, k, (max(1, k // 64),), generator=gen)] *= 30.0  # outlier channels
@@ -137,16 +153,16 @@ def _run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dty
     dv = lambda t: None if t is None else t.to(DEV)
     prep = native.prepare_w4a4(qweight.to(DEV), wscales.to(DEV), dv(lora_down), dv(lora_up), dv(bias),
                                smooth.to(DEV), unsigned, shift, lora_dtype, path="wgmma")
-    assert prep.w_layout == "wgmma"
+    assert prep.w_layout == "wgmma" and (prep.w_exp is not None) == pow2
     # inputs in the contract layout from the reference quantizer (on the GPU)
     codes, scales = ops.quantize_act(x.to(DEV), smooth.to(DEV), unsigned, shift)
     codes8, scales8 = ops.pack_act_fp8_tiles(codes, scales)
     # the low-rank branch reads the raw x (ops.py), in fp32
     lora_act = (x.to(DEV).float() @ lora_down.to(DEV).float().T).contiguous() if rank else None
     act = native.QuantizedActivation(codes8, scales8, lora_act, unsigned, "fp8_tiles")
-    npad = prep.w_scales.shape[1]
+    npad = prep.w_tiled.shape[0]
     out = torch.full((m, npad), float("nan"), dtype=out_dtype, device=DEV)
-    native.w4a4_gemm(act, prep, out_dtype, epilogue, path="wgmma", out=out, m=m)
+    native.w4a4_gemm(act, prep, out_dtype, epilogue, path="wgmma", out=out, m=m, fold=fold)
     ref = ops.w4a4_linear_f64(x.float(), codes.cpu(), scales.cpu(), qweight, wscales, lora_down, lora_up, bias)
     if epilogue == "gelu_tanh":
         ref = torch.nn.functional.gelu(ref, approximate="tanh")
@@ -223,3 +239,76 @@ def test_wgmma_end_to_end_and_path_conversion(sm90):
     y8 = native.w4a4_linear_prepared(x, prep, path="s8")
     assert y.shape == (77, 200)
     assert _rel(y, y8) < 5e-3
+
+
+# ---- power-of-two weight scales: the folded GEMM (nl_w4a4_gemm_fp8_pow2) ---------------------------------
+
+
+def _pow2_table(e: int) -> tuple[int, int, int, int]:
+    """The kernel's table entry for exponent e: {POS_LO, POS_HI, NEG_LO, NEG_HI} of e4m3(code * 2^-e)."""
+    b = [int(torch.tensor((i if i < 8 else i - 16) * 2.0 ** -e).to(torch.float8_e4m3fn).view(torch.uint8))
+         for i in range(16)]
+    return tuple(_word(b[4 * j: 4 * j + 4]) for j in range(4))
+
+
+def test_pow2_tables_are_exact_and_the_recipe_decodes_scaled_codes():
+    gen = torch.Generator().manual_seed(5)
+    dec = lambda w: [float(torch.tensor(((w >> (8 * i)) & 0xFF), dtype=torch.uint8).view(torch.float8_e4m3fn))
+                     for i in range(4)]
+    assert _pow2_table(0) == (POS_LO, POS_HI, NEG_LO, NEG_HI)
+    for e in range(ops.POW2_MAX_EXP + 1):
+        t = _pow2_table(e)
+        vals = sum((dec(w) for w in t), [])
+        assert vals == [c * 2.0 ** -e for c in list(range(8)) + list(range(-8, 0))]  # exact, no rounding
+        e1 = int(torch.randint(0, ops.POW2_MAX_EXP + 1, (1,), generator=gen))
+        t1 = _pow2_table(e1)
+        for _ in range(20):
+            x = int(torch.randint(0, 2 ** 32, (1,), generator=gen, dtype=torch.int64))
+            tt = lambda tab, v: (_prmt(tab[0], tab[1], v), _prmt(tab[2], tab[3], v))
+            xt, x4 = x & 0x77777777, (x << 4) & 0xFFFFFFFF
+            sel = lambda p, q, m: ((p & ~m) | (q & m)) & 0xFFFFFFFF
+            lo = sel(*tt(t, xt), _prmt(x, x4, 0x9D8C))
+            hi = sel(*tt(t1, xt >> 16), _prmt(x, x4, 0xBFAE))
+            nib = [(x >> (4 * i)) & 0xF for i in range(8)]
+            code = [v - 16 if v >= 8 else v for v in nib]
+            assert dec(lo) == [c * 2.0 ** -e for c in code[:4]]
+            assert dec(hi) == [c * 2.0 ** -e1 for c in code[4:]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 100, 256, 4608])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_folded_gemm_matches_float64(sm90, m, unsigned):
+    out, ref = _run(m, 3072, 3072 if m in (1, 4608) else 640, 32, unsigned, True, torch.float32, pow2=True)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [{}, {"SUB": "128"}])
+@pytest.mark.parametrize("rank", [0, 32, 128])
+def test_folded_gemm_variants_and_ranks(sm90, variant, rank, monkeypatch):
+    for key, val in variant.items():
+        monkeypatch.setenv(f"NUNCHAKU_LITE_WGMMA_{key}", val)
+    for m, k, n in ((300, 1024, 384), (257, 192, 256), (1536, 3072, 512)):
+        out, ref = _run(m, k, n, rank, False, True, torch.float32, pow2=True)
+        assert torch.isfinite(out).all()
+        assert _rel(out, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["none", "gelu_tanh"])
+def test_folded_gemm_epilogue_zero_groups_and_fallback(sm90, epilogue):
+    """Zero-scale groups with nonzero codes contribute nothing; fold=False (plain scales rebuilt from the
+    exponents) agrees with the folded kernel."""
+    out, ref = _run(200, 1024, 256, 16, False, True, torch.bfloat16, epilogue, pow2=True, zero_groups=True)
+    assert _rel(out, ref) < 1e-2 and _rel(out, ref.to(torch.bfloat16)) < 5e-3
+    plain, _ = _run(200, 1024, 256, 16, False, True, torch.bfloat16, epilogue, pow2=True, zero_groups=True,
+                    fold=False)
+    assert _rel(out, plain) < 5e-3
+
+
+@pytest.mark.gpu
+def test_fold_true_refuses_plain_scales(sm90):
+    with pytest.raises(ValueError, match="fold=True"):
+        _run(100, 256, 128, 0, False, False, torch.float32, fold=True)

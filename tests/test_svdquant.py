@@ -185,6 +185,22 @@ def test_fc2_unsigned(setup):
     assert rel_err(dit, ref_out, test) < 0.12
 
 
+def test_pow2_scales(setup, svdq):
+    """pow2_scales=True: every W4A4 layer's scales split into channel scale * 2^-e (ops.pow2_split, what the
+    Hopper GEMM folds), with GPTQ and the unsigned split single-block linear2 included; the model error stays
+    close to the plain scales' (a slightly coarser grid)."""
+    cal, test, ref_out = setup
+    dit = quantize(tiny_dit(), cal, method="svdquant", rank=32, pow2_scales=True, fc2_unsigned=True, **FAST)
+    assert dit.quant_config["pow2_scales"] is True
+    w4a4 = [m for _, m in quantized_linears(dit) if isinstance(m, W4A4Linear)]
+    assert len(w4a4) > 10 and isinstance(dit.single_blocks[0].linear2, SplitInputLinear)
+    assert all(ops.pow2_split(m.wscales) is not None for m in w4a4)
+    assert all(ops.pow2_split(m.wscales) is None for _, m in quantized_linears(svdq) if isinstance(m, W4A4Linear))
+    e_pow2, e_plain = rel_err(dit, ref_out, test), rel_err(svdq, ref_out, test)
+    print(f"pow2 {e_pow2:.4f} plain {e_plain:.4f}")
+    assert e_pow2 < 1.25 * e_plain, (e_pow2, e_plain)
+
+
 def test_k_not_multiple_of_64_is_padded(setup):
     dit = tiny_dit(hidden=96)
     cal = [dit_inputs(i, dit.params) for i in range(2)]

@@ -130,6 +130,23 @@ def bench_wgmma(r, x, k, n):
     r["wgmma_nolora_vs_bf16"] = r["bf16_ms"] / r["wgmma_nolora_ms"]
     r["wgmma_vs_fp8"] = r["fp8_ms"] / r["wgmma_ms"]
     r["wgmma_lowrank_overhead"] = r["wgmma_ms"] / r["wgmma_nolora_ms"] - 1
+    # the same codes with power-of-two weight scales: the folded kernel (nl_w4a4_gemm_fp8_pow2)
+    e = torch.randint(0, 3, wscales.shape, generator=g, device="cuda")
+    e[:, 0] = 0
+    ws2 = (wscales[:, :1].float() * torch.exp2(-e.float())).to(torch.bfloat16)
+    pf = native.prepare_w4a4(qw, ws2, lora_down, lora_up, bias, smooth, path="wgmma")
+    pf0 = native.prepare_w4a4(qw, ws2, None, None, bias, smooth, path="wgmma")
+    assert pf.w_exp is not None
+    r["fold_ms"] = time_ms(lambda: native.w4a4_gemm(act, pf, out=out, path="wgmma", m=m, fold=True))
+    r["fold_nolora_ms"] = time_ms(lambda: native.w4a4_gemm(act0, pf0, out=out, path="wgmma", m=m, fold=True))
+    r["fold_linear_ms"] = time_ms(lambda: native.w4a4_gemm(
+        native.quantize_act(x, pf.smooth, pf.lora_down, layout="fp8_tiles"), pf, out=out, path="wgmma", m=m))
+    r["fold_tops"] = flops / r["fold_ms"] / 1e9
+    r["fold_vs_bf16"] = r["bf16_ms"] / r["fold_ms"]
+    r["fold_nolora_vs_bf16"] = r["bf16_ms"] / r["fold_nolora_ms"]
+    r["fold_vs_fp8"] = r["fp8_ms"] / r["fold_ms"]
+    r["fold_lowrank_overhead"] = r["fold_ms"] / r["fold_nolora_ms"] - 1
+    r["fold_linear_vs_bf16"] = r["bf16_ms"] / r["fold_linear_ms"]
 
 
 def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False):
@@ -280,7 +297,8 @@ def main(argv=None):
                       flush=True)
             if wgmma:
                 print(f"  M={m} K={k} N={n}: wgmma {r['wgmma_ms']:.3f} ms ({r['wgmma_vs_bf16']:.2f}x bf16, "
-                      f"{r['wgmma_vs_fp8']:.2f}x fp8, low-rank +{100 * r['wgmma_lowrank_overhead']:.1f}%)", flush=True)
+                      f"{r['wgmma_vs_fp8']:.2f}x fp8, low-rank +{100 * r['wgmma_lowrank_overhead']:.1f}%); folded "
+                      f"{r['fold_ms']:.3f} ms ({r['fold_vs_bf16']:.2f}x bf16)", flush=True)
             rows.append(r)
     hdr = (f"{'M':>5} {'K':>5} {'N':>5} | {'fused':>7} {'gemm':>7} {'nolora':>7} {'unfused':>7} {'quant':>6} "
            f"{'bf16':>7} {'fp8':>7} | {'TOPS':>5} {'xbf16':>5} {'gemm':>5} {'xfp8':>5} {'LRov%':>6} {'q%cp':>5}")
@@ -296,6 +314,15 @@ def main(argv=None):
                   f"{r['wgmma_linear_ms']:7.3f} {r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {r['wgmma_tops']:5.0f} "
                   f"{r['wgmma_vs_bf16']:5.2f} {r['wgmma_nolora_vs_bf16']:6.2f} {r['wgmma_vs_fp8']:5.2f} "
                   f"{100 * r['wgmma_lowrank_overhead']:6.1f} {r['wgmma_linear_vs_bf16']:8.2f}")
+        print("\nsm_90 folded GEMM (power-of-two weight group scales, nl_w4a4_gemm_fp8_pow2), same codes; "
+              "columns as above")
+        print(wh.replace("wgmma", "  fold").replace("    wg0", "  fold0"))
+        print("-" * len(wh))
+        for r in rows:
+            print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {r['fold_ms']:7.3f} {r['fold_nolora_ms']:7.3f} "
+                  f"{r['fold_linear_ms']:7.3f} {r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {r['fold_tops']:5.0f} "
+                  f"{r['fold_vs_bf16']:5.2f} {r['fold_nolora_vs_bf16']:6.2f} {r['fold_vs_fp8']:5.2f} "
+                  f"{100 * r['fold_lowrank_overhead']:6.1f} {r['fold_linear_vs_bf16']:8.2f}")
     print("\nms per call (fused/nolora/unfused include the quantize kernel; gemm = GEMM kernel alone)")
     print(hdr)
     print("-" * len(hdr))

@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -115,9 +116,10 @@ def build(make, device, dtype, seed=0) -> nn.Module:
 
 
 @torch.no_grad()
-def random_quantized_fill_(module: nn.Module, seed: int = 0) -> nn.Module:
+def random_quantized_fill_(module: nn.Module, seed: int = 0, pow2: bool = False) -> nn.Module:
     """Random codes, scales and low-rank factors of plausible magnitude in every W4A4Linear / W4A16Linear
-    (timing only: the values are not a quantization of anything); smooth 1, biases 0."""
+    (timing only: the values are not a quantization of anything); smooth 1, biases 0. W4A4 group scales vary
+    per group: by up to 25% (plain) or by powers of two (pow2: ops.pow2_split form, the folded sm_90 GEMM)."""
     gen = None
     for _, m in module.named_modules():
         if not isinstance(m, (W4A4Linear, W4A16Linear)):
@@ -127,6 +129,14 @@ def random_quantized_fill_(module: nn.Module, seed: int = 0) -> nn.Module:
         m.qweight.copy_(torch.randint(0, 256, m.qweight.shape, generator=gen, device=m.qweight.device,
                                       dtype=torch.int32).to(torch.uint8))
         m.wscales.fill_(1.0 / (4 * math.sqrt(m.in_features)))  # codes ~U(-8, 7): std ~4.6 * scale
+        if isinstance(m, W4A4Linear):
+            dev = m.wscales.device
+            if pow2:
+                e = torch.randint(0, 3, m.wscales.shape, generator=gen, device=dev)
+                e[:, 0] = 0
+                m.wscales.mul_(torch.exp2(-e.float()).to(m.wscales.dtype))
+            else:
+                m.wscales.mul_(1 + 0.25 * torch.rand(m.wscales.shape, generator=gen, device=dev).to(m.wscales.dtype))
         if m.bias is not None:
             m.bias.zero_()
         if isinstance(m, W4A4Linear):
@@ -139,14 +149,15 @@ def random_quantized_fill_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @torch.no_grad()
-def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0) -> nn.Module:
+def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0, pow2: bool = False) -> nn.Module:
     """Quantize a DiT's block linears to W4A4 without calibration, in place, one layer at a time on its device.
 
     mode "svd": smooth = 1, low-rank branch = rank-r truncated SVD of W (torch.svd_lowrank, 2 power
     iterations), INT4 residual W - L1 L2 (round to nearest). mode "random": random codes, scales and low-rank
     factors of plausible magnitude (no 16-bit weight read; timing only). mode "empty": the modules only (for
     a model on the meta device: sizes without memory; `to_empty` + `random_quantized_fill_` then give a
-    random W4A4 model without ever allocating the 16-bit one). Modulation linears become W4A16."""
+    random W4A4 model without ever allocating the 16-bit one). Modulation linears become W4A16. pow2:
+    power-of-two weight group scales (ops.quantize_weight(pow2=True)), which the sm_90 GEMM folds."""
     if mode not in ("svd", "random", "empty"):
         raise ValueError(f"quick quantization mode must be 'svd', 'random' or 'empty', got {mode!r}")
     blocks = [*dit.double_blocks, *dit.single_blocks]
@@ -157,27 +168,27 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
             if mode == "svd":
                 u, s, v = torch.svd_lowrank(w.float(), q=rank, niter=2)
                 up, down = u * s, v.T  # [N, r], [r, K]
-                q = W4A4Linear.from_linear(lin, w.float() - up @ down, lora_down=down, lora_up=up)
+                q = W4A4Linear.from_linear(lin, w.float() - up @ down, lora_down=down, lora_up=up, pow2=pow2)
             else:
                 q = W4A4Linear(lin.in_features, lin.out_features, rank, bias=lin.bias is not None, dtype=w.dtype,
                                device=w.device)
             block.set_submodule(name, q)
             del lin, w
         if mode == "random":
-            random_quantized_fill_(block, seed)
-    dit.quant_config = dict(method=f"quick-{mode}", rank=rank, modulation="w4a16")
+            random_quantized_fill_(block, seed, pow2)
+    dit.quant_config = dict(method=f"quick-{mode}", rank=rank, modulation="w4a16", pow2_scales=pow2)
     return dit
 
 
-def build_w4a4_dit(arch: "Arch", device, dtype, rank: int = 32, seed: int = 0) -> nn.Module:
+def build_w4a4_dit(arch: "Arch", device, dtype, rank: int = 32, seed: int = 0, pow2: bool = False) -> nn.Module:
     """A random W4A4 DiT allocated straight on `device` (the 16-bit model exists only on the meta device)."""
     with torch.device("meta"):
         dit = FluxDiT(arch.dit)
     quick_w4a4_(dit.to(dtype), rank, "empty")
     dit = dit.to_empty(device=device)
     random_fill_(dit, seed)  # the 16-bit leftovers: embedders, norms, final layer
-    random_quantized_fill_(dit, seed)
-    dit.quant_config["method"] = "quick-random"
+    random_quantized_fill_(dit, seed, pow2)
+    dit.quant_config.update(method="quick-random", pow2_scales=pow2)
     return dit.eval().requires_grad_(False)
 
 
@@ -368,6 +379,7 @@ class Options:
     compile: bool = False
     pipeline_sizes: list | None = None  # None: 1024x1024 if listed, else the first size; [] skips
     pipeline_steps: int = 2
+    pow2: bool = False            # power-of-two W4A4 weight scales (folded sm_90 GEMM) + an unfolded A/B phase
     text: bool = True             # text-encoder and VAE phases
 
 
@@ -424,7 +436,7 @@ class Bench:
         quick = "random" if o.skip_16bit else o.quick  # the SVD reads the 16-bit weights
         if o.skip_16bit:
             t0 = time.perf_counter()
-            dit = build_w4a4_dit(arch, dev, o.dtype, o.rank)
+            dit = build_w4a4_dit(arch, dev, o.dtype, o.rank, pow2=o.pow2)
             self.clock.sync()
             quant_s = time.perf_counter() - t0
         else:
@@ -434,14 +446,21 @@ class Bench:
             for size, batch in self.configs:
                 self.dit_phase("dit-16bit", dit, size, batch, refs)
             t0 = time.perf_counter()
-            quick_w4a4_(dit, o.rank, quick)  # in place: the 16-bit weights go layer by layer
+            quick_w4a4_(dit, o.rank, quick, pow2=o.pow2)  # in place: the 16-bit weights go layer by layer
             self.clock.sync()
             quant_s = time.perf_counter() - t0
         dit = self.w4a4_ready(dit)
-        self.info.update(quantize_s=round(quant_s, 2), quick=quick, rank=o.rank)
+        self.info.update(quantize_s=round(quant_s, 2), quick=quick, rank=o.rank, pow2_scales=o.pow2)
         for size, batch in self.configs:
             self.dit_phase("dit-w4a4", dit, size, batch, refs, native_kernels=_native_available(dev),
                            native_layout=self.info["layers_converted"] > 0)
+        if o.pow2 and _native_available(dev):  # the same weights through the unfolded sm_90 GEMM (A/B)
+            os.environ["NUNCHAKU_LITE_FOLD"] = "0"
+            try:
+                for size, batch in self.configs:
+                    self.dit_phase("dit-w4a4-nofold", dit, size, batch, refs)
+            finally:
+                del os.environ["NUNCHAKU_LITE_FOLD"]
         refs.clear()
         if o.text:
             self.text_and_vae(dit)
@@ -677,6 +696,8 @@ def main(argv=None) -> int:
                     "fewer steps (down to --min-steps) when one step is slow (default 4)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--quick", default="svd", choices=["svd", "random"], help="how the W4A4 weights are made")
+    ap.add_argument("--pow2-scales", action="store_true", help="power-of-two W4A4 weight group scales (the folded "
+                    "sm_90 GEMM); the W4A4 DiT is then also timed with folding off (dit-w4a4-nofold)")
     ap.add_argument("--pipeline-sizes", default=None, help="sizes of the whole-generation phases (default 1024 if "
                     "in --sizes, else the first size; 'none' skips them); run at the smallest batch")
     ap.add_argument("--pipeline-steps", type=int, default=2, help="sampler steps of the whole-generation phases")
@@ -723,7 +744,7 @@ def main(argv=None) -> int:
                    min_steps=min(steps, args.min_steps or (3 if cuda else 1)), phase_seconds=args.phase_seconds,
                    rank=args.rank, quick=args.quick, skip_16bit=args.skip_16bit, keep_canonical=args.keep_canonical,
                    compile=args.compile, pipeline_sizes=pipeline_sizes, pipeline_steps=args.pipeline_steps,
-                   text=not args.dit_only)
+                   text=not args.dit_only, pow2=args.pow2_scales)
     save = (lambda r: _write_json(args.json, r)) if args.json else None
     result = Bench(opts, log=lambda s: print(s, file=sys.stderr, flush=True), on_phase=save).run()
     print_table(result)

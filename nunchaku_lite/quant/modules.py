@@ -161,7 +161,7 @@ class W4A4Linear(_KeepsExactBuffers):
     def from_linear(cls, linear: nn.Linear, residual: torch.Tensor, smooth: torch.Tensor | None = None,
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                     act_unsigned: bool = False, act_shift: float = 0.0, dtype: torch.dtype | None = None,
-                    scale_dtype: torch.dtype = torch.bfloat16) -> "W4A4Linear":
+                    scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False) -> "W4A4Linear":
         """Build from the quantizer's results for `linear` (its bias is copied).
 
         residual [N, K]: the smoothed weight minus the low-rank part, W * smooth - lora_up @ (lora_down * smooth),
@@ -169,6 +169,7 @@ class W4A4Linear(_KeepsExactBuffers):
         folded in); lora_up [N, r]. The bias is copied as is: with `act_shift` s the quantized part computes
         ((x + s) / smooth) @ Rq^T = x @ (Rq / smooth)^T + s * rowsum(Rq / smooth), so a caller that wants an
         unbiased layer subtracts s * rowsum(Rq / smooth) from the bias afterwards (Rq: `dequantized_weight()`).
+        pow2: power-of-two group scales (ops.quantize_weight(pow2=True)).
         """
         n, k = linear.out_features, linear.in_features
         if residual.shape != (n, k):
@@ -186,7 +187,7 @@ class W4A4Linear(_KeepsExactBuffers):
         m = cls(k, n, rank, bias=linear.bias is not None, act_unsigned=act_unsigned, act_shift=act_shift,
                 dtype=dtype, scale_dtype=scale_dtype, device=dev)
         pad = m.smooth.shape[0] - k
-        codes, scales = ops.quantize_weight(F.pad(residual.detach().float().to(dev), (0, pad)), scale_dtype)
+        codes, scales = ops.quantize_weight(F.pad(residual.detach().float().to(dev), (0, pad)), scale_dtype, pow2)
         m.qweight.copy_(ops.pack_int4(codes))
         m.wscales.copy_(scales)
         if smooth is not None:

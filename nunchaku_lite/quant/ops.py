@@ -18,6 +18,10 @@ The shift is added *before* the division by smooth, as in Nunchaku's kernels (NU
 
 Weight quantization (per output row n, per group g): scale = amax / 7, first rounded to the storage dtype
 of the scales (bf16 by default); codes = clamp(round_half_even(w / float(scale_rounded)), -8, 7).
+Power-of-two variant (`quantize_weight(..., pow2=True)`, the Hopper fast path's format): every group scale
+is the row's channel scale times 2^-e, 0 <= e <= POW2_MAX_EXP (see `pow2_group_scales`). Same format and
+same linear semantics; the constraint only lets the sm_90 GEMM fold 2^-e into the fp8 weight operand
+(`pow2_split`), which removes one of its two fp32 operations per group.
 
 Packed storage ("canonical order", row-major over [N, K]): byte j of a row holds elements 2j (low nibble)
 and 2j+1 (high nibble), each the 4-bit two's complement of a signed code (or the plain unsigned code):
@@ -87,25 +91,98 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: 
     return codes.view(-1, k), scales
 
 
-def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
+def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-row, per-64-group symmetric INT4 weight quantization.
 
     w [N, K] -> (codes int8 [N, K] in [-8, 7], scales [N, K//64] in `scale_dtype`). The scale is rounded to
     `scale_dtype` first and the codes are computed with the rounded scale, so codes * scale is what the
-    kernels see.
+    kernels see. pow2=True: power-of-two group scales (`pow2_group_scales`) for the Hopper fast path.
     """
     if w.dim() != 2:
         raise ValueError(f"quantize_weight: expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
     n, k = w.shape
     g = _check_groups(k, "quantize_weight")
     wg = w.float().view(n, g, GROUP)
-    amax = wg.abs().amax(dim=-1)
-    scales = (amax / amax.new_tensor(7.0)).to(scale_dtype)  # IEEE division on CUDA too (see quantize_act)
+    if pow2:
+        scales = pow2_group_scales(w, scale_dtype)
+    else:
+        amax = wg.abs().amax(dim=-1)
+        scales = (amax / amax.new_tensor(7.0)).to(scale_dtype)  # IEEE division on CUDA too (see quantize_act)
     s = scales.float()
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.round(wg / safe[..., None]).clamp_(-8, 7).to(torch.int8)
     return codes.view(n, k), scales
+
+
+POW2_MAX_EXP = 9  # |code| * 2^-e is exact in e4m3 for codes -8..15 and e <= 9 (subnormals included)
+
+
+POW2_CHANNEL_STEPS = 8  # channel-scale candidates c0 * 2^(-i/8), i < 8: the grid's alignment to the row
+
+
+def _pow2_best(wg: torch.Tensor, ch: torch.Tensor, scale_dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of wg [N, G, 64], the scale ch[n] * 2^-e (e = 0 .. POW2_MAX_EXP, in scale_dtype) of least
+    squared rounding error -> (scales float32 [N, G], errors [N, G]); ties go to the smaller e."""
+    best_s = best_e = None
+    for e in range(POW2_MAX_EXP + 1):
+        s = (ch[:, None] * 2.0 ** -e).to(scale_dtype).float().expand(wg.shape[:2])
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        err = (torch.round(wg / safe[..., None]).clamp_(-8, 7) * s[..., None] - wg).square().sum(-1)
+        if best_s is None:
+            best_s, best_e = s, err
+        else:
+            better = err < best_e
+            best_s, best_e = torch.where(better, s, best_s), torch.minimum(err, best_e)
+    return best_s, best_e
+
+
+def pow2_channel_scale(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The channel scale of the power-of-two weight format for w [N, K] -> float32 [N] (a scale_dtype value):
+    among c0 * 2^(-i/POW2_CHANNEL_STEPS) (c0 = the widest group's absmax / 7), the one whose grid of scales
+    c * 2^-e gives the row the least squared rounding error, each group taking its best exponent."""
+    n, k = w.shape
+    wg = w.float().view(n, _check_groups(k, "pow2_channel_scale"), GROUP)
+    c0 = wg.abs().amax(dim=(1, 2)) / 7.0
+    best_c = best_err = None
+    for i in range(POW2_CHANNEL_STEPS):
+        c = (c0 * 2.0 ** (-i / POW2_CHANNEL_STEPS)).to(scale_dtype).float()
+        err = _pow2_best(wg, c, scale_dtype)[1].sum(dim=1)
+        if best_c is None:
+            best_c, best_err = c, err
+        else:
+            better = err < best_err
+            best_c, best_err = torch.where(better, c, best_c), torch.minimum(err, best_err)
+    return best_c
+
+
+def pow2_group_scales(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Group scales of the power-of-two weight format for w [N, K] -> [N, K//64] in `scale_dtype`: the
+    channel scale c of `pow2_channel_scale`, and per group the c * 2^-e (0 <= e <= POW2_MAX_EXP) of least
+    squared rounding error (it may clip the group's largest values)."""
+    n, k = w.shape
+    wg = w.float().view(n, _check_groups(k, "pow2_group_scales"), GROUP)
+    return _pow2_best(wg, pow2_channel_scale(w, scale_dtype), scale_dtype)[0].to(scale_dtype)
+
+
+def pow2_split(wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """wscales [N, G] -> (channel scale float32 [N], exponents uint8 [N, G]) with wscales[n, g] ==
+    chscale[n] * 2^-exp[n, g] exactly and exp <= POW2_MAX_EXP, or None when the scales are not of that form.
+    Zero scales get exponent 0 (their groups contribute 0; callers zero those codes before folding).
+    """
+    s = wscales.float()
+    if not torch.isfinite(s).all() or (s < 0).any():
+        return None
+    ch = s.amax(dim=1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    e = torch.round(torch.log2(ch[:, None] / safe))
+    e = torch.where(s > 0, e, torch.zeros_like(e))
+    if ((e < 0) | (e > POW2_MAX_EXP)).any():
+        return None
+    if not torch.equal(torch.where(s > 0, ch[:, None] * torch.exp2(-e), s), s):
+        return None
+    return ch, e.to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:

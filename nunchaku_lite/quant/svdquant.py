@@ -77,6 +77,7 @@ class QuantConfig:
     gptq: bool = True  # GPTQ rounding of the INT4 residual (and of W4A16 weights) instead of round-to-nearest
     max_tokens: int = 1024  # input tokens kept per layer for the search and the error figures
     seed: int = 0
+    pow2_scales: bool = False  # power-of-two W4A4 weight group scales (ops.quantize_weight(pow2=True))
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -222,13 +223,19 @@ def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> tor
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
-def _group_scale(wg: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+def _group_scale(wg: torch.Tensor, scale_dtype: torch.dtype, ch: torch.Tensor | None = None) -> torch.Tensor:
     """Scales of 64-wide weight groups wg [..., 64]: (clip * absmax) / 7 with the clip ratio of least squared
-    rounding error (weights only; the format allows any scale), rounded to `scale_dtype` -> [...]."""
+    rounding error (weights only; the format allows any scale), rounded to `scale_dtype` -> [...].
+    With `ch` (the rows' channel scales, broadcastable to [...]): the power-of-two format instead, the
+    candidates being ch * 2^-e for e = 0 .. ops.POW2_MAX_EXP (ops.pow2_group_scales)."""
     amax = wg.abs().amax(dim=-1)
+    if ch is None:
+        cands = [(amax * clip / 7.0).to(scale_dtype) for clip in _CLIP_RATIOS]
+    else:
+        c = ch.to(scale_dtype).float().expand_as(amax)
+        cands = [(c * 2.0 ** -e).to(scale_dtype) for e in range(ops.POW2_MAX_EXP + 1)]
     best_s, best_e = None, None
-    for clip in _CLIP_RATIOS:
-        s = (amax * clip / 7.0).to(scale_dtype)
+    for s in cands:
         sf = s.float()[..., None]
         safe = torch.where(sf > 0, sf, torch.ones_like(sf))
         e = (torch.round(wg / safe).clamp_(-8, 7) * sf - wg).pow(2).sum(dim=-1)
@@ -240,24 +247,27 @@ def _group_scale(wg: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     return best_s
 
 
-def rtn_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest INT4 of w [N, K] with MSE-clipped group scales (see _group_scale) -> (codes, scales)."""
+def rtn_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest INT4 of w [N, K] with MSE-clipped group scales (see _group_scale) -> (codes, scales).
+    pow2: power-of-two group scales (ops.quantize_weight(pow2=True)'s format)."""
     n, k = w.shape
     wg = w.float().view(n, k // ops.GROUP, ops.GROUP)
-    scales = _group_scale(wg, scale_dtype)
+    scales = _group_scale(wg, scale_dtype, ops.pow2_channel_scale(w, scale_dtype)[:, None] if pow2 else None)
     s = scales.float()[..., None]
     codes = torch.round(wg / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-8, 7).to(torch.int8)
     return codes.view(n, k), scales
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, block: int = 128,
-                  scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ: quantize w [N, K] column by column to INT4 (per row, groups of 64, symmetric), pushing each
     column's rounding error onto the not yet quantized columns through the inverse of H = sum x^T x [K, K],
     which minimizes the output error sum ||x (W - Q)^T||^2 over the calibration inputs.
 
     Group scales are chosen when the group is reached, from its weights as updated so far: absmax/7 times the
-    clip ratio in 1.0 .. 0.75 of least squared rounding error, rounded to `scale_dtype`.
+    clip ratio in 1.0 .. 0.75 of least squared rounding error, rounded to `scale_dtype`. pow2: power-of-two
+    group scales, the channel scale fixed from the weights before any update (see _group_scale).
     Returns (codes int8 [N, K], scales [N, K//64]) in ops.quantize_weight's conventions.
     """
     n, k = w.shape
@@ -271,7 +281,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, bl
     try:  # upper Cholesky factor of H^-1: row i holds the update coefficients of column i onto columns > i
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     except torch.linalg.LinAlgError:  # numerically singular even after damping: plain rounding is safe
-        return rtn_quantize(w, scale_dtype)
+        return rtn_quantize(w, scale_dtype, pow2)
+    ch = ops.pow2_channel_scale(w, scale_dtype) if pow2 else None
     codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
     scales = torch.zeros(n, k // g, dtype=scale_dtype, device=w.device)
     block = max(g, block // g * g)
@@ -282,7 +293,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, bl
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:
-                s = _group_scale(w1[:, i:i + g], scale_dtype)
+                s = _group_scale(w1[:, i:i + g], scale_dtype, ch)
                 scales[:, col // g] = s
                 s = s.float()
                 safe = torch.where(s > 0, s, torch.ones_like(s))
@@ -374,11 +385,12 @@ def _pad_k(t: torch.Tensor, k_padded: int, value: float = 0.0) -> torch.Tensor:
 
 
 def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
-               hessian: torch.Tensor | None = None, clip: bool = False) -> W4A4Linear:
+               hessian: torch.Tensor | None = None, clip: bool = False, pow2: bool = False) -> W4A4Linear:
     """The W4A4Linear for `linear` from a search result; the residual is computed against the low-rank
     factors as they will be stored (rounded to the model dtype), so their rounding error gets quantized too.
     The residual is rounded by GPTQ in the smoothed space when `hessian` (sum x^T x of the raw inputs) is
-    given, else to nearest: with MSE-clipped scales if `clip`, else plain absmax/7 scales."""
+    given, else to nearest: with MSE-clipped scales if `clip`, else plain absmax/7 scales. pow2: power-of-two
+    group scales (ops.quantize_weight(pow2=True); the Hopper GEMM folds them into its fp8 weight operand)."""
     k = linear.in_features
     w = linear.weight.detach().float()
     lam = result.smooth[:k].float()
@@ -391,14 +403,14 @@ def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
         resid = resid - (lora_up.float() @ (lora_down.float() * lam))
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
     layer = W4A4Linear.from_linear(linear, resid, smooth=lam, lora_down=lora_down, lora_up=lora_up,
-                                   act_unsigned=unsigned, act_shift=shift)
+                                   act_unsigned=unsigned, act_shift=shift, pow2=pow2)
     kp = layer.smooth.shape[0]
     if hessian is not None:
         lam_p = layer.smooth.double()
         h = F.pad(hessian.double(), (0, kp - k, 0, kp - k)) / (lam_p[:, None] * lam_p[None, :])  # of x / lambda
-        _set_codes(layer, *gptq_quantize(_pad_k(resid, kp), h, scale_dtype=layer.wscales.dtype))
+        _set_codes(layer, *gptq_quantize(_pad_k(resid, kp), h, scale_dtype=layer.wscales.dtype, pow2=pow2))
     elif clip:
-        _set_codes(layer, *rtn_quantize(_pad_k(resid, kp), layer.wscales.dtype))
+        _set_codes(layer, *rtn_quantize(_pad_k(resid, kp), layer.wscales.dtype, pow2))
     if unsigned:  # (x + s)/lambda . Rq^T = x/lambda . Rq^T + s * rowsum(Rq / lambda): take the second term out
         rq = layer.dequantized_weight() / layer.smooth
         layer.bias.copy_((layer.bias.float() - shift * rq.sum(dim=1)).to(layer.bias.dtype))
@@ -463,7 +475,8 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                 for lo, hi, uns in ((0, hidden, False), (hidden, linear.in_features, True)):
                     sub = _linear_part(linear, lo, hi, with_bias=uns)
                     res, naive = _search(sub, st.absmax[lo:hi], st.rows[:, lo:hi], cfg, uns, generator)
-                    parts.append(build_w4a4(sub, res, uns, _hessian(st, cfg, lo, hi), clip=cfg.method != "naive"))
+                    parts.append(build_w4a4(sub, res, uns, _hessian(st, cfg, lo, hi), clip=cfg.method != "naive",
+                                            pow2=cfg.pow2_scales))
                     naives.append(naive)
                     alphas.append((res.alpha, res.beta))
                 new = SplitInputLinear(parts)
@@ -471,7 +484,8 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                            beta=alphas[1][1], unsigned=True)
             else:
                 res, naive = _search(linear, st.absmax, st.rows, cfg, unsigned, generator)
-                new = build_w4a4(linear, res, unsigned, _hessian(st, cfg), clip=cfg.method != "naive")
+                new = build_w4a4(linear, res, unsigned, _hessian(st, cfg), clip=cfg.method != "naive",
+                                 pow2=cfg.pow2_scales)
                 rec = dict(precision="w4a4", naive_err=math.sqrt(naive), alpha=res.alpha, beta=res.beta,
                            unsigned=unsigned)
         if st is not None and st.rows is not None:
@@ -667,7 +681,7 @@ def _log_block(name, seconds, records, file):
 @torch.no_grad()
 def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 32, *, modulation: str = "w4a16",
              grid: int = 20, refine_iters: int = 4, fc2_unsigned: bool | None = None, gptq: bool = True,
-             max_tokens: int = 1024,
+             max_tokens: int = 1024, pow2_scales: bool = False,
              device=None, progress=True, pipeline=None, steps: int | None = None, samples: int | None = None,
              seed: int = 0, pipeline_kwargs: dict | None = None) -> nn.Module:
     """Quantize a FLUX DiT IN PLACE (its linears are swapped for quantized modules) and return it.
@@ -686,6 +700,9 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
     gptq: round the INT4 weights (W4A4 residuals, W4A16 layers) with GPTQ using the calibration inputs'
         second moments, instead of round-to-nearest (method "naive" always rounds to nearest).
     max_tokens: input tokens sampled per layer for the search and the reported errors.
+    pow2_scales: W4A4 weight group scales that are the row's channel scale times 2^-e (0 <= e <= 9): the
+        same format, a slightly coarser grid (see the README's quality table), and on Hopper the GEMM folds
+        them into its fp8 weight operand (native.w4a4_gemm's folded kernel, one fp32 op per group less).
     device: where each block is quantized (default: CUDA if available, else the model's device).
     progress: True prints one line per block to stderr; a callable receives (block_name, seconds, records).
 
@@ -693,7 +710,8 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
     """
     if fc2_unsigned is None:
         fc2_unsigned = method == "svdquant"
-    cfg = QuantConfig(method, rank, modulation, grid, refine_iters, fc2_unsigned, gptq, max_tokens, seed)
+    cfg = QuantConfig(method, rank, modulation, grid, refine_iters, fc2_unsigned, gptq, max_tokens, seed,
+                      pow2_scales)
     _check_model(dit, cfg)
     inputs = calibration_inputs(calibration, pipeline, steps, samples, seed, pipeline_kwargs)
     home = _device_of(dit)
