@@ -8,7 +8,7 @@ from torch import nn
 from nunchaku_lite.bench import model as bench
 from nunchaku_lite.bench.__main__ import main as bench_main
 from nunchaku_lite.models.dit import Flux as FluxDiT
-from nunchaku_lite.quant.modules import W4A4Linear, W4A16Linear
+from nunchaku_lite.quant.modules import SplitInputLinear, W4A4Linear, W4A16Linear
 from nunchaku_lite.quant.svdquant import is_modulation
 
 
@@ -119,7 +119,11 @@ def test_quick_w4a4_replaces_block_linears_and_stays_close():
     bench.quick_w4a4_(dit, rank=16, mode="svd")
     for name, m in dit.named_modules():
         if name.startswith(("double_blocks.", "single_blocks.")) and name in dense:
-            assert isinstance(m, W4A16Linear if is_modulation(name) else W4A4Linear), name
+            if name.endswith("linear2"):  # [attn | gelu(mlp)]: signed + unsigned parts, as the quantizer builds it
+                assert isinstance(m, SplitInputLinear) and [p.act_unsigned for p in m.parts] == [False, True]
+            else:
+                assert isinstance(m, W4A16Linear if is_modulation(name) else W4A4Linear), name
+                assert m.act_unsigned == name.endswith("mlp.2") if isinstance(m, W4A4Linear) else True
             rel = ((m.dense_weight() - dense[name]).norm() / dense[name].norm()).item()
             assert rel < 0.15, (name, rel)  # INT4 residual of a random matrix: ~10%
         elif name in dense:

@@ -52,8 +52,9 @@ from ..models.dit import Flux as FluxDiT
 from ..models.dit import FluxParams
 from ..models.t5 import T5Config, T5Encoder
 from ..models.vae import AutoEncoder, AutoEncoderParams
-from ..quant.modules import W4A4Linear, W4A16Linear
-from ..quant.svdquant import is_modulation
+from ..quant import ops
+from ..quant.modules import SplitInputLinear, W4A4Linear, W4A16Linear
+from ..quant.svdquant import _linear_part, is_modulation
 
 GiB = 2**30
 DIT_BUDGET_LIMIT_GIB = 7.0      # issue 5: the quantized FLUX.1-dev DiT resident in at most 7 GiB
@@ -156,25 +157,43 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
     iterations), INT4 residual W - L1 L2 (round to nearest). mode "random": random codes, scales and low-rank
     factors of plausible magnitude (no 16-bit weight read; timing only). mode "empty": the modules only (for
     a model on the meta device: sizes without memory; `to_empty` + `random_quantized_fill_` then give a
-    random W4A4 model without ever allocating the 16-bit one). Modulation linears become W4A16. pow2:
+    random W4A4 model without ever allocating the 16-bit one). Modulation linears become W4A16; the single
+    blocks' linear2 becomes a SplitInputLinear (signed attention part, unsigned MLP part) and the MLP output
+    linears take unsigned inputs, as in the quantizer's checkpoints. pow2:
     power-of-two weight group scales (ops.quantize_weight(pow2=True)), which the sm_90 GEMM folds."""
     if mode not in ("svd", "random", "empty"):
         raise ValueError(f"quick quantization mode must be 'svd', 'random' or 'empty', got {mode!r}")
-    blocks = [*dit.double_blocks, *dit.single_blocks]
-    for block in blocks:
-        quantize_w4a16_(block, select=is_modulation)
-        for name, lin in [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]:
-            w = lin.weight
-            if mode == "svd":
-                u, s, v = torch.svd_lowrank(w.float(), q=rank, niter=2)
-                up, down = u * s, v.T  # [N, r], [r, K]
-                q = W4A4Linear.from_linear(lin, w.float() - up @ down, lora_down=down, lora_up=up, pow2=pow2)
-            else:
-                q = W4A4Linear(lin.in_features, lin.out_features, rank, bias=lin.bias is not None, dtype=w.dtype,
-                               device=w.device)
-            block.set_submodule(name, q)
-            del lin, w
-        if mode == "random":
+
+    def one(lin: nn.Linear, unsigned: bool = False) -> W4A4Linear:
+        w = lin.weight
+        shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+        if mode == "svd":
+            u, s, v = torch.svd_lowrank(w.float(), q=rank, niter=2)
+            up, down = u * s, v.T  # [N, r], [r, K]
+            q = W4A4Linear.from_linear(lin, w.float() - up @ down, lora_down=down, lora_up=up, pow2=pow2,
+                                       act_unsigned=unsigned, act_shift=shift)
+            if unsigned and q.bias is not None:  # the shift's constant term, as svdquant.build_w4a4 removes it
+                q.bias.copy_((q.bias.float() - shift * (q.dequantized_weight() / q.smooth).sum(1)).to(q.bias.dtype))
+            return q
+        return W4A4Linear(lin.in_features, lin.out_features, rank, bias=lin.bias is not None, dtype=w.dtype,
+                          device=w.device, act_unsigned=unsigned, act_shift=shift)
+
+    for kind, blocks in (("double", dit.double_blocks), ("single", dit.single_blocks)):
+        for block in blocks:
+            quantize_w4a16_(block, select=is_modulation)
+            for name, lin in [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]:
+                if kind == "single" and name == "linear2":
+                    # [attn | gelu(mlp)] inputs: signed attention part + unsigned MLP part, the layout of the
+                    # quantizer's checkpoints (svdquant.quantize_block), so the fused path needs no concatenation
+                    hid = lin.out_features
+                    q = SplitInputLinear([one(_linear_part(lin, 0, hid, False)),
+                                          one(_linear_part(lin, hid, lin.in_features, True), unsigned=True)])
+                else:
+                    q = one(lin, unsigned=name.endswith("mlp.2"))
+                block.set_submodule(name, q)
+                del lin
+    if mode == "random":
+        for block in [*dit.double_blocks, *dit.single_blocks]:
             random_quantized_fill_(block, seed, pow2)
     dit.quant_config = dict(method=f"quick-{mode}", rank=rank, modulation="w4a16", pow2_scales=pow2)
     return dit
