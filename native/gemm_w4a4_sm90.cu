@@ -40,11 +40,14 @@
 // consumer keeps one wgmma in flight while it promotes, and the two consumers share the tensor core.
 // Variants (environment, see nl_w4a4_gemm_fp8): BT 128/192/256, unpipelined SUB = BT, 16 stages, CTA
 // order, 2-CTA clusters multicasting the activation slab.
-// Status (H100, bench/results/h100-2026-11-25b): correct (rel. err. ~1e-6 vs float64), 0.53-0.68x torch
-// bf16 at M = 4608 (1.2-1.3x the mma.sync s8 path), far from the 2x of the 8-bit tensor cores. ncu: L2 at
-// 18 %, SM at 49 %, 4.1 cycles per issued instruction per warp: latency-bound inside the SM (each 64-wide
-// group gives a warpgroup only 2 k32 wgmma between waits), not bandwidth-bound; tile shape, ring depth and
-// CTA order move it by <= 5 %.
+// Status (H100, bench/results/h100-2026-11-25c, M = 4608): correct (rel. err. ~1e-6 vs float64); 0.54-0.70x
+// torch bf16 with plain scales, 0.59-0.86x with folded weights (1.2-1.3x the mma.sync s8 path); far from the
+// 2x of the 8-bit tensor cores. ncu (folded): 5.1 cycles per issued instruction per warp, 0.6 eligible warps
+// per scheduler, top stalls short scoreboard (the promotion's scale loads, now issued before the wait), fixed
+// latency, instruction fetch; L2 24 %, DRAM 7 %: latency-bound inside the SM, not bandwidth-bound. Per
+// element and group the folded promotion (1 fma) costs half the tensor time in issue slots, the nibble
+// conversion a third: the ceiling of this design is near the tensor peak only with perfect overlap, which two
+// consumer warpgroups capped at 168 registers do not give. Tile shape, ring depth and CTA order move it <= 5 %.
 // Epilogue: low-rank chunks (64 ranks) staged in the freed pipeline memory, bias, GELU, conversion, the
 // transposed tile staged in shared memory and written row by row (16-byte stores, rows >= M never written).
 // Shapes: N % 128 == 0, K % 64 == 0, M >= 1, Mp = M rounded up to 256, rank % 16 == 0 (<= 1024).
