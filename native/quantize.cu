@@ -15,10 +15,12 @@
 //   xs / smooth: RN(1/smooth) once per channel and stage (__frcp_rn), then two Newton corrections with fma
 //     residuals (Markstein's theorem), exact for |inputs| >= 2^-100 and smooth in [2^-20, 2^20]; amax / qmax
 //     likewise with the constant RN(1/qmax);
-//   rint(xs / scale) as rint(xs * rcp.approx(scale)): the product is within 6e-6 of the true quotient
-//     (|xs / scale| <= 15.0001). Where it lies within 1e-5 of a rounding boundary (x.5), or a group is tiny
-//     or huge (amax outside [2^-60, 2^120]), or a smooth value is out of range, the whole warp redoes its
-//     units with IEEE divisions in the reference's order (rare: ~1% of warp passes on random data).
+//   rint(xs / scale) from two brackets: with rc = rcp.approx(scale) (within 2^-22 of 1/scale), xs * rc *
+//     (1 - 2^-20) and xs * rc * (1 + 2^-20) enclose both xs / scale and RN(xs / scale); fma(xs, bracket,
+//     1.5 * 2^23) rounds each product to an integer, and where the two agree every value between them,
+//     RN(xs / scale) included, has that rint. Where they differ (a quotient within ~2^-20 relative of x.5),
+//     or a group is tiny or huge (amax outside [2^-60, 2^120]), or a smooth value is out of range, the whole
+//     warp redoes its units with IEEE divisions in the reference's order (rare on random data).
 //
 // Layouts written (`layout`):
 //   NL_ACT_PACKED     codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] (rows >= M: 0)
@@ -27,22 +29,38 @@
 //                     16-token permutation 8b+2q+e -> 4q+2b+e; rows >= M are 0 (ldm = Mp, multiple of 256)
 //   lora_act float [M, rank] in both.
 //
-// Tiling: a CTA of NWARPS = 8 warps owns BM tokens (16 by default; 32 for rank > 32) and streams K in
-// stages of KC columns (256, or 128 for rank > 32) through a STAGES-deep cp.async ring shared by all warps:
+// Tiling: a token tile is BM tokens (16 by default; 32 for rank > 32); a CTA of NWARPS = 8 warps streams K
+// in stages of KC columns (256, or 128 for rank > 32) through a STAGES = 3 deep cp.async ring shared by all
+// warps (units = (tile, stage) pairs in tile-major order; the ring runs across tile ends):
 // x tile [BM x KC] and lora_down tile [rank x KC], 16-byte chunks XOR-swizzled within each 128-byte run so
 // that ldmatrix and the quantizer's reads are conflict-free. lora_down is read once per CTA (from L2) for
-// BM tokens. Each thread's copy addresses are computed once. Quantization: a unit is 8 tokens x one group,
+// BM tokens. Each thread's copy slots (shared offsets) are fixed. Quantization: a unit is 8 tokens x one group,
 // 4 lanes per token (lane = c*8 + token, 16 elements each: chunks c and c+4), amax by a tree and 2 shuffles;
 // the units of a stage split evenly over the warps (UPW per warp, computed before any store for ILP).
 // Low-rank: warp w owns m-tile w % (BM/16) and every (NWARPS/(BM/16))-th k-step of the stage
 // (mma.m16n8k16, fp32 accumulators); the k-split partial sums are reduced through shared memory in a fixed
-// order at the end (deterministic).
-// LayerNorm: the CTA first computes each row's mean and rstd (row chunks in registers, one load for rows
-// up to 3072) while the first stages are in flight; each landed stage is normalized and modulated in place.
-// Measured (H100, M=4608, K=3072, rank 32): 49 us packed (31% of the copy bandwidth), 74 us LayerNorm-fused;
-// ncu: issue-bound (~37 warp instructions per element, 23% occupancy at 119-128 registers).
+// order at each tile end (deterministic).
+// Work split (BM 16, rank <= 32, the default): a persistent grid of min(tiles, resident CTAs) CTAs, CTA c
+// taking units [c W / n, (c + 1) W / n) of the W = tiles x stages. Each run is at least one tile long, so a
+// tile is shared by at most two CTAs; their low-rank partial sums are atomically added onto a lora_act that
+// the launch zeroed (two addends onto 0: the same float sum in either order, still deterministic). Without
+// it, M = 4608 (288 tiles) on 132 SMs x 2 CTAs left a second wave of 24 CTAs as long as the first.
+// LayerNorm: at each tile start the CTA computes each row's mean and rstd (row chunks in registers, one load
+// for rows up to 3072) while the next stages are in flight; each landed stage is normalized and modulated in
+// place (a tile shared by two CTAs has its statistics computed by both).
+// Measured (H100 SXM, `python -m nunchaku_lite.bench kernels --quantize`, rank 32, copy ~2.4 TB/s):
+//   M=4608 K=3072: 32.3 us packed (47% of copy), 33.6 us fp8_tiles (54%), LayerNorm-fused 66-68 us;
+//   M=4608 K=12288 / 15360: 103 / 128 us packed (58%), 105 / 131 us fp8_tiles (68%); M=1536 (96 tiles, no
+//   split): 20-21 us. The single-wave grid before the split: 49 / 50 / 73 us, 180 / 220 us, 25 us.
+// ncu (M=4608, K=3072, packed): one wave of 264 CTAs at 124 registers (2 per SM), 0.61 warp instructions
+// issued per scheduler and cycle, ~36 warp instructions per 32 elements.
+// Tried and slower: lora_down B fragments read by each warp from L2 (no shared lora tile) with 512-column
+// stages and 2 units per warp (39 us at M=4608, K=3072: fewer instructions, but the exposed L2 latency
+// dropped the issue rate to 0.51; 4 stages instead of 3 did not recover it).
 #include "common.cuh"
 
+#include <climits>
+#include <cstdlib>
 #include <type_traits>
 
 namespace {
@@ -50,7 +68,7 @@ namespace {
 constexpr int NWARPS = 8;
 constexpr int NTHREADS = NWARPS * 32;
 constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23: t + MAGIC rounds t to an integer (ties to even)
-constexpr float BOUNDARY = 0.5f - 1e-5f;
+constexpr float BRACKET_LO = 1.f - 0x1p-20f, BRACKET_HI = 1.f + 0x1p-20f;  // see the fast rounding
 
 template <int BM_, int MAXR_>
 struct Cfg {
@@ -64,8 +82,13 @@ struct Cfg {
   static constexpr int UPW = (BM / 8) * GS / NWARPS;  // quantizer units (8 tokens x 1 group) per warp
   static constexpr int ROW_BYTES = KC * 2;
   static constexpr int X_BYTES = BM * ROW_BYTES;
-  static constexpr int STAGES = (BM == 16 && MAXR <= 32) ? 4 : 3;
+  static constexpr int STAGES = 3;
   static constexpr int MIN_BLOCKS = MAXR > 64 ? 1 : 2;  // 2 x 8 warps per SM without register spills
+  // SPLIT: a persistent grid of CTAs shares the (token tile, stage) units evenly, a tile's low-rank sums
+  // then come from at most two CTAs (atomic adds onto a zeroed lora_act: two addends, still deterministic)
+  // and a CTA reduces its k-split partial sums at every tile end (a dedicated shared buffer).
+  static constexpr bool SPLIT = BM == 16 && MAXR == 32;
+  static constexpr int RED_BYTES = NWARPS * 16 * (MAXR + 4) * 4;
   static_assert(UPW >= 1 && (BM / 8) * GS == UPW * NWARPS, "quantizer units must split evenly over warps");
 };
 
@@ -129,6 +152,7 @@ struct Args {
   float eps;
   void *y_out;
   int exact_div;  // 1: IEEE division for every code (debug / verification of the fast rounding)
+  int nctas;      // CTAs sharing the real tiles (the launch sets it; more CTAs write the padding tiles)
 };
 
 // Zero rows [m0, m0 + BM) of the scales (and fp8 codes) of a tile that lies entirely in the padding.
@@ -154,14 +178,21 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   // smooth and RN(1/smooth) of the stage's channels, double-buffered (NaN reciprocal: use IEEE division)
   __shared__ __align__(16) float s_smooth[2][C::KC], s_rcp[2][C::KC];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
-  const int m0 = blockIdx.x * C::BM;
-  if (m0 >= p.M) {
-    write_padding_tile<C>(p, m0);
+  const int K = p.K, G = K / 64, rank = p.rank;
+  const int nst = (G + C::GS - 1) / C::GS;  // stages per token tile
+  const int ntiles = (p.M + C::BM - 1) / C::BM;
+  if ((int)blockIdx.x >= p.nctas) {
+    write_padding_tile<C>(p, (ntiles + (int)blockIdx.x - p.nctas) * C::BM);
     return;
   }
-  const int K = p.K, G = K / 64, rank = p.rank;
-  const int nstages = (G + C::GS - 1) / C::GS;
+  // this CTA's units [u0, u0 + nu) of the tile-major (tile, stage) sequence; nctas <= ntiles keeps every run
+  // at least one tile long, so a tile is shared by at most two CTAs
+  const int64_t W = (int64_t)ntiles * nst;
+  const int64_t u0 = W * blockIdx.x / p.nctas;
+  const int nu = (int)(W * (blockIdx.x + 1) / p.nctas - u0);
+  const int tile0 = (int)(u0 / nst), st0 = (int)(u0 - (int64_t)tile0 * nst);
   const int STAGE_BYTES = C::X_BYTES + rank * C::ROW_BYTES;
+  float *red = reinterpret_cast<float *>(smem + (C::SPLIT ? C::STAGES * STAGE_BYTES : 0));
   const T *x = static_cast<const T *>(p.x);
   const T *ld = static_cast<const T *>(p.lora_down);
   constexpr int CPR = C::KC / 8;  // 16-byte chunks per tile row
@@ -169,34 +200,41 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   // ---- per-thread copy slots, fixed for the whole K loop (stage s adds s * KC elements)
   constexpr int XSLOTS = C::BM * CPR / NTHREADS, LSLOTS = C::MAXR * CPR / NTHREADS;
   static_assert(XSLOTS >= 1 && LSLOTS >= 1, "tile too small for the copy slots");
-  const T *xsrc[XSLOTS];
-  int xoff[XSLOTS], xbytes[XSLOTS];
+  int xoff[XSLOTS];
   const int slot_c = tid % CPR;  // every slot of a thread has the same chunk column (NTHREADS % CPR == 0)
 #pragma unroll
-  for (int j = 0; j < XSLOTS; ++j) {
-    const int row = (tid + j * NTHREADS) / CPR, m = m0 + row;
-    xsrc[j] = x + (int64_t)(m < p.M ? m : 0) * p.ldx + slot_c * 8;
-    xoff[j] = swz(row, slot_c, C::ROW_BYTES);
-    xbytes[j] = m < p.M ? 16 : 0;
-  }
-  auto load_stage = [&](int s) {
-    uint8_t *xs = smem + (s % C::STAGES) * STAGE_BYTES, *ls = xs + C::X_BYTES;
-    const int k0 = s * C::KC;
-    if (slot_c < min(C::GS, G - s * C::GS) * 8) {  // columns past K in a partial last stage stay unread
+  for (int j = 0; j < XSLOTS; ++j) xoff[j] = swz((tid + j * NTHREADS) / CPR, slot_c, C::ROW_BYTES);
+  const T *lsrc = ld + (int64_t)(tid / CPR) * K + slot_c * 8;  // slot j: + j * (NTHREADS / CPR) rows
+  // loads are issued in unit order: (ltile, lst) is the next unit to load
+  int ltile = tile0, lst = st0;
+  auto load_stage = [&](int i) {
+    uint8_t *xs = smem + (i % C::STAGES) * STAGE_BYTES, *ls = xs + C::X_BYTES;
+    const int k0 = lst * C::KC;
+    if (slot_c < min(C::GS, G - lst * C::GS) * 8) {  // columns past K in a partial last stage stay unread
 #pragma unroll
-      for (int j = 0; j < XSLOTS; ++j) cp_async16(xs + xoff[j], xsrc[j] + k0, xbytes[j]);
+      for (int j = 0; j < XSLOTS; ++j) {
+        const int m = ltile * C::BM + (tid + j * NTHREADS) / CPR;
+        cp_async16(xs + xoff[j], x + (int64_t)(m < p.M ? m : 0) * p.ldx + k0 + slot_c * 8, m < p.M ? 16 : 0);
+      }
 #pragma unroll
       for (int j = 0; j < LSLOTS; ++j) {
         const int row = (tid + j * NTHREADS) / CPR;
-        if (row < rank) cp_async16(ls + swz(row, slot_c, C::ROW_BYTES), ld + (int64_t)row * K + k0 + slot_c * 8);
+        if (row < rank)
+          cp_async16(ls + swz(row, slot_c, C::ROW_BYTES), lsrc + (int64_t)j * (NTHREADS / CPR) * K + k0);
       }
     }
+    if (++lst == nst) {
+      lst = 0;
+      ++ltile;
+    }
   };
-  // smooth of stage s, one channel per thread (KC <= NTHREADS), loaded one iteration ahead of its use so the
-  // global load's latency is not waited for inside the stage loop
-  auto smooth_load = [&](int s) -> float {
-    const int k = s * C::KC + tid;
-    return (p.smooth && tid < C::KC && k < K) ? __ldg(p.smooth + k) : 1.f;
+  // smooth of iteration i's stage, one channel per thread (KC <= NTHREADS), loaded one iteration ahead of
+  // its use so the global load's latency is not waited for inside the stage loop
+  int sst = st0;  // stage (within its tile) of the next smooth_load, which is called in unit order
+  auto smooth_load = [&](int i) -> float {
+    const int k = sst * C::KC + tid;
+    if (++sst == nst) sst = 0;
+    return (p.smooth && tid < C::KC && i < nu && k < K) ? __ldg(p.smooth + k) : 1.f;
   };
   auto smooth_stage = [&](int s, float v) {
     if (p.smooth && tid < C::KC) {
@@ -209,15 +247,16 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
 
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; ++s) {
-    if (s < nstages) load_stage(s);
+    if (s < nu) load_stage(s);
     cp_async_commit();
   }
   smooth_stage(0, smooth_load(0));
   float smooth_next = smooth_load(1);
 
-  if constexpr (LN) {
-    // Row statistics while the first stages land: mean, then the centred sum of squares (from registers
-    // for rows up to 3072), as torch does in fp32; rstd = rsqrt(var + eps), the same approximate rsqrt.
+  // Row statistics of the tile at m0 (at each tile start, while later stages land): mean, then the centred
+  // sum of squares (from registers for rows up to 3072), as torch does in fp32; rstd = rsqrt(var + eps), the
+  // same approximate rsqrt.
+  auto row_stats = [&](int m0) {
     constexpr int RCH = 12;
     for (int row = warp; row < C::BM; row += NWARPS) {
       const int m = m0 + row;
@@ -278,7 +317,7 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         row_batch[row] = m < p.M ? (int)(m / p.tokens_per_batch) : 0;
       }
     }
-  }
+  };
 
   float acc[C::MAXR / 8][4];
 #pragma unroll
@@ -294,19 +333,27 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   const int tok = lane & 7, ch = lane >> 3;  // quantizer: token within the 8-token unit, chunk pair (ch, ch+4)
   const int mt = warp % C::MTILES, ks = warp / C::MTILES;
 
-  for (int it = 0; it < nstages; ++it) {
+  int tile = tile0, st = st0, seg_st0 = st0;  // the current unit; the stage its tile segment began at
+  for (int it = 0; it < nu; ++it) {
     cp_async_wait<C::STAGES - 2>();
     __syncthreads();
-    if (it + C::STAGES - 1 < nstages) load_stage(it + C::STAGES - 1);
+    if (it + C::STAGES - 1 < nu) load_stage(it + C::STAGES - 1);
     cp_async_commit();
-    if (it + 1 < nstages) {  // read at it + 1, after that iteration's barrier
+    if (it + 1 < nu) {  // read at it + 1, after that iteration's barrier
       smooth_stage(it + 1, smooth_next);
       smooth_next = smooth_load(it + 2);
+    }
+    const int m0 = tile * C::BM;
+    if constexpr (LN) {
+      if (it == 0 || st == 0) {  // row_* of the previous tile were last read before this iteration's barrier
+        row_stats(m0);
+        __syncthreads();
+      }
     }
 
     uint8_t *xs = smem + (it % C::STAGES) * STAGE_BYTES;
     const uint8_t *ls = xs + C::X_BYTES;
-    const int g0 = it * C::GS;
+    const int g0 = st * C::GS;
     const int ngs = min(C::GS, G - g0);
 
     if constexpr (LN) {
@@ -395,7 +442,8 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
             }
           }
         }
-        if (tail_tile && m0 + row >= p.M) {
+        // (without a shift, the zero-filled rows give zeros on the fast path already)
+        if ((exact || decltype(general)::value) && tail_tile && m0 + row >= p.M) {
 #pragma unroll
           for (int j = 0; j < 16; ++j) v[j] = 0.f;
         }
@@ -427,14 +475,17 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         ok &= (amax >= 0x1p-60f && amax <= 0x1p120f) || (amax == 0.f && (shift != 0.f || (any & 0x7fff7fffu) == 0u));
         const float sc = div_rn_by(amax, qmax, rqmax);
         scale[uu] = sc;
-        // a normal scale bounds |xs / scale| by qmax (1 + 2^-23): only unsigned codes need a clamp (at 0)
-        // rcp.approx (1 ulp) suffices: |t - xs/scale| <= 15 * 2^-22.4 < 1e-5 minus the quotient's rounding
+        // a normal scale bounds |xs / scale| by qmax (1 + 2^-23): only unsigned codes need a clamp (at 0).
+        // rint(xs / scale) from two brackets: rc = rcp.approx(scale) is within 2^-22 of 1/scale, so
+        // xs * rc (1 -/+ 2^-20) lie on either side of both xs / scale and its rounding RN(xs / scale); where
+        // fma(xs, rc (1 -/+ 2^-20), MAGIC) agree, every value between them has the same rint (monotone).
+        // NaN (bad smooth channel) disagrees too.
         const float rc = sc > 0.f ? __fdividef(1.f, sc) : 0.f;
+        const float rlo = rc * BRACKET_LO, rhi = rc * BRACKET_HI;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
-          const float t = v[j] * rc;
-          const float fj = t + MAGIC;
-          ok &= fabsf(t - (fj - MAGIC)) < BOUNDARY;  // NaN (bad smooth channel) fails too
+          const float fj = fmaf(v[j], rlo, MAGIC);
+          ok &= fj == fmaf(v[j], rhi, MAGIC);
           f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
         }
       }
@@ -505,51 +556,93 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         }
       }
     }
+
+    // ---- tile segment end: reduce the k-split partial sums in a fixed order and write lora_act (the whole
+    // tile: a store; part of a tile shared with another CTA: an atomic add onto the zeroed lora_act)
+    if (rank > 0 && (st == nst - 1 || it == nu - 1)) {
+      if constexpr (!C::SPLIT) {  // red aliases the stage ring: one segment per CTA, this is its last stage
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+      const int RS = rank + 4;  // padded row (floats): spreads the fragment writes over banks
+#pragma unroll
+      for (int nt = 0; nt < C::MAXR / 8; ++nt) {
+        if (nt * 8 < rank)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = (lane >> 2) + (i >= 2 ? 8 : 0), col = nt * 8 + (lane & 3) * 2 + (i & 1);
+            red[(warp * 16 + r) * RS + col] = acc[nt][i];
+          }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+      }
+      __syncthreads();
+      const bool whole = seg_st0 == 0 && st == nst - 1;
+      for (int idx = tid; idx < C::BM * rank; idx += NTHREADS) {
+        const int row = idx / rank, col = idx % rank, m = m0 + row;
+        const int t = row / 16, r = row % 16;
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < C::KSPLIT; ++k) sum += red[((k * C::MTILES + t) * 16 + r) * RS + col];
+        if (m < p.M) {
+          if (whole)
+            p.lora_act[(int64_t)m * rank + col] = sum;
+          else
+            atomicAdd(p.lora_act + (int64_t)m * rank + col, sum);
+        }
+      }
+    }
+    if (++st == nst) {
+      st = 0;
+      seg_st0 = 0;
+      ++tile;
+    }
   }
   cp_async_wait<0>();
-  if (rank == 0) return;
+}
 
-  // ---- reduce the k-split partial sums in a fixed order and write lora_act
-  __syncthreads();
-  const int RS = rank + 4;  // padded row (floats): spreads the fragment writes over banks
-  float *red = reinterpret_cast<float *>(smem);
-#pragma unroll
-  for (int nt = 0; nt < C::MAXR / 8; ++nt)
-    if (nt * 8 < rank)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = (lane >> 2) + (i >= 2 ? 8 : 0), col = nt * 8 + (lane & 3) * 2 + (i & 1);
-        red[(warp * 16 + r) * RS + col] = acc[nt][i];
-      }
-  __syncthreads();
-  for (int idx = tid; idx < C::BM * rank; idx += NTHREADS) {
-    const int row = idx / rank, col = idx % rank, m = m0 + row;
-    const int t = row / 16, r = row % 16;
-    float s = 0.f;
-#pragma unroll
-    for (int k = 0; k < C::KSPLIT; ++k) s += red[((k * C::MTILES + t) * 16 + r) * RS + col];
-    if (m < p.M) p.lora_act[(int64_t)m * rank + col] = s;
-  }
+// CTAs of the persistent split: NUNCHAKU_LITE_QUANT_SPLIT=0 gives one CTA per token tile (benchmarks), =N caps
+// the CTAs at N (tests: shared tiles at small M); otherwise as many as are resident at once.
+int split_ctas(int resident) {
+  const char *env = getenv("NUNCHAKU_LITE_QUANT_SPLIT");
+  if (!env || !env[0]) return resident;
+  const int n = atoi(env);
+  return n <= 0 ? INT_MAX : min(n, resident);
 }
 
 template <typename T, int BM, int MAXR, bool LN>
-int launch(const Args &p, cudaStream_t stream, const char *kname) {
+int launch(const Args &p0, cudaStream_t stream, const char *kname) {
   using C = Cfg<BM, MAXR>;
   auto kern = quantize_kernel<T, C, LN>;
-  const int stage = C::X_BYTES + p.rank * C::ROW_BYTES;
-  const int red = NWARPS * 16 * (p.rank + 4) * 4;
-  const int smem = max(C::STAGES * stage, red);
+  const int stage = C::X_BYTES + p0.rank * C::ROW_BYTES;
+  const int red = NWARPS * 16 * (p0.rank + 4) * 4;
+  const int smem = C::SPLIT ? C::STAGES * stage + red : max(C::STAGES * stage, red);
   // The attribute is set once per (kernel, device) for the largest size: keeps launches legal inside
-  // CUDA-graph capture.
+  // CUDA-graph capture. The resident CTAs per device (for the persistent split) are counted at that size.
   static bool attr_set[64] = {};
+  static int slots[64] = {};
   int dev = 0;
   NL_CHECK_CUDA(cudaGetDevice(&dev), kname);
   if (dev >= 64 || !attr_set[dev]) {
-    const int most = max(C::STAGES * (C::X_BYTES + C::MAXR * C::ROW_BYTES), NWARPS * 16 * (C::MAXR + 4) * 4);
+    const int stage_most = C::X_BYTES + C::MAXR * C::ROW_BYTES;
+    const int most = C::SPLIT ? C::STAGES * stage_most + C::RED_BYTES : max(C::STAGES * stage_most, C::RED_BYTES);
     NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, most), kname);
-    if (dev < 64) attr_set[dev] = true;
+    int sms = 0, per_sm = 0;
+    NL_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), kname);
+    NL_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, NTHREADS, most), kname);
+    if (dev < 64) {
+      slots[dev] = max(1, sms * per_sm);
+      attr_set[dev] = true;
+    }
   }
-  const int blocks = (int)((p.ldm + BM - 1) / BM);
+  Args p = p0;
+  const int ntiles = (p.M + BM - 1) / BM;
+  // Persistent split: as many CTAs as fit at once (never more than tiles), each a contiguous equal share of
+  // the (tile, stage) units, so the last wave does not idle most SMs.
+  p.nctas = (C::SPLIT && dev < 64) ? min(ntiles, split_ctas(slots[dev])) : ntiles;
+  if (p.nctas < ntiles && p.rank > 0)  // shared tiles add two partial sums onto zeros
+    NL_CHECK_CUDA(cudaMemsetAsync(p.lora_act, 0, (size_t)p.M * p.rank * sizeof(float), stream), kname);
+  const int blocks = p.nctas + (int)((p.ldm + BM - 1) / BM) - ntiles;  // + the padding tiles
   kern<<<blocks, NTHREADS, smem, stream>>>(p);
   NL_CHECK_LAUNCH(kname);
   return NL_OK;

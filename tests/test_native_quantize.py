@@ -3,8 +3,8 @@
 CPU: ops.layernorm_modulate is the DiT's unfused LayerNorm + modulation bit for bit; the binding's CPU
 fallback and argument errors. GPU (@gpu): codes and scales bit-identical to ops.quantize_act in both layouts
 (packed; fp8_tiles = ops.pack_act_fp8_tiles byte for byte), signed/unsigned+shift, smooth on/off, ranks
-0..128, M in {1, 7, 255, 4608}, bf16/fp16, every CTA tiling; the fused LayerNorm kernel against
-quantize_act(ops.layernorm_modulate(...)).
+0..128, M in {1, 7, 255, 4608}, bf16/fp16, every CTA tiling, token tiles shared by two CTAs (the persistent
+split); the fused LayerNorm kernel against quantize_act(ops.layernorm_modulate(...)).
 """
 import pytest
 import torch
@@ -171,6 +171,32 @@ def test_every_tiling_and_the_exact_division_path(gpu_native, monkeypatch, tilin
             _assert_same(act, _reference(x, smooth, down, False, 0.0, layout), m)
             lnact = native.layernorm_quantize_act(x, x[:1], x[1:2], smooth=smooth, lora_down=down, layout=layout)
             assert lnact.codes.shape == act.codes.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ctas", ["7", "2", "0"])
+def test_token_tiles_shared_by_two_ctas(gpu_native, monkeypatch, ctas):
+    """The persistent split (rank <= 32, 16-token tiles): NUNCHAKU_LITE_QUANT_SPLIT=N runs N CTAs over the
+    (tile, stage) units, so most tiles are shared by two CTAs whose low-rank partial sums meet in lora_act;
+    0 = one CTA per tile. Partial last stages (K = 1088), a partial last tile (M = 300), LayerNorm-fused too."""
+    monkeypatch.setenv("NUNCHAKU_LITE_QUANT_SPLIT", ctas)
+    gen = torch.Generator().manual_seed(5)
+    m, k = 300, 1088
+    x = _act(m, k, torch.bfloat16, gen).to(DEV)
+    smooth = (torch.rand(k, generator=gen) + 0.5).to(DEV)
+    shift, scale = [(torch.randn(2, k, generator=gen) * 0.5).to(torch.bfloat16).to(DEV) for _ in range(2)]
+    for rank in (0, 32):
+        down = (torch.randn(rank, k, generator=gen) / 30).to(torch.bfloat16).to(DEV) if rank else None
+        for layout in ("packed", "fp8_tiles"):
+            for unsigned, cshift in ((False, 0.0), (True, ops.UNSIGNED_SHIFT)):
+                act = native.quantize_act(x, smooth, down, unsigned, cshift, layout=layout)
+                _assert_same(act, _reference(x, smooth, down, unsigned, cshift, layout), m)
+                again = native.quantize_act(x, smooth, down, unsigned, cshift, layout=layout)
+                if rank:  # two addends per shared entry: the same sum in either order
+                    assert torch.equal(again.lora_act, act.lora_act)
+                lnact, y = native.layernorm_quantize_act(x, shift, scale, 150, smooth, down, unsigned, cshift,
+                                                         layout, return_y=True)
+                _assert_same(lnact, _reference(y, smooth, down, unsigned, cshift, layout), m)
 
 
 @pytest.mark.gpu
