@@ -100,6 +100,10 @@ struct Params {
   int raster;         // CTA order, see the kernel
   const float *wch;   // folded weights (FOLD): per-channel scale [N] and group exponents uint8 [K/64, N]
   const uint8_t *wexp;
+  // GELU -> quantize epilogue (QUANT): the next layer's activation operand instead of `out`
+  uint8_t *q_codes; float *q_scales; int64_t q_mp;   // NL_ACT_FP8_TILES of the GELU output (K' = N)
+  const float *q_smooth; float q_shift; int q_unsigned;
+  const void *q_down; int q_rank; float *q_part;     // low-rank down partial sums [N/128, M, q_rank]
 };
 
 #ifdef NL_SM90A
@@ -263,9 +267,126 @@ __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&
 #pragma unroll
   for (int i = 0; i < BT / 2; ++i) acc[i] += lr[i];
 }
+
+// GELU -> quantize epilogue: v = the GELU output rounded to the 16-bit out dtype (exactly what the plain GELU
+// epilogue stores), then the next layer's activation quantization of v (quant/ops.py quantize_act: xs =
+// (v + shift) / smooth, group amax over the 64 outputs of this consumer warpgroup, scale = amax / qmax, codes =
+// clamp(rint(xs / scale)), IEEE divisions, so bit-identical to the quantize kernel on the stored v) written in
+// the NL_ACT_FP8_TILES layout (group g' = n0/64 + c is one 8 KB slab of the CTA's 128 tokens), and the partial
+// low-rank down v @ q_down[:, n0:n0+128]^T of these 128 outputs into q_part[nb] (summed over nb by the caller,
+// in a fixed order). Shared memory (the pipeline's): the v tile for the low-rank wgmma (bf16/fp16, K-major core
+// matrices, 32 KB), two code slabs (16 KB), the cross-warp amax (4 KB) and the scales (1 KB).
+template <int BT, typename T>
+__device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, float (&acc)[BT / 2], int m0, int n0,
+                                              int nb, int c, int ctid) {
+  static_assert(BT == 128, "the GELU -> quantize epilogue is written for 128-token tiles");
+  constexpr int ND = BT / 2;
+  const int w = ctid >> 5, l = ctid & 31, q = l & 3;
+  const int kl = 16 * w + (l >> 2);  // this thread's rows within the warpgroup's 64 (and kl + 8)
+  const int rloc = c * 64 + kl;
+  uint8_t *vt = smem;                                   // [BT tokens x 128] 16-bit, core matrices
+  uint8_t *slab = smem + 32768 + c * 8192;              // [BT tokens x 64] e4m3 codes of group g'
+  float *red = reinterpret_cast<float *>(smem + 49152); // [2 warpgroups][4 warps][BT]
+  float *ssc = reinterpret_cast<float *>(smem + 53248); // [2 warpgroups][BT] scales
+  const uint32_t bar = 2 + c;                           // named barrier of this warpgroup
+  auto wg_sync = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory"); };
+  const float b0 = p.bias ? p.bias[n0 + rloc] : 0.f, b1 = p.bias ? p.bias[n0 + rloc + 8] : 0.f;
+  const float sm0 = p.q_smooth ? p.q_smooth[n0 + rloc] : 1.f, sm1 = p.q_smooth ? p.q_smooth[n0 + rloc + 8] : 1.f;
+  const bool uns = p.q_unsigned;
+  const float qmax = uns ? 15.f : 7.f, lo = uns ? 0.f : -8.f, hi = uns ? 15.f : 7.f;
+  // v in place of acc; tokens >= M give v = 0 (their codes, scales and low-rank rows are 0)
+#pragma unroll
+  for (int i = 0; i < ND; ++i) {
+    const int t = 8 * (i >> 2) + 2 * q + (i & 1);
+    const float v = round_as(gelu_epilogue(acc[i] + ((i >> 1) & 1 ? b1 : b0), p.out_dtype), p.out_dtype);
+    acc[i] = m0 + t < p.M ? v : 0.f;
+  }
+  auto xs_of = [&](int i) {  // 0 for tokens >= M, whose shifted value would not be 0
+    if (m0 + 8 * (i >> 2) + 2 * q + (i & 1) >= p.M) return 0.f;
+    const float a = p.q_shift != 0.f ? acc[i] + p.q_shift : acc[i];
+    return p.q_smooth ? __fdiv_rn(a, (i >> 1) & 1 ? sm1 : sm0) : a;
+  };
+  // group amax per token: the thread's two rows, the 8 lanes of its column set, then the 4 warps
+  float am[ND / 2];
+#pragma unroll
+  for (int j = 0; j < ND / 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) am[2 * j + e] = fmaxf(fabsf(xs_of(4 * j + e)), fabsf(xs_of(4 * j + 2 + e)));
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1)
+#pragma unroll
+    for (int i = 0; i < ND / 2; ++i) am[i] = fmaxf(am[i], __shfl_xor_sync(0xffffffffu, am[i], o));
+  if (l < 4) {
+#pragma unroll
+    for (int j = 0; j < ND / 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) red[(c * 4 + w) * BT + 8 * j + 2 * q + e] = am[2 * j + e];
+  }
+  wg_sync();
+  {  // token ctid: scale, into shared memory and the 16-token-permuted global scales
+    const float *r = red + c * 4 * BT + ctid;
+    const float amax = fmaxf(fmaxf(r[0], r[BT]), fmaxf(r[2 * BT], r[3 * BT]));
+    const float scale = __fdiv_rn(amax, qmax);
+    ssc[c * BT + ctid] = scale;
+    const int tt = ctid & 15, pos = (ctid & ~15) + 4 * ((tt & 7) >> 1) + 2 * (tt >> 3) + (tt & 1);
+    p.q_scales[(int64_t)(n0 / 64 + c) * p.q_mp + m0 + pos] = scale;  // 0 for tokens >= M (v = 0)
+  }
+  wg_sync();
+  // codes -> e4m3 bytes into the slab (byte (t, k) at ((t/8)*4 + k/16)*128 + (t%8)*16 + k%16)
+#pragma unroll
+  for (int i = 0; i < ND; ++i) {
+    const int t = 8 * (i >> 2) + 2 * q + (i & 1), k = kl + ((i >> 1) & 1) * 8;
+    const float scale = ssc[c * BT + t];
+    // + 0: -0 -> +0 (the e4m3 byte of code 0 is 0x00, as in the reference layout)
+    const float code = scale > 0.f ? fminf(fmaxf(rintf(__fdiv_rn(xs_of(i), scale)), lo), hi) + 0.f : 0.f;
+    slab[((t >> 3) * 4 + (k >> 4)) * 128 + (t & 7) * 16 + (k & 15)] = (uint8_t)e4m3_byte(code);
+  }
+  wg_sync();
+  uint4 *dst = reinterpret_cast<uint4 *>(p.q_codes + ((int64_t)(n0 / 64 + c) * p.q_mp + m0) * 64);
+  for (int i = ctid; i < BT * 64 / 16; i += 128) dst[i] = reinterpret_cast<const uint4 *>(slab)[i];
+  if (p.q_rank == 0) return;
+  // low-rank down partial: v tile [BT x 128] (16-bit, exact: v is a 16-bit value) through wgmma against
+  // q_down rows (ranks, padded to 64 with zeros), by the first consumer warpgroup
+#pragma unroll
+  for (int i = 0; i < ND; ++i) {
+    const int t = 8 * (i >> 2) + 2 * q + (i & 1), k = c * 64 + kl + ((i >> 1) & 1) * 8;
+    const uint32_t h = pack2<T>(acc[i], 0.f);
+    *reinterpret_cast<uint16_t *>(vt + ((t >> 3) * 16 + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2) =
+        (uint16_t)(h & 0xFFFFu);
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
+  consumers_sync();
+  if (c != 0) return;
+  const T *down = static_cast<const T *>(p.q_down);
+  const int64_t ldd = (int64_t)p.N;  // q_down [q_rank, N]
+  const int r0 = kl, r1 = kl + 8;    // rank rows of this thread's A fragments
+  float lr[ND];
+#pragma unroll
+  for (int i = 0; i < ND; ++i) lr[i] = 0.f;
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const int k = n0 + kk * 16 + 2 * q;
+    uint32_t a[4];
+    a[0] = r0 < p.q_rank ? *reinterpret_cast<const uint32_t *>(down + r0 * ldd + k) : 0u;
+    a[1] = r1 < p.q_rank ? *reinterpret_cast<const uint32_t *>(down + r1 * ldd + k) : 0u;
+    a[2] = r0 < p.q_rank ? *reinterpret_cast<const uint32_t *>(down + r0 * ldd + k + 8) : 0u;
+    a[3] = r1 < p.q_rank ? *reinterpret_cast<const uint32_t *>(down + r1 * ldd + k + 8) : 0u;
+    LrOp<T>::template mma<BT>(lr, a, make_desc(smem_u32(vt) + kk * 256, 128, 128 * 16));
+  }
+  wg_commit();
+  wg_wait<0>();
+  reg_fence(lr);
+  float *part = p.q_part + (int64_t)nb * p.M * p.q_rank;
+#pragma unroll
+  for (int i = 0; i < ND; ++i) {
+    const int t = 8 * (i >> 2) + 2 * q + (i & 1), r = (i >> 1) & 1 ? r1 : r0;
+    if (r < p.q_rank && m0 + t < p.M) part[(int64_t)(m0 + t) * p.q_rank + r] = lr[i];
+  }
+}
 #endif  // NL_SM90A
 
-template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIPE>
+template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIPE, bool QUANT>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
 #ifdef NL_SM90A
   using C = Cfg<BT, NSTAGES>;
@@ -503,6 +624,11 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   }
   if (p.rank > 0) lowrank<BT, LT>(p, smem, acc, m0, n0, c, ctid);
 
+  if constexpr (QUANT) {
+    consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
+    gelu_quantize<BT, LT>(p, smem, acc, m0, n0, nb, c, ctid);
+    return;
+  }
   // ---------------- epilogue: bias, GELU, convert, stage transposed, write rows < M ----------------
   consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
   const int esz = p.out_dtype == NL_F32 ? 4 : 2;
@@ -533,9 +659,9 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
 #endif
 }
 
-template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIPE>
+template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIPE, bool QUANT = false>
 int launch(const Params &p, cudaStream_t stream) {
-  auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES, CL, FOLD, PIPE>;
+  auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES, CL, FOLD, PIPE, QUANT>;
   constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
   static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
   int dev = 0;
@@ -567,10 +693,10 @@ int launch(const Params &p, cudaStream_t stream) {
   return NL_OK;
 }
 
-template <int BT, int SUB, int NSTAGES, int CL = 1, bool FOLD = false, bool PIPE = false>
+template <int BT, int SUB, int NSTAGES, int CL = 1, bool FOLD = false, bool PIPE = false, bool QUANT = false>
 int dispatch_lora(const Params &p, int lora_dtype, cudaStream_t s) {
-  return lora_dtype == NL_F16 ? launch<BT, __half, SUB, NSTAGES, CL, FOLD, PIPE>(p, s)
-                              : launch<BT, __nv_bfloat16, SUB, NSTAGES, CL, FOLD, PIPE>(p, s);
+  return lora_dtype == NL_F16 ? launch<BT, __half, SUB, NSTAGES, CL, FOLD, PIPE, QUANT>(p, s)
+                              : launch<BT, __nv_bfloat16, SUB, NSTAGES, CL, FOLD, PIPE, QUANT>(p, s);
 }
 
 // ---- weight repacking into the wgmma A-fragment order ----------------------------------------------------
@@ -627,12 +753,20 @@ extern "C" int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t 
   return NL_OK;
 }
 
-// Argument checks and variant dispatch shared by both entry points (wexp != NULL: folded weights).
+// The next layer's operand written by the GELU -> quantize epilogue (see gelu_quantize).
+struct QuantOut {
+  uint8_t *codes8; float *scales8; int64_t mp;
+  const float *smooth; float shift; int act_unsigned;
+  const void *lora_down; int rank; float *lora_part;
+};
+
+// Argument checks and variant dispatch shared by the entry points (wexp != NULL: folded weights; qo != NULL:
+// the GELU -> quantize epilogue instead of `out`).
 static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
                     const uint8_t *w_packed, const float *w_scales, const float *w_chscale, const uint8_t *w_exp,
                     const float *lora_act, const void *lora_up, int lora_dtype, int rank, const float *bias,
                     void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int epilogue,
-                    void *stream) {
+                    void *stream, const QuantOut *qo = nullptr) {
   NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
   NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
                (long long)N);
@@ -643,8 +777,20 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
   NL_CHECK_ARG(out_dtype == NL_BF16 || out_dtype == NL_F16 || out_dtype == NL_F32, "%s: out dtype code %d", k,
                out_dtype);
   const int esz = out_dtype == NL_F32 ? 4 : 2;
-  NL_CHECK_ARG(ldo >= N && (ldo * esz) % 16 == 0,
-               "%s: out row stride %lld must be >= N and a multiple of 16 bytes", k, (long long)ldo);
+  if (qo) {
+    NL_CHECK_ARG(out_dtype != NL_F32, "%s: the GELU output is rounded to bf16 or fp16, not float32", k);
+    NL_CHECK_ARG(qo->codes8 && nl_aligned(qo->codes8, 16) && qo->scales8 && nl_aligned(qo->scales8, 4),
+                 "%s: next_codes8 (16-byte aligned) and next_scales8 must be non-null", k);
+    NL_CHECK_ARG(qo->mp >= M && qo->mp % 256 == 0, "%s: next operand rows mp=%lld must be M rounded up to 256", k,
+                 (long long)qo->mp);
+    NL_CHECK_ARG(qo->rank >= 0 && qo->rank % 16 == 0 && qo->rank <= 64, "%s: next_rank=%d must be a multiple of "
+                 "16 up to 64", k, qo->rank);
+    NL_CHECK_ARG(qo->rank == 0 || (qo->lora_down && nl_aligned(qo->lora_down, 4) && qo->lora_part),
+                 "%s: next_lora_down and next_lora_part must be non-null for next_rank > 0", k);
+  } else {
+    NL_CHECK_ARG(ldo >= N && (ldo * esz) % 16 == 0,
+                 "%s: out row stride %lld must be >= N and a multiple of 16 bytes", k, (long long)ldo);
+  }
   NL_CHECK_ARG(epilogue == NL_EPI_NONE || epilogue == NL_EPI_GELU_TANH, "%s: epilogue code %d", k, epilogue);
   NL_CHECK_ARG(rank >= 0 && rank % 16 == 0 && rank <= 1024, "%s: rank=%d must be a multiple of 16", k, rank);
   NL_CHECK_ARG(act_codes8 && nl_aligned(act_codes8, 16), "%s: act_codes8 must be non-null and 16-byte aligned", k);
@@ -657,7 +803,7 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
   } else {
     NL_CHECK_ARG(w_scales && nl_aligned(w_scales, 16), "%s: w_scales must be non-null and 16-byte aligned", k);
   }
-  NL_CHECK_ARG(out && nl_aligned(out, 16), "%s: out must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(qo || (out && nl_aligned(out, 16)), "%s: out must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(!bias || nl_aligned(bias, 4), "%s: bias must be 4-byte aligned", k);
   if (rank > 0) {
     NL_CHECK_ARG(lora_act && nl_aligned(lora_act, 16), "%s: lora_act must be non-null, 16-byte aligned", k);
@@ -670,6 +816,13 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
   Params p{act_codes8, act_scales8, mp, w_packed, w_scales, lora_act, lora_up, rank, bias, out, out_dtype, ldo,
            epilogue, (int)M, (int)N, (int)K, 0, w_chscale, w_exp};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (qo) {  // the default tile only (the epilogue is written for 128 tokens x 128 rows)
+    p.q_codes = qo->codes8; p.q_scales = qo->scales8; p.q_mp = qo->mp; p.q_smooth = qo->smooth;
+    p.q_shift = qo->shift; p.q_unsigned = qo->act_unsigned; p.q_down = qo->lora_down; p.q_rank = qo->rank;
+    p.q_part = qo->lora_part; p.epilogue = NL_EPI_GELU_TANH; p.raster = DEFAULT_RASTER;
+    return w_exp ? dispatch_lora<128, 64, 10, 1, true, false, true>(p, lora_dtype, s)
+                 : dispatch_lora<128, 64, 10, 1, false, false, true>(p, lora_dtype, s);
+  }
   // Variants (read at every call, for tests and benchmarks): NUNCHAKU_LITE_WGMMA_BT = tokens per CTA (128,
   // 192, 256), NUNCHAKU_LITE_WGMMA_SUB = tokens per wgmma (64: pipelined sub-tiles; = BT: one wgmma pair per
   // group, unpipelined unless NUNCHAKU_LITE_WGMMA_PIPE=1), NUNCHAKU_LITE_WGMMA_STAGES = 16 (deeper ring,
@@ -717,4 +870,21 @@ extern "C" int nl_w4a4_gemm_fp8_pow2(const uint8_t *act_codes8, const float *act
   NL_CHECK_ARG(w_exp, "%s: w_exp must be non-null", k);
   return gemm_fp8(k, act_codes8, act_scales8, mp, w_packed, nullptr, w_chscale, w_exp, lora_act, lora_up,
                   lora_dtype, rank, bias, out, out_dtype, ldo, M, N, K, epilogue, stream);
+}
+
+extern "C" int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                                              const uint8_t *w_packed, const float *w_scales, const float *w_chscale,
+                                              const uint8_t *w_exp, const float *lora_act, const void *lora_up,
+                                              int rank, const float *bias, int dtype, int64_t M, int64_t N,
+                                              int64_t K, const float *next_smooth, float next_shift,
+                                              int next_unsigned, const void *next_lora_down, int next_rank,
+                                              uint8_t *next_codes8, float *next_scales8, int64_t next_mp,
+                                              float *next_lora_part, void *stream) {
+  const char *k = "nl_w4a4_gemm_fp8_gelu_quantize";
+  NL_CHECK_ARG(dtype == NL_BF16 || dtype == NL_F16, "%s: dtype code %d is not bf16/fp16", k, dtype);
+  NL_CHECK_ARG(!next_smooth || nl_aligned(next_smooth, 4), "%s: next_smooth must be 4-byte aligned", k);
+  const QuantOut qo{next_codes8, next_scales8, next_mp, next_smooth, next_shift, next_unsigned, next_lora_down,
+                    next_rank, next_lora_part};
+  return gemm_fp8(k, act_codes8, act_scales8, mp, w_packed, w_exp ? nullptr : w_scales, w_chscale, w_exp,
+                  lora_act, lora_up, dtype, rank, bias, nullptr, dtype, N, M, N, K, NL_EPI_GELU_TANH, stream, &qo);
 }

@@ -102,6 +102,22 @@ int nl_w4a4_gemm_fp8_pow2(const uint8_t *act_codes8, const float *act_scales8, i
                           const float *bias, void *out, int out_dtype, int64_t ldo,
                           int64_t M, int64_t N, int64_t K, int epilogue, void *stream);
 
+/* The sm_90 GEMM (plain scales, or folded when w_exp != NULL) with the GELU -> quantize epilogue: instead of
+ * writing GELU(x W^T + low-rank + bias) (rounded to dtype, bf16/fp16), it quantizes that output for the next
+ * layer (next_smooth float [N] or NULL, next_shift, next_unsigned: quant/ops.py quantize_act, codes and scales
+ * bit-identical) into the NL_ACT_FP8_TILES operand next_codes8 uint8 [N/64, next_mp, 64] / next_scales8 float
+ * [N/64, next_mp] (rows M .. 128*ceil(M/128) written as 0; the caller zeroes rows beyond), and writes the
+ * next layer's low-rank down partial sums over each 128-column block, next_lora_part float [N/128, M, next_rank]
+ * (next_lora_down [next_rank, N] of dtype; next_rank a multiple of 16 up to 64; the caller sums over the first
+ * axis). lora_up is of dtype too. Default tile only. */
+int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_scales8, int64_t mp,
+                                   const uint8_t *w_packed, const float *w_scales, const float *w_chscale,
+                                   const uint8_t *w_exp, const float *lora_act, const void *lora_up, int rank,
+                                   const float *bias, int dtype, int64_t M, int64_t N, int64_t K,
+                                   const float *next_smooth, float next_shift, int next_unsigned,
+                                   const void *next_lora_down, int next_rank, uint8_t *next_codes8,
+                                   float *next_scales8, int64_t next_mp, float *next_lora_part, void *stream);
+
 /* Canonical packed weight [N, K/2] -> the sm_90 GEMM's order [N/128, K/64, 2, 128, 16] (each thread's A
  * fragments of one group as 16 bytes; quant/ops.py pack_weight_wgmma). Runs on any device. */
 int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *packed, void *stream);

@@ -30,7 +30,9 @@ cuBLASLt's epilogue (fp32, one rounding).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -235,10 +237,37 @@ def _w4a4_fast(lin: nn.Module, x: Tensor) -> bool:
 # the two tanh implementations. True: the epilogue (one pass less over the MLP activations); False: GELU as
 # its own pass (torch's GELU, for comparisons).
 W4A4_GELU_EPILOGUE = True
+# On the sm_90 path the MLP's first GEMM can also quantize its GELU output for the second W4A4 linear
+# (native.w4a4_gemm_gelu_quantize: the same codes, no 16-bit intermediate): an MLP is then two kernels. Off by
+# default: its exact divisions lengthen the (latency-bound) GEMM by more than the quantize pass it saves at
+# 1024x1024 (H100: 223 vs 184 ms per FLUX.1-dev step, bench/results/h100-2026-11-25c/gelu_quantize_*).
+# NUNCHAKU_LITE_GELU_QUANTIZE=1 turns it on.
+W4A4_GELU_QUANTIZE = os.environ.get("NUNCHAKU_LITE_GELU_QUANTIZE", "0") == "1"
 
 
-def _gemm(act, prep, dtype: torch.dtype, gelu_act: bool = False) -> Tensor:
+class Prequantized(NamedTuple):
+    """A linear's input already quantized for it (native.QuantizedActivation) and its 16-bit dtype."""
+    act: object
+    dtype: torch.dtype
+
+
+def _gelu_quantize_target(prep, nxt: nn.Module | None, x: Tensor):
+    """The next layer's PreparedW4A4 when fc1 -> GELU -> nxt can run as one GEMM with the quantizing epilogue."""
+    if not (W4A4_GELU_QUANTIZE and W4A4_GELU_EPILOGUE and nxt is not None and _w4a4_fast(nxt, x)
+            and act_layout(x.device) == "fp8_tiles"):
+        return None
+    nprep = _fused_lib().prepared_for(nxt, x.dtype)
+    ok = (prep.n % 128 == 0 and nprep.k == prep.n and nprep.rank <= 64
+          and all(t is None or t.dtype == x.dtype for t in (prep.lora_up, nprep.lora_down)))
+    return nprep if ok else None
+
+
+def _gemm(act, prep, dtype: torch.dtype, gelu_act: bool = False, nxt=None):
+    """The W4A4 GEMM of a quantized activation; with GELU and `nxt` (the next layer's PreparedW4A4, see
+    _gelu_quantize_target) it returns nxt's QuantizedActivation instead of the GELU output."""
     native = _fused_lib()
+    if gelu_act and nxt is not None:
+        return Prequantized(native.w4a4_gemm_gelu_quantize(act, prep, nxt, dtype), dtype)
     y = native.w4a4_gemm(act, prep, dtype, "gelu_tanh" if gelu_act and W4A4_GELU_EPILOGUE else "none")
     y = y if y.shape[1] == prep.n else y[:, : prep.n]
     return gelu(y) if gelu_act and not W4A4_GELU_EPILOGUE else y
@@ -251,6 +280,8 @@ def linear(lin: nn.Module, x: Tensor, act: str | None = None) -> Tensor:
         if act == "gelu" and x.is_cuda and lin.bias is not None and _lt_gelu_is_tanh(x.device):
             return torch._addmm_activation(lin.bias, x, lin.weight.t(), use_gelu=True)
         y = F.linear(x, lin.weight, lin.bias)
+    elif isinstance(x, Prequantized):  # already quantized for lin (the GELU -> quantize epilogue)
+        return _gemm(x.act, _fused_lib().prepared_for(lin, x.dtype), x.dtype)
     elif _w4a4_fast(lin, x):
         native = _fused_lib()
         prep = native.prepared_for(lin, x.dtype)
@@ -265,18 +296,21 @@ def linear(lin: nn.Module, x: Tensor, act: str | None = None) -> Tensor:
 
 
 def ln_linear(lin: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, tokens_per_batch: int, eps: float,
-              act: str | None = None, parts: list | None = None):
+              act: str | None = None, parts: list | None = None, nxt: nn.Module | None = None):
     """lin((1 + scale) * LN(x) + shift) [+ GELU]. W4A4: LayerNorm + modulation feed the quantize step directly;
     `parts` = row ranges [(lo, hi, act), ...] returns one output per range (one quantized input, one GEMM per
-    range: used for the single block's [qkv | mlp] with GELU on the mlp rows only)."""
+    range: used for the single block's [qkv | mlp] with GELU on the mlp rows only). `nxt`: the layer that reads
+    the GELU output (of the last range); where the GEMM can quantize for it, that output is a Prequantized."""
     if _w4a4_fast(lin, x) and eps == 1e-6:
         native = _fused_lib()
         prep = native.prepared_for(lin, x.dtype)
         qa = native.layernorm_quantize_act(x, shift, scale, tokens_per_batch, prep.smooth, prep.lora_down,
                                            prep.act_unsigned, prep.act_shift, act_layout(x.device), eps)
         if parts is None:
-            return _gemm(qa, prep, x.dtype, act == "gelu")
-        return [_gemm(qa, p, x.dtype, a == "gelu") for p, (_, _, a) in zip(_row_split(lin, prep, parts), parts)]
+            return _gemm(qa, prep, x.dtype, act == "gelu", _gelu_quantize_target(prep, nxt, x) if act else None)
+        preps = _row_split(lin, prep, parts)
+        return [_gemm(qa, p, x.dtype, a == "gelu", _gelu_quantize_target(p, nxt, x) if a and i == len(parts) - 1
+                      else None) for i, (p, (_, _, a)) in enumerate(zip(preps, parts))]
     y = linear(lin, layernorm_modulate(x, shift, scale, tokens_per_batch, eps), act)
     if parts is None:
         return y
@@ -365,7 +399,8 @@ def double_block(block: nn.Module, img: Tensor, txt: Tensor, silu_vec: Tensor, p
         a = attn[:, off: off + L].reshape(B * L, D)
         x = gate_residual(x, m[2], linear(getattr(block, f"{s}_attn").proj, a))
         mlp = getattr(block, f"{s}_mlp")
-        h = ln_linear(mlp[0], x.view(B * L, D), m[3], m[4], L, getattr(block, f"{s}_norm2").eps, act="gelu")
+        h = ln_linear(mlp[0], x.view(B * L, D), m[3], m[4], L, getattr(block, f"{s}_norm2").eps, act="gelu",
+                      nxt=mlp[2])
         x = gate_residual(x, m[5], linear(mlp[2], h))
         outs.append(x)
     return outs[0], outs[1]
@@ -401,8 +436,9 @@ def single_block(block: nn.Module, x: Tensor, silu_vec: Tensor, pe: Tensor, bufs
             y1[:, 2 * D: 3 * D].view(B, L, D).copy_(attn)
             return gate_residual(x, gate, linear(lin2, y1[:, 2 * D:]))
         return gate_residual(x, gate, _linear2(lin2, attn.reshape(B * L, D), mlp))
+    mlp_in = lin2.parts[1] if isinstance(lin2, SplitInputLinear) and lin2.splits == [D, F_] else None
     qkv, mlp = ln_linear(lin1, x2, shift, scale, L, block.pre_norm.eps,
-                         parts=[(0, 3 * D, None), (3 * D, 3 * D + F_, "gelu")])
+                         parts=[(0, 3 * D, None), (3 * D, 3 * D + F_, "gelu")], nxt=mlp_in)
     qknorm_rope(qkv, L, H, qn.query_norm.scale, qn.key_norm.scale, pe, bufs.q, bufs.k, bufs.v, 0)
     attn = bufs.attention()
     return gate_residual(x, gate, _linear2(lin2, attn.reshape(B * L, D), mlp))
@@ -426,6 +462,8 @@ def _single_linear1(lin1: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, L:
 def _linear2(lin2: nn.Module, attn: Tensor, mlp: Tensor) -> Tensor:
     """The single block's linear2 on [attn | gelu(mlp)]: a SplitInputLinear of two parts takes each part
     directly (no concatenation), anything else gets the concatenated input."""
+    if isinstance(lin2, SplitInputLinear) and isinstance(mlp, Prequantized):
+        return linear(lin2.parts[0], attn).add_(linear(lin2.parts[1], mlp))
     if isinstance(lin2, SplitInputLinear) and lin2.splits == [attn.shape[1], mlp.shape[1]]:
         y = linear(lin2.parts[0], attn)
         return y.add_(linear(lin2.parts[1], mlp))

@@ -673,6 +673,67 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None
     return out
 
 
+@_needs_lib
+def w4a4_gemm_gelu_quantize(act: QuantizedActivation, prep: PreparedW4A4, nxt: PreparedW4A4,
+                            dtype: torch.dtype = torch.bfloat16, m: int | None = None,
+                            fold: bool | None = None) -> QuantizedActivation:
+    """fc1 -> GELU -> fc2's activation operand in one sm_90 kernel (nl_w4a4_gemm_fp8_gelu_quantize).
+
+    Equals quantize_act(w4a4_gemm(act, prep, dtype, "gelu_tanh"), nxt.smooth, nxt.lora_down,
+    nxt.act_unsigned, nxt.act_shift, layout="fp8_tiles") (codes and scales bit for bit, lora_act to fp32
+    summation order) without writing the GELU output: `act` in the fp8_tiles layout with `m` tokens, `prep` with
+    N a multiple of 128 (no padded rows) equal to nxt's K, nxt.rank <= 64, dtype bf16/fp16 (the dtype the GELU
+    output would be stored in, and of both layers' low-rank factors). fold as in w4a4_gemm.
+    """
+    kname = "w4a4_gemm_gelu_quantize"
+    if act.layout != "fp8_tiles":
+        raise ValueError(f"{kname}: needs 'fp8_tiles' activations (the sm_90 operand), got {act.layout!r}")
+    codes, scales = act.codes, act.scales
+    _check(codes, "act.codes", kname, (torch.uint8,))
+    dev = codes.device
+    g, mp = codes.shape[0], codes.shape[1]
+    m = act.m if m is None else m
+    if m is None or not 0 < m <= mp:
+        raise ValueError(f"{kname}: token count m={m} does not fit the operand with Mp={mp}")
+    if g * GROUP != prep.k:
+        raise ValueError(f"{kname}: activations have K={g * GROUP}, the weight has K={prep.k}")
+    _check(scales, "act.scales", kname, (torch.float32,), (g, mp), dev)
+    npad = prep.w_tiled.shape[0]
+    if prep.n != npad or nxt.k != npad:
+        raise ValueError(f"{kname}: the first layer's N={prep.n} must be a multiple of 128 and equal the next "
+                         f"layer's K={nxt.k}")
+    if nxt.rank > 64 or dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{kname}: needs nxt.rank <= 64 (got {nxt.rank}) and a bf16/fp16 dtype (got {dtype})")
+    for name, t in (("prep.lora_up", prep.lora_up), ("nxt.lora_down", nxt.lora_down)):
+        if t is not None and t.dtype != dtype:
+            raise ValueError(f"{kname}: {name} is {t.dtype}, expected {dtype}")
+    if prep.rank and (act.lora_act is None or tuple(act.lora_act.shape) != (m, prep.rank)):
+        raise ValueError(f"{kname}: act.lora_act must be [{m}, {prep.rank}]")
+    if fold is None and os.environ.get("NUNCHAKU_LITE_FOLD") == "0":
+        fold = False
+    if fold and prep.w_exp is None:
+        raise ValueError(f"{kname}: fold=True needs power-of-two weight scales prepared for the wgmma path")
+    folded = prep.w_exp is not None and fold is not False
+    g2 = npad // GROUP
+    codes2 = torch.empty(g2, mp, GROUP, dtype=torch.uint8, device=dev)
+    scales2 = torch.empty(g2, mp, dtype=torch.float32, device=dev)
+    covered = -(-m // 128) * 128  # the kernel writes rows < covered (zeros from m on); the rest is padding
+    if covered < mp:
+        codes2[:, covered:].zero_()
+        scales2[:, covered:].zero_()
+    part = torch.empty(npad // 128, m, nxt.rank, dtype=torch.float32, device=dev) if nxt.rank else None
+    _call("nl_w4a4_gemm_fp8_gelu_quantize", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), mp,
+          _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(None if folded else scales_of(prep), "float *"),
+          _ptr(prep.w_chscale if folded else None, "float *"), _ptr(prep.w_exp if folded else None, "uint8_t *"),
+          _ptr(act.lora_act if prep.rank else None, "float *"), _ptr(prep.lora_up if prep.rank else None),
+          prep.rank, _ptr(prep.bias, "float *"), _DTYPE_CODE[dtype], m, npad, prep.k,
+          _ptr(nxt.smooth, "float *"), float(nxt.act_shift), int(nxt.act_unsigned),
+          _ptr(nxt.lora_down if nxt.rank else None), nxt.rank, _ptr(codes2, "uint8_t *"), _ptr(scales2, "float *"),
+          mp, _ptr(part, "float *"), _stream(dev))
+    lora_act = part.sum(0) if part is not None else None  # fixed order over the 128-column blocks
+    return QuantizedActivation(codes2, scales2, lora_act, nxt.act_unsigned, "fp8_tiles", m)
+
+
 def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "none", path: str | None = None,
                          exact: bool = False) -> torch.Tensor:
     """y [..., n] = the SVDQuant linear of x [..., K] with a prepared layer: quantize kernel + GEMM kernel."""

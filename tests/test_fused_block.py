@@ -292,10 +292,18 @@ def _cuda_pair(quant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant,gelu_epilogue", [(False, True), (True, False), (True, True)])
-def test_fast_dit_matches_plain_on_cuda(quant, gelu_epilogue, monkeypatch):
+@pytest.mark.parametrize("quant,gelu_epilogue,gelu_quantize", [(False, True, False), (True, False, False),
+                                                              (True, True, False), (True, True, True)])
+def test_fast_dit_matches_plain_on_cuda(quant, gelu_epilogue, gelu_quantize, monkeypatch):
+    """gelu_quantize: the MLPs' first GEMM quantizes for the second (sm_90 only; elsewhere a no-op)."""
     _needs_kernels()
     monkeypatch.setattr(fused, "W4A4_GELU_EPILOGUE", gelu_epilogue)
+    monkeypatch.setattr(fused, "W4A4_GELU_QUANTIZE", gelu_quantize)
+    if gelu_quantize:  # count the fused epilogue's calls: the path must really be taken on sm_90
+        calls = []
+        real = fused._fused_lib().w4a4_gemm_gelu_quantize
+        monkeypatch.setattr(fused._fused_lib(), "w4a4_gemm_gelu_quantize",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
     model, inp = _cuda_pair(quant)
     with torch.inference_mode():
         fast = model(**inp)
@@ -314,6 +322,8 @@ def test_fast_dit_matches_plain_on_cuda(quant, gelu_epilogue, monkeypatch):
         model.set_fast(False)
         b = model.double_blocks[0](img, txt, vec, pe)
         assert _rel(a[0], b[0]) < tol and _rel(a[1], b[1]) < tol
+    if gelu_quantize and fused.act_layout(torch.device("cuda")) == "fp8_tiles":
+        assert calls, "the GELU -> quantize epilogue was not used"
 
 
 class _RefNative:

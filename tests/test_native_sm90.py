@@ -312,3 +312,44 @@ def test_folded_gemm_epilogue_zero_groups_and_fallback(sm90, epilogue):
 def test_fold_true_refuses_plain_scales(sm90):
     with pytest.raises(ValueError, match="fold=True"):
         _run(100, 256, 128, 0, False, False, torch.float32, fold=True)
+
+
+# ---- the GELU -> quantize epilogue (nl_w4a4_gemm_fp8_gelu_quantize) ------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,pow2,unsigned,rank2,dtype", [
+    (100, False, True, 32, torch.bfloat16), (300, True, True, 32, torch.bfloat16),
+    (4608, True, True, 32, torch.bfloat16), (257, False, False, 0, torch.float16),
+    (640, True, False, 64, torch.float16)])
+def test_gelu_quantize_epilogue_equals_gemm_then_quantize(sm90, m, pow2, unsigned, rank2, dtype):
+    """One kernel gives the next layer's operand exactly as the GELU GEMM followed by the quantize kernel:
+    codes and scales byte for byte (padding rows included), the low-rank activation to fp32 summation order."""
+    gen = torch.Generator().manual_seed(m + rank2)
+    k1, n1, n2 = 1024, 512, 256
+    q1, s1, d1, u1, b1, sm1 = _layer(n1, k1, 32, gen, dtype)
+    if pow2:
+        s1 = _pow2_scales(n1, k1, gen)
+    q2, s2, d2, u2, b2, sm2 = _layer(n2, n1, max(rank2, 16), gen, dtype)
+    dv = lambda t: None if t is None else t.to(DEV)
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    p1 = native.prepare_w4a4(q1.to(DEV), s1.to(DEV), dv(d1), dv(u1), dv(b1), sm1.to(DEV), dtype=dtype, path="wgmma")
+    p2 = native.prepare_w4a4(q2.to(DEV), s2.to(DEV), dv(d2[:rank2]) if rank2 else None,
+                             dv(u2[:, :rank2]) if rank2 else None, dv(b2), sm2.to(DEV), unsigned, shift, dtype,
+                             path="wgmma")
+    x = (torch.randn(m, k1, generator=gen) * 2).to(dtype).to(DEV)
+    act = native.quantize_act(x, p1.smooth, p1.lora_down, layout="fp8_tiles")
+    y = native.w4a4_gemm(act, p1, dtype, "gelu_tanh", path="wgmma", m=m)
+    ref = native.quantize_act(y, p2.smooth, p2.lora_down, unsigned, shift, layout="fp8_tiles")
+    got = native.w4a4_gemm_gelu_quantize(act, p1, p2, dtype, m=m)
+    assert got.layout == "fp8_tiles" and got.m == m and got.unsigned == unsigned
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(got.scales, ref.scales)
+    if rank2:
+        assert _rel(got.lora_act, ref.lora_act) < 1e-5
+    else:
+        assert got.lora_act is None
+    out = native.w4a4_gemm(got, p2, dtype, path="wgmma", m=m)
+    assert torch.equal(out, native.w4a4_gemm(ref, p2, dtype, path="wgmma", m=m)) or rank2  # same codes
+    with pytest.raises(ValueError, match="multiple of 128"):
+        native.w4a4_gemm_gelu_quantize(act, p1, p1, dtype, m=m)
