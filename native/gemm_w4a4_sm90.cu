@@ -48,6 +48,11 @@
 // element and group the folded promotion (1 fma) costs half the tensor time in issue slots, the nibble
 // conversion a third: the ceiling of this design is near the tensor peak only with perfect overlap, which two
 // consumer warpgroups capped at 168 registers do not give. Tile shape, ring depth and CTA order move it <= 5 %.
+// GELU -> quantize epilogue (nl_w4a4_gemm_fp8_gelu_quantize, QUANT, default tile only): instead of storing the
+// GELU output, each consumer warpgroup quantizes its 64 outputs x 128 tokens (one group of the next layer's K)
+// for the next layer and writes that layer's fp8_tiles operand plus low-rank down partial sums; see
+// gelu_quantize. Correct (bit-identical to GEMM + quantize kernel) but slower at M = 4608 on the H100 (its
+// IEEE divisions add ~40% to the fc1 GEMM's instructions), so the fused forward leaves it off by default.
 // Epilogue: low-rank chunks (64 ranks) staged in the freed pipeline memory, bias, GELU, conversion, the
 // transposed tile staged in shared memory and written row by row (16-byte stores, rows >= M never written).
 // Shapes: N % 128 == 0, K % 64 == 0, M >= 1, Mp = M rounded up to 256, rank % 16 == 0 (<= 1024).
