@@ -102,51 +102,46 @@ def make_layer(k, n, rank=RANK, seed=0, path=None):
     return prep, prep0, lora_down, lora_up
 
 
+def _time_wgmma(r, key, x, prep, prep0, out, fold):
+    """r[key_*]: the sm_90 GEMM with (key_ms) and without (key_nolora_ms) the low-rank branch on fp8_tiles
+    input, the whole linear (key_linear_ms: quantize kernel + GEMM, as w4a4_linear_prepared runs it), and
+    their TOPS and ratios to the baselines already in r."""
+    m, k = x.shape
+    act = native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles")
+    act0 = native.quantize_act(x, prep.smooth, layout="fp8_tiles")
+    gemm = lambda a, p: native.w4a4_gemm(a, p, out=out, path="wgmma", m=m, fold=fold)
+    r[f"{key}_ms"] = time_ms(lambda: gemm(act, prep))
+    r[f"{key}_nolora_ms"] = time_ms(lambda: gemm(act0, prep0))
+    r[f"{key}_linear_ms"] = time_ms(lambda: gemm(
+        native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles"), prep))
+    r[f"{key}_tops"] = 2 * m * prep.n * k / r[f"{key}_ms"] / 1e9
+    r[f"{key}_vs_bf16"] = r["bf16_ms"] / r[f"{key}_ms"]
+    r[f"{key}_nolora_vs_bf16"] = r["bf16_ms"] / r[f"{key}_nolora_ms"]
+    r[f"{key}_vs_fp8"] = r["fp8_ms"] / r[f"{key}_ms"]
+    r[f"{key}_lowrank_overhead"] = r[f"{key}_ms"] / r[f"{key}_nolora_ms"] - 1
+    r[f"{key}_linear_vs_bf16"] = r["bf16_ms"] / r[f"{key}_linear_ms"]
+
+
 def bench_wgmma(r, x, k, n):
-    """GEMM-only times of the sm_90 wgmma kernel with and without the low-rank branch (fp8_tiles input)."""
+    """The sm_90 wgmma kernel on random codes: plain weight scales (wgmma_*), then the same codes with
+    power-of-two weight scales through the folded kernel (fold_*, nl_w4a4_gemm_fp8_pow2)."""
     m = x.shape[0]
     g = torch.Generator(device="cuda").manual_seed(1)
     codes = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
     wscales = (torch.rand(n, k // 64, generator=g, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+    e = torch.randint(0, 3, wscales.shape, generator=g, device="cuda")
+    e[:, 0] = 0
+    pow2_scales = (wscales[:, :1].float() * torch.exp2(-e.float())).to(torch.bfloat16)
     lora_down = (torch.randn(RANK, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
     lora_up = (torch.randn(n, RANK, generator=g, device="cuda") * 0.1).to(torch.bfloat16)
     bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
     smooth = torch.rand(k, generator=g, device="cuda") + 0.5
     qw = ops.pack_int4(codes)
-    prep = native.prepare_w4a4(qw, wscales, lora_down, lora_up, bias, smooth, path="wgmma")
-    prep0 = native.prepare_w4a4(qw, wscales, None, None, bias, smooth, path="wgmma")
-    act = native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles")
-    act0 = native.quantize_act(x, prep.smooth, layout="fp8_tiles")
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    r["wgmma_ms"] = time_ms(lambda: native.w4a4_gemm(act, prep, out=out, path="wgmma", m=m))
-    # the whole linear: quantize kernel (fp8_tiles) + GEMM, as w4a4_linear_prepared runs it
-    r["wgmma_linear_ms"] = time_ms(lambda: native.w4a4_gemm(
-        native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles"), prep, out=out, path="wgmma", m=m))
-    r["wgmma_linear_vs_bf16"] = r["bf16_ms"] / r["wgmma_linear_ms"]
-    r["wgmma_nolora_ms"] = time_ms(lambda: native.w4a4_gemm(act0, prep0, out=out, path="wgmma", m=m))
-    flops = 2 * m * n * k
-    r["wgmma_tops"] = flops / r["wgmma_ms"] / 1e9
-    r["wgmma_vs_bf16"] = r["bf16_ms"] / r["wgmma_ms"]
-    r["wgmma_nolora_vs_bf16"] = r["bf16_ms"] / r["wgmma_nolora_ms"]
-    r["wgmma_vs_fp8"] = r["fp8_ms"] / r["wgmma_ms"]
-    r["wgmma_lowrank_overhead"] = r["wgmma_ms"] / r["wgmma_nolora_ms"] - 1
-    # the same codes with power-of-two weight scales: the folded kernel (nl_w4a4_gemm_fp8_pow2)
-    e = torch.randint(0, 3, wscales.shape, generator=g, device="cuda")
-    e[:, 0] = 0
-    ws2 = (wscales[:, :1].float() * torch.exp2(-e.float())).to(torch.bfloat16)
-    pf = native.prepare_w4a4(qw, ws2, lora_down, lora_up, bias, smooth, path="wgmma")
-    pf0 = native.prepare_w4a4(qw, ws2, None, None, bias, smooth, path="wgmma")
-    assert pf.w_exp is not None
-    r["fold_ms"] = time_ms(lambda: native.w4a4_gemm(act, pf, out=out, path="wgmma", m=m, fold=True))
-    r["fold_nolora_ms"] = time_ms(lambda: native.w4a4_gemm(act0, pf0, out=out, path="wgmma", m=m, fold=True))
-    r["fold_linear_ms"] = time_ms(lambda: native.w4a4_gemm(
-        native.quantize_act(x, pf.smooth, pf.lora_down, layout="fp8_tiles"), pf, out=out, path="wgmma", m=m))
-    r["fold_tops"] = flops / r["fold_ms"] / 1e9
-    r["fold_vs_bf16"] = r["bf16_ms"] / r["fold_ms"]
-    r["fold_nolora_vs_bf16"] = r["bf16_ms"] / r["fold_nolora_ms"]
-    r["fold_vs_fp8"] = r["fp8_ms"] / r["fold_ms"]
-    r["fold_lowrank_overhead"] = r["fold_ms"] / r["fold_nolora_ms"] - 1
-    r["fold_linear_vs_bf16"] = r["bf16_ms"] / r["fold_linear_ms"]
+    for key, ws, fold in (("wgmma", wscales, False), ("fold", pow2_scales, True)):
+        prep = native.prepare_w4a4(qw, ws, lora_down, lora_up, bias, smooth, path="wgmma")
+        prep0 = native.prepare_w4a4(qw, ws, None, None, bias, smooth, path="wgmma")
+        _time_wgmma(r, key, x, prep, prep0, out, fold)
 
 
 def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False):
@@ -254,6 +249,20 @@ def quantize_main(args, dev):
     return 0
 
 
+def _print_wgmma_table(rows, key, title):
+    """The `key`_* columns of _time_wgmma, one row per shape."""
+    name, name0 = ("wgmma", "wg0") if key == "wgmma" else (key, key + "0")
+    wh = (f"{'M':>5} {'K':>5} {'N':>5} | {name:>7} {name0:>7} {'linear':>7} {'bf16':>7} {'fp8':>7} | "
+          f"{'TOPS':>5} {'xbf16':>5} {'x0bf16':>6} {'xfp8':>5} {'LRov%':>6} {'lin/bf16':>8}")
+    print(f"\n{title}\n{wh}\n" + "-" * len(wh))
+    for r in rows:
+        g = lambda s: r[f"{key}_{s}"]
+        print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {g('ms'):7.3f} {g('nolora_ms'):7.3f} {g('linear_ms'):7.3f} "
+              f"{r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {g('tops'):5.0f} {g('vs_bf16'):5.2f} "
+              f"{g('nolora_vs_bf16'):6.2f} {g('vs_fp8'):5.2f} {100 * g('lowrank_overhead'):6.1f} "
+              f"{g('linear_vs_bf16'):8.2f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nunchaku_lite.bench kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
@@ -303,26 +312,10 @@ def main(argv=None):
     hdr = (f"{'M':>5} {'K':>5} {'N':>5} | {'fused':>7} {'gemm':>7} {'nolora':>7} {'unfused':>7} {'quant':>6} "
            f"{'bf16':>7} {'fp8':>7} | {'TOPS':>5} {'xbf16':>5} {'gemm':>5} {'xfp8':>5} {'LRov%':>6} {'q%cp':>5}")
     if wgmma:
-        wh = (f"{'M':>5} {'K':>5} {'N':>5} | {'wgmma':>7} {'wg0':>7} {'linear':>7} {'bf16':>7} {'fp8':>7} | "
-              f"{'TOPS':>5} {'xbf16':>5} {'x0bf16':>6} {'xfp8':>5} {'LRov%':>6} {'lin/bf16':>8}")
-        print("\nsm_90 wgmma GEMM, ms per call (wgmma: GEMM + low-rank rank 32; wg0: GEMM without low-rank; "
-              "linear: quantize kernel + GEMM + low-rank)")
-        print(wh)
-        print("-" * len(wh))
-        for r in rows:
-            print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {r['wgmma_ms']:7.3f} {r['wgmma_nolora_ms']:7.3f} "
-                  f"{r['wgmma_linear_ms']:7.3f} {r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {r['wgmma_tops']:5.0f} "
-                  f"{r['wgmma_vs_bf16']:5.2f} {r['wgmma_nolora_vs_bf16']:6.2f} {r['wgmma_vs_fp8']:5.2f} "
-                  f"{100 * r['wgmma_lowrank_overhead']:6.1f} {r['wgmma_linear_vs_bf16']:8.2f}")
-        print("\nsm_90 folded GEMM (power-of-two weight group scales, nl_w4a4_gemm_fp8_pow2), same codes; "
-              "columns as above")
-        print(wh.replace("wgmma", "  fold").replace("    wg0", "  fold0"))
-        print("-" * len(wh))
-        for r in rows:
-            print(f"{r['M']:>5} {r['K']:>5} {r['N']:>5} | {r['fold_ms']:7.3f} {r['fold_nolora_ms']:7.3f} "
-                  f"{r['fold_linear_ms']:7.3f} {r['bf16_ms']:7.3f} {r['fp8_ms']:7.3f} | {r['fold_tops']:5.0f} "
-                  f"{r['fold_vs_bf16']:5.2f} {r['fold_nolora_vs_bf16']:6.2f} {r['fold_vs_fp8']:5.2f} "
-                  f"{100 * r['fold_lowrank_overhead']:6.1f} {r['fold_linear_vs_bf16']:8.2f}")
+        _print_wgmma_table(rows, "wgmma", "sm_90 wgmma GEMM, ms per call (wgmma: GEMM + low-rank rank 32; wg0: GEMM "
+                           "without low-rank; linear: quantize kernel + GEMM + low-rank)")
+        _print_wgmma_table(rows, "fold", "sm_90 folded GEMM (power-of-two weight group scales, "
+                           "nl_w4a4_gemm_fp8_pow2), same codes; columns as above")
     print("\nms per call (fused/nolora/unfused include the quantize kernel; gemm = GEMM kernel alone)")
     print(hdr)
     print("-" * len(hdr))

@@ -121,21 +121,31 @@ POW2_MAX_EXP = 9  # |code| * 2^-e is exact in e4m3 for codes -8..15 and e <= 9 (
 POW2_CHANNEL_STEPS = 8  # channel-scale candidates c0 * 2^(-i/8), i < 8: the grid's alignment to the row
 
 
+def _keep_least(best, cand, err):
+    """Running argmin: best = (values, errors) or None; keeps cand where err is smaller (ties: the earlier)."""
+    if best is None:
+        return cand, err
+    better = err < best[1]
+    return torch.where(better, cand, best[0]), torch.minimum(err, best[1])
+
+
+def least_error_scales(wg: torch.Tensor, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 64-wide weight group of wg [..., 64], the candidate scale (tensors [...], each in its storage dtype)
+    of least squared INT4 rounding error -> (scales, errors [...]); ties go to the earlier candidate."""
+    best = None
+    for s in candidates:
+        sf = s.float()[..., None]
+        safe = torch.where(sf > 0, sf, torch.ones_like(sf))
+        best = _keep_least(best, s, (torch.round(wg / safe).clamp_(-8, 7) * sf - wg).square().sum(-1))
+    return best
+
+
 def _pow2_best(wg: torch.Tensor, ch: torch.Tensor, scale_dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group of wg [N, G, 64], the scale ch[n] * 2^-e (e = 0 .. POW2_MAX_EXP, in scale_dtype) of least
-    squared rounding error -> (scales float32 [N, G], errors [N, G]); ties go to the smaller e."""
-    best_s = best_e = None
-    for e in range(POW2_MAX_EXP + 1):
-        s = (ch[:, None] * 2.0 ** -e).to(scale_dtype).float().expand(wg.shape[:2])
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        err = (torch.round(wg / safe[..., None]).clamp_(-8, 7) * s[..., None] - wg).square().sum(-1)
-        if best_s is None:
-            best_s, best_e = s, err
-        else:
-            better = err < best_e
-            best_s, best_e = torch.where(better, s, best_s), torch.minimum(err, best_e)
-    return best_s, best_e
+    squared rounding error -> (scales [N, G], errors [N, G]); ties go to the smaller e."""
+    return least_error_scales(wg, ((ch[:, None] * 2.0 ** -e).to(scale_dtype).expand(wg.shape[:2])
+                                   for e in range(POW2_MAX_EXP + 1)))
 
 
 def pow2_channel_scale(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -145,16 +155,11 @@ def pow2_channel_scale(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat1
     n, k = w.shape
     wg = w.float().view(n, _check_groups(k, "pow2_channel_scale"), GROUP)
     c0 = wg.abs().amax(dim=(1, 2)) / 7.0
-    best_c = best_err = None
+    best = None
     for i in range(POW2_CHANNEL_STEPS):
         c = (c0 * 2.0 ** (-i / POW2_CHANNEL_STEPS)).to(scale_dtype).float()
-        err = _pow2_best(wg, c, scale_dtype)[1].sum(dim=1)
-        if best_c is None:
-            best_c, best_err = c, err
-        else:
-            better = err < best_err
-            best_c, best_err = torch.where(better, c, best_c), torch.minimum(err, best_err)
-    return best_c
+        best = _keep_least(best, c, _pow2_best(wg, c, scale_dtype)[1].sum(dim=1))
+    return best[0]
 
 
 def pow2_group_scales(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -234,17 +234,7 @@ def _group_scale(wg: torch.Tensor, scale_dtype: torch.dtype, ch: torch.Tensor | 
     else:
         c = ch.to(scale_dtype).float().expand_as(amax)
         cands = [(c * 2.0 ** -e).to(scale_dtype) for e in range(ops.POW2_MAX_EXP + 1)]
-    best_s, best_e = None, None
-    for s in cands:
-        sf = s.float()[..., None]
-        safe = torch.where(sf > 0, sf, torch.ones_like(sf))
-        e = (torch.round(wg / safe).clamp_(-8, 7) * sf - wg).pow(2).sum(dim=-1)
-        if best_s is None:
-            best_s, best_e = s, e
-        else:
-            better = e < best_e
-            best_s, best_e = torch.where(better, s, best_s), torch.minimum(e, best_e)
-    return best_s
+    return ops.least_error_scales(wg, cands)[0]
 
 
 def rtn_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False
