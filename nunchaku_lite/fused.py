@@ -9,7 +9,8 @@ models/dit.py stays the readable reference (and the CPU path); on CUDA, with the
                            v as [B, L, H, D] straight into the joint (txt + img) buffers: no split, no cat, and
                            SDPA (FlashAttention) reads them as .transpose(1, 2) views
   MLP                      fc1 with the GELU in the GEMM epilogue (W4A4: native epilogue; 16-bit: cuBLASLt's
-                           GELU epilogue through torch._addmm_activation), then fc2
+                           GELU epilogue through torch._addmm_activation), then fc2; optionally (sm_90,
+                           NUNCHAKU_LITE_GELU_QUANTIZE=1) fc1's epilogue quantizes for fc2 (W4A4_GELU_QUANTIZE)
   gate + residual          one kernel (nl_gate_residual), fp16 saturation (clip_fp16) included
   single block             linear1 -> [qkv | mlp] -> linear2 on [attn | gelu(mlp)] without a concatenation: 16-bit:
                            linear1 as two GEMMs (qkv rows; mlp rows with the GELU epilogue), linear2 as two GEMMs
@@ -332,11 +333,11 @@ def _row_split(lin: W4A4Linear, prep, parts) -> list:
             raise ValueError(f"fused: row split [{lo}, {hi}) of {type(lin).__name__} is not 128-aligned")
         hp = -(-hi // 128) * 128
         # w_tiled is [Np, K/2] bytes in 128-row tiles (both layouts), so a 128-aligned row range is a slice
-        out.append(replace(prep, w_tiled=prep.w_tiled[lo:hp], w_scales=None if prep.w_scales is None else prep.w_scales[:, lo:hp].contiguous(),
-                           bias=None if prep.bias is None else prep.bias[lo:hp],
-                           lora_up=None if prep.lora_up is None else prep.lora_up[lo:hp], n=hi - lo, alt={},
-                           w_chscale=None if prep.w_chscale is None else prep.w_chscale[lo:hp],
-                           w_exp=None if prep.w_exp is None else prep.w_exp[:, lo:hp].contiguous()))
+        rows = lambda t: None if t is None else t[lo:hp]
+        cols = lambda t: None if t is None else t[:, lo:hp].contiguous()
+        out.append(replace(prep, w_tiled=prep.w_tiled[lo:hp], w_scales=cols(prep.w_scales), bias=rows(prep.bias),
+                           lora_up=rows(prep.lora_up), n=hi - lo, alt={}, w_chscale=rows(prep.w_chscale),
+                           w_exp=cols(prep.w_exp)))
     object.__setattr__(lin, "_fused_row_split", (key, out))
     return out
 
