@@ -627,6 +627,16 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     return out
 
 
+def _folded(prep: PreparedW4A4, fold: bool | None, kname: str) -> bool:
+    """Whether the sm_90 GEMM runs folded (see w4a4_gemm's `fold`; NUNCHAKU_LITE_FOLD=0 is the A/B switch)."""
+    if fold and prep.w_exp is None:
+        raise ValueError(f"{kname}: fold=True needs power-of-two weight scales (ops.quantize_weight(pow2=True)) "
+                         "prepared for the wgmma path")
+    if fold is None:
+        fold = os.environ.get("NUNCHAKU_LITE_FOLD") != "0"
+    return fold and prep.w_exp is not None
+
+
 def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None):
     """The sm_90 fp8 wgmma GEMM (nl_w4a4_gemm_fp8); see w4a4_gemm."""
     kname = "w4a4_gemm(wgmma)"
@@ -652,12 +662,7 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None
         raise ValueError(f"{kname}: token count m={m} does not fit the fp8_tiles operand with Mp={mp} "
                          "(pass m=, or an act with lora_act)")
     npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 16)
-    if fold and prep.w_exp is None:
-        raise ValueError(f"{kname}: fold=True needs power-of-two weight scales (ops.quantize_weight(pow2=True)) "
-                         "prepared for the wgmma path")
-    if fold is None and os.environ.get("NUNCHAKU_LITE_FOLD") == "0":  # A/B switch for benchmarks
-        fold = False
-    if m and prep.w_exp is not None and fold is not False:
+    if m and _folded(prep, fold, kname):
         _call("nl_w4a4_gemm_fp8_pow2", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), mp,
               _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(prep.w_chscale, "float *"),
               _ptr(prep.w_exp, "uint8_t *"), _ptr(lora_act if rank else None, "float *"),
@@ -709,11 +714,7 @@ def w4a4_gemm_gelu_quantize(act: QuantizedActivation, prep: PreparedW4A4, nxt: P
             raise ValueError(f"{kname}: {name} is {t.dtype}, expected {dtype}")
     if prep.rank and (act.lora_act is None or tuple(act.lora_act.shape) != (m, prep.rank)):
         raise ValueError(f"{kname}: act.lora_act must be [{m}, {prep.rank}]")
-    if fold is None and os.environ.get("NUNCHAKU_LITE_FOLD") == "0":
-        fold = False
-    if fold and prep.w_exp is None:
-        raise ValueError(f"{kname}: fold=True needs power-of-two weight scales prepared for the wgmma path")
-    folded = prep.w_exp is not None and fold is not False
+    folded = _folded(prep, fold, kname)
     g2 = npad // GROUP
     codes2 = torch.empty(g2, mp, GROUP, dtype=torch.uint8, device=dev)
     scales2 = torch.empty(g2, mp, dtype=torch.float32, device=dev)
