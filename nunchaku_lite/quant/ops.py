@@ -140,12 +140,17 @@ def least_error_scales(wg: torch.Tensor, candidates) -> tuple[torch.Tensor, torc
     return best
 
 
+def pow2_candidates(ch: torch.Tensor, shape, scale_dtype: torch.dtype):
+    """The power-of-two format's candidate group scales ch * 2^-e, e = 0 .. POW2_MAX_EXP (in that order), in
+    scale_dtype, ch broadcast to `shape`."""
+    return ((ch * 2.0 ** -e).to(scale_dtype).expand(shape) for e in range(POW2_MAX_EXP + 1))
+
+
 def _pow2_best(wg: torch.Tensor, ch: torch.Tensor, scale_dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group of wg [N, G, 64], the scale ch[n] * 2^-e (e = 0 .. POW2_MAX_EXP, in scale_dtype) of least
     squared rounding error -> (scales [N, G], errors [N, G]); ties go to the smaller e."""
-    return least_error_scales(wg, ((ch[:, None] * 2.0 ** -e).to(scale_dtype).expand(wg.shape[:2])
-                                   for e in range(POW2_MAX_EXP + 1)))
+    return least_error_scales(wg, pow2_candidates(ch[:, None], wg.shape[:2], scale_dtype))
 
 
 def pow2_channel_scale(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -232,8 +232,7 @@ def _group_scale(wg: torch.Tensor, scale_dtype: torch.dtype, ch: torch.Tensor | 
     if ch is None:
         cands = [(amax * clip / 7.0).to(scale_dtype) for clip in _CLIP_RATIOS]
     else:
-        c = ch.to(scale_dtype).float().expand_as(amax)
-        cands = [(c * 2.0 ** -e).to(scale_dtype) for e in range(ops.POW2_MAX_EXP + 1)]
+        cands = ops.pow2_candidates(ch, amax.shape, scale_dtype)
     return ops.least_error_scales(wg, cands)[0]
 
 
