@@ -54,7 +54,7 @@ from ..models.t5 import T5Config, T5Encoder
 from ..models.vae import AutoEncoder, AutoEncoderParams
 from ..quant import ops
 from ..quant.modules import SplitInputLinear, W4A4Linear, W4A16Linear
-from ..quant.svdquant import _linear_part, is_modulation
+from ..quant.svdquant import _linear_part, is_modulation, remove_shift_term_
 
 GiB = 2**30
 DIT_BUDGET_LIMIT_GIB = 7.0      # issue 5: the quantized FLUX.1-dev DiT resident in at most 7 GiB
@@ -172,8 +172,8 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
             up, down = u * s, v.T  # [N, r], [r, K]
             q = W4A4Linear.from_linear(lin, w.float() - up @ down, lora_down=down, lora_up=up, pow2=pow2,
                                        act_unsigned=unsigned, act_shift=shift)
-            if unsigned and q.bias is not None:  # the shift's constant term, as svdquant.build_w4a4 removes it
-                q.bias.copy_((q.bias.float() - shift * (q.dequantized_weight() / q.smooth).sum(1)).to(q.bias.dtype))
+            if unsigned and q.bias is not None:
+                remove_shift_term_(q)
             return q
         return W4A4Linear(lin.in_features, lin.out_features, rank, bias=lin.bias is not None, dtype=w.dtype,
                           device=w.device, act_unsigned=unsigned, act_shift=shift)

@@ -400,10 +400,16 @@ def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
         _set_codes(layer, *gptq_quantize(_pad_k(resid, kp), h, scale_dtype=layer.wscales.dtype, pow2=pow2))
     elif clip:
         _set_codes(layer, *rtn_quantize(_pad_k(resid, kp), layer.wscales.dtype, pow2))
-    if unsigned:  # (x + s)/lambda . Rq^T = x/lambda . Rq^T + s * rowsum(Rq / lambda): take the second term out
-        rq = layer.dequantized_weight() / layer.smooth
-        layer.bias.copy_((layer.bias.float() - shift * rq.sum(dim=1)).to(layer.bias.dtype))
+    if unsigned:
+        remove_shift_term_(layer)
     return layer
+
+
+def remove_shift_term_(layer: W4A4Linear) -> None:
+    """(x + s)/lambda . Rq^T = x/lambda . Rq^T + s * rowsum(Rq / lambda): take the constant second term of an
+    unsigned, shifted W4A4 layer out of its bias, so the layer computes x W^T + b again."""
+    rq = layer.dequantized_weight() / layer.smooth
+    layer.bias.copy_((layer.bias.float() - layer.act_shift * rq.sum(dim=1)).to(layer.bias.dtype))
 
 
 def _set_codes(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor):
