@@ -637,6 +637,23 @@ def _folded(prep: PreparedW4A4, fold: bool | None, kname: str) -> bool:
     return fold and prep.w_exp is not None
 
 
+def _fp8_operand(act: QuantizedActivation, prep: PreparedW4A4, m: int | None, kname: str) -> tuple[int, int]:
+    """Checks of an fp8_tiles activation (codes already _check-ed) for `prep`'s GEMM; returns (Mp, m), m
+    defaulting to act.m."""
+    codes, scales = act.codes, act.scales
+    if codes.dim() != 3 or codes.shape[2] != GROUP:
+        raise ValueError(f"{kname}: act.codes must be [K/64, Mp, 64] (fp8_tiles), got {tuple(codes.shape)}")
+    g, mp = codes.shape[0], codes.shape[1]
+    if g * GROUP != prep.k:
+        raise ValueError(f"{kname}: activations have K={g * GROUP}, the weight has K={prep.k}")
+    _check(scales, "act.scales", kname, (torch.float32,), (g, mp), codes.device)
+    m = act.m if m is None else m
+    if m is None or not 0 <= m <= mp or mp != max(ops.FP8_TILE_ROWS, -(-m // ops.FP8_TILE_ROWS) * ops.FP8_TILE_ROWS):
+        raise ValueError(f"{kname}: token count m={m} does not fit the fp8_tiles operand with Mp={mp} "
+                         "(pass m=, or an act with lora_act)")
+    return mp, m
+
+
 def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None):
     """The sm_90 fp8 wgmma GEMM (nl_w4a4_gemm_fp8); see w4a4_gemm."""
     kname = "w4a4_gemm(wgmma)"
@@ -647,20 +664,10 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None
         raise ValueError(f"{kname}: unknown activation layout {act.layout!r}")
     codes, scales, lora_act = act.codes, act.scales, act.lora_act
     dev = codes.device
-    if codes.dim() != 3 or codes.shape[2] != GROUP:
-        raise ValueError(f"{kname}: act.codes must be [K/64, Mp, 64] (fp8_tiles), got {tuple(codes.shape)}")
-    g, mp = codes.shape[0], codes.shape[1]
-    k = g * GROUP
-    if k != prep.k:
-        raise ValueError(f"{kname}: activations have K={k}, the weight has K={prep.k}")
-    _check(scales, "act.scales", kname, (torch.float32,), (g, mp), dev)
-    if m is None:
-        m = act.m
-    if m is None:
+    if m is None and act.m is None:
         m = lora_act.shape[0] if lora_act is not None else (out.shape[0] if out is not None else None)
-    if m is None or not 0 <= m <= mp or mp != max(ops.FP8_TILE_ROWS, -(-m // ops.FP8_TILE_ROWS) * ops.FP8_TILE_ROWS):
-        raise ValueError(f"{kname}: token count m={m} does not fit the fp8_tiles operand with Mp={mp} "
-                         "(pass m=, or an act with lora_act)")
+    mp, m = _fp8_operand(act, prep, m, kname)
+    k = prep.k
     npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 16)
     if m and _folded(prep, fold, kname):
         _call("nl_w4a4_gemm_fp8_pow2", _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), mp,
@@ -696,13 +703,9 @@ def w4a4_gemm_gelu_quantize(act: QuantizedActivation, prep: PreparedW4A4, nxt: P
     codes, scales = act.codes, act.scales
     _check(codes, "act.codes", kname, (torch.uint8,))
     dev = codes.device
-    g, mp = codes.shape[0], codes.shape[1]
-    m = act.m if m is None else m
-    if m is None or not 0 < m <= mp:
-        raise ValueError(f"{kname}: token count m={m} does not fit the operand with Mp={mp}")
-    if g * GROUP != prep.k:
-        raise ValueError(f"{kname}: activations have K={g * GROUP}, the weight has K={prep.k}")
-    _check(scales, "act.scales", kname, (torch.float32,), (g, mp), dev)
+    mp, m = _fp8_operand(act, prep, m, kname)
+    if m == 0:
+        raise ValueError(f"{kname}: no tokens (m=0)")
     npad = prep.w_tiled.shape[0]
     if prep.n != npad or nxt.k != npad:
         raise ValueError(f"{kname}: the first layer's N={prep.n} must be a multiple of 128 and equal the next "
