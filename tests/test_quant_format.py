@@ -16,18 +16,20 @@ PARAMS = FluxParams(in_channels=16, out_channels=16, vec_in_dim=32, context_in_d
                     num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(16, 24, 24), guidance_embed=True)
 
 
-def _w4a4(lin: nn.Linear, unsigned: bool, g: torch.Generator) -> W4A4Linear:
+def _w4a4(lin: nn.Linear, unsigned: bool, g: torch.Generator, act_pow2: bool = False) -> W4A4Linear:
     k = lin.in_features
     smooth = torch.rand(k, generator=g) + 0.5
     down = torch.randn(8, k, generator=g) * 0.02
     up = torch.randn(lin.out_features, 8, generator=g) * 0.02
     return W4A4Linear.from_linear(lin, lin.weight.detach() * smooth - up @ (down * smooth), smooth, down, up,
-                                  act_unsigned=unsigned, act_shift=ops.UNSIGNED_SHIFT if unsigned else 0.0)
+                                  act_unsigned=unsigned, act_shift=ops.UNSIGNED_SHIFT if unsigned else 0.0,
+                                  pow2=act_pow2, act_pow2=act_pow2)
 
 
 def quantized_tiny_flux(dtype=torch.bfloat16):
-    """A tiny Flux with every kind of quantized layer: W4A4 (signed, unsigned), W4A16, a SplitInputLinear, and
-    the second double block's modulation kept 16-bit."""
+    """A tiny Flux with every kind of quantized layer: W4A4 (signed, unsigned, power-of-two scales in the
+    single blocks' linear2 attention parts), W4A16, a SplitInputLinear, and the second double block's
+    modulation kept 16-bit."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     model = Flux(PARAMS).to(dtype)
@@ -47,7 +49,7 @@ def quantized_tiny_flux(dtype=torch.bfloat16):
                     sub.weight.copy_(lin.weight[:, lo:hi])
                     if uns:
                         sub.bias.copy_(lin.bias)
-                parts.append(_w4a4(sub, uns, g))
+                parts.append(_w4a4(sub, uns, g, act_pow2=not uns))
             new = SplitInputLinear(parts)
         else:
             new = _w4a4(lin, name.endswith("mlp.2"), g)
@@ -80,6 +82,7 @@ def test_round_trip_is_bit_exact(saved):
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
     assert isinstance(back.double_blocks[0].img_mlp[2], W4A4Linear) and back.double_blocks[0].img_mlp[2].act_unsigned
     assert isinstance(back.single_blocks[1].linear2, SplitInputLinear)
+    assert back.single_blocks[1].linear2.parts[0].act_pow2 and not back.single_blocks[1].linear2.parts[1].act_pow2
     assert isinstance(back.double_blocks[1].img_mod.lin, nn.Linear)  # the layer kept 16-bit stays a Linear
     assert back.quant_config["alpha_grid"] == 5
     with torch.no_grad():

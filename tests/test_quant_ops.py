@@ -53,12 +53,12 @@ def test_weight_quant_round_trip_and_rounded_scale():
 
 
 def test_pow2_weight_scales_split_exactly_and_cost_little():
-    """quantize_weight(pow2=True): every group scale is the row's channel scale times 2^-e (0 <= e <= 9), so
+    """quantize_weight(pow2=True): every group scale is the row's channel scale times 2^-e (0 <= e <= 4), so
     pow2_split recovers (channel scale, e) exactly; the error on Gaussian weights with uneven rows and
     channels stays within 1.5 dB of the plain scales'."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(256, 1024, generator=gen) * torch.rand(256, 1, generator=gen) * torch.rand(1, 1024, generator=gen) * 3
-    w[:, 64:128] *= 1e-4  # a tiny group: its exponent clamps at POW2_MAX_EXP
+    w[:, 64:128] *= 1e-4  # a tiny group: rounds to zero under every exponent's scale
     w[3, 128:192] = 0     # an all-zero group
     sqnr = {}
     for pow2 in (False, True):
@@ -67,7 +67,7 @@ def test_pow2_weight_scales_split_exactly_and_cost_little():
         assert codes.min() >= -8 and codes.max() <= 7 and scales.dtype == torch.bfloat16
     assert ops.pow2_split(ops.quantize_weight(w)[1]) is None  # plain scales are not of the form
     ch, e = ops.pow2_split(scales)
-    assert e.dtype == torch.uint8 and int(e.max()) == ops.POW2_MAX_EXP
+    assert e.dtype == torch.uint8 and int(e.max()) <= ops.POW2_MAX_EXP and e.float().mean() > 0.1
     s = scales.float()
     assert torch.equal(torch.where(s > 0, ch[:, None] * torch.exp2(-e.float()), s), s)
     assert codes[3, 128:192].eq(0).all()

@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--save-w4a4", default="", help="also write SVDQuant rank-32 W4A4 (our format) here")
     p.add_argument("--pow2-scales", action="store_true", help="power-of-two W4A4 weight group scales for every "
                    "quantized configuration (the Hopper GEMM's folded format)")
+    p.add_argument("--pow2-act", action="store_true", help="power-of-two W4A4 activation group scales per token "
+                   "(with --pow2-scales: the Hopper integer GEMM's format)")
     args = p.parse_args(argv)
 
     from ..pipeline import Flux
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = evaluate(pipe, prompts, methods=methods, ranks=ranks, seeds=(0,), steps=args.steps,
                     calibration_prompts=calib, scorer=split_scorer, grid=out / "grid.png",
-                    quantize_kwargs=dict(pow2_scales=True) if args.pow2_scales else None)
+                    quantize_kwargs=dict(pow2_scales=args.pow2_scales, pow2_act=args.pow2_act))
     md = table_markdown(rows)
     (out / "table.md").write_text(md)
     (out / "table.json").write_text(json.dumps({"prompts": len(prompts), "seconds": time.time() - t0,

@@ -59,13 +59,16 @@ def _common_args(p: argparse.ArgumentParser, model_default: str | None = None) -
     p.add_argument("--max-tokens", type=int, default=1024, help="input tokens sampled per layer (default 1024)")
     p.add_argument("--pow2-scales", action="store_true",
                    help="power-of-two W4A4 weight group scales (channel scale * 2^-e): a slightly coarser grid "
-                        "that the Hopper GEMM folds into its fp8 weights (faster on H100/H200)")
+                        "that the Hopper GEMM folds into its weight operand (faster on H100/H200)")
+    p.add_argument("--pow2-act", action="store_true",
+                   help="power-of-two W4A4 activation group scales per token; with --pow2-scales the layers run "
+                        "the Hopper integer GEMM (fastest on H100/H200, slightly coarser)")
 
 
 def _quant_kwargs(args) -> dict:
     return dict(modulation=args.modulation, grid=args.alpha_grid, refine_iters=args.refine_iters,
                 fc2_unsigned=args.fc2_unsigned, gptq=not args.no_gptq, max_tokens=args.max_tokens,
-                pow2_scales=args.pow2_scales)
+                pow2_scales=args.pow2_scales, pow2_act=args.pow2_act)
 
 
 def _size(args) -> dict:

@@ -14,7 +14,8 @@ layers nest their parts: `single_blocks.0.linear2.parts.1.qweight`), plus the 16
     base_model      "dev" | "schnell"   (from guidance_embed)
     flux_params     JSON of FluxParams (BFL names)
     precision       JSON {linear path: "w4a4" | "w4a16" | "bf16" | "fp16" | "fp32"} for every linear of the DiT
-    layers          JSON {path: layer config} of every quantized replacement (see modules.module_from_config)
+    layers          JSON {path: layer config} of every quantized replacement (see modules.module_from_config;
+                    a W4A4 layer with power-of-two activation scales carries "act_pow2": true)
     act_unsigned    JSON [paths of W4A4 layers with unsigned, shifted activations]
     quant_config    JSON of the model's `quant_config` attribute (quantizer settings), if any
 

@@ -131,7 +131,9 @@ class W4A4Linear(_KeepsExactBuffers):
     Buffers (Kp = in_features rounded up to 64): qweight uint8 [N, Kp/2] (canonical packing), wscales
     [N, Kp/64] (`scale_dtype`), smooth float32 [Kp], lora_down [rank, Kp] (reads the raw input: 1/smooth is
     folded in), lora_up [N, rank], bias [N]. `act_unsigned`/`act_shift`: unsigned u4 activations of
-    (x + shift) / smooth, for post-GELU inputs. `act_quant=False` keeps the 4-bit weight but runs 16-bit
+    (x + shift) / smooth, for post-GELU inputs. `act_pow2`: power-of-two activation group scales per token
+(ops.quantize_act(pow2=True); with power-of-two weight scales this is the Hopper integer GEMM's format).
+`act_quant=False` keeps the 4-bit weight but runs 16-bit
     activations (ablations, layer-by-layer checks of an import). `.to(dtype)` casts only lora_down, lora_up
     and bias (see _KeepsExactBuffers).
     """
@@ -141,7 +143,7 @@ class W4A4Linear(_KeepsExactBuffers):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  act_unsigned: bool = False, act_shift: float = 0.0, act_quant: bool = True,
                  dtype: torch.dtype = torch.bfloat16, scale_dtype: torch.dtype = torch.bfloat16,
-                 device=None):
+                 device=None, act_pow2: bool = False):
         super().__init__()
         if rank < 0:
             raise ValueError(f"W4A4Linear: rank must be >= 0, got {rank}")
@@ -149,6 +151,7 @@ class W4A4Linear(_KeepsExactBuffers):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.padded_in_features = kp
         self.act_unsigned, self.act_shift, self.act_quant = bool(act_unsigned), float(act_shift), bool(act_quant)
+        self.act_pow2 = bool(act_pow2)
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(out_features, kp // 2, dtype=torch.uint8, **kw))
         self.register_buffer("wscales", torch.zeros(out_features, kp // GROUP, dtype=scale_dtype, **kw))
@@ -161,7 +164,8 @@ class W4A4Linear(_KeepsExactBuffers):
     def from_linear(cls, linear: nn.Linear, residual: torch.Tensor, smooth: torch.Tensor | None = None,
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                     act_unsigned: bool = False, act_shift: float = 0.0, dtype: torch.dtype | None = None,
-                    scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False) -> "W4A4Linear":
+                    scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False,
+                    act_pow2: bool = False) -> "W4A4Linear":
         """Build from the quantizer's results for `linear` (its bias is copied).
 
         residual [N, K]: the smoothed weight minus the low-rank part, W * smooth - lora_up @ (lora_down * smooth),
@@ -169,7 +173,8 @@ class W4A4Linear(_KeepsExactBuffers):
         folded in); lora_up [N, r]. The bias is copied as is: with `act_shift` s the quantized part computes
         ((x + s) / smooth) @ Rq^T = x @ (Rq / smooth)^T + s * rowsum(Rq / smooth), so a caller that wants an
         unbiased layer subtracts s * rowsum(Rq / smooth) from the bias afterwards (Rq: `dequantized_weight()`).
-        pow2: power-of-two group scales (ops.quantize_weight(pow2=True)).
+        pow2: power-of-two group scales (ops.quantize_weight(pow2=True)); act_pow2: power-of-two activation
+        scales (ops.quantize_act(pow2=True)).
         """
         n, k = linear.out_features, linear.in_features
         if residual.shape != (n, k):
@@ -185,7 +190,7 @@ class W4A4Linear(_KeepsExactBuffers):
         dtype = _layer_dtype(dtype, linear)
         dev = linear.weight.device
         m = cls(k, n, rank, bias=linear.bias is not None, act_unsigned=act_unsigned, act_shift=act_shift,
-                dtype=dtype, scale_dtype=scale_dtype, device=dev)
+                dtype=dtype, scale_dtype=scale_dtype, device=dev, act_pow2=act_pow2)
         pad = m.smooth.shape[0] - k
         codes, scales = ops.quantize_weight(F.pad(residual.detach().float().to(dev), (0, pad)), scale_dtype, pow2)
         m.qweight.copy_(ops.pack_int4(codes))
@@ -203,9 +208,12 @@ class W4A4Linear(_KeepsExactBuffers):
 
     def config(self) -> dict:
         """Constructor arguments (JSON-able) for quant/format.py."""
-        return dict(type="W4A4Linear", in_features=self.in_features, out_features=self.out_features,
-                    rank=self.rank, bias=self.bias is not None, act_unsigned=self.act_unsigned,
-                    act_shift=self.act_shift)
+        cfg = dict(type="W4A4Linear", in_features=self.in_features, out_features=self.out_features,
+                   rank=self.rank, bias=self.bias is not None, act_unsigned=self.act_unsigned,
+                   act_shift=self.act_shift)
+        if self.act_pow2:  # only when set: files without it load as before
+            cfg["act_pow2"] = True
+        return cfg
 
     def dequantized_weight(self) -> torch.Tensor:
         """Residual in smoothed space, float32 [N, Kp]: codes * wscales."""
@@ -234,7 +242,7 @@ class W4A4Linear(_KeepsExactBuffers):
                 return y
         lora = (self.lora_down, self.lora_up) if self.rank else (None, None)
         return ops.w4a4_linear(x, self.qweight, self.wscales, *lora, self.bias, self.smooth,
-                               self.act_unsigned, self.act_shift)
+                               self.act_unsigned, self.act_shift, act_pow2=self.act_pow2)
 
     def _forward_fake_act(self, x: torch.Tensor) -> torch.Tensor:
         # 16-bit activations with the 4-bit weight: the shift stays (the bias compensates it), no act rounding.
@@ -248,6 +256,8 @@ class W4A4Linear(_KeepsExactBuffers):
         s = f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
         if self.act_unsigned or self.act_shift:
             s += f", act_unsigned={self.act_unsigned}, act_shift={self.act_shift}"
+        if self.act_pow2:
+            s += ", act_pow2=True"
         return s + ("" if self.act_quant else ", act_quant=False")
 
 

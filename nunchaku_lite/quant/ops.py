@@ -15,13 +15,19 @@ Activation quantization (per token m, per group g), all in float32:
     scale = amax / 15         codes = clamp(round_half_even(xs / scale),  0, 15)    (unsigned)
     scale == 0 (all-zero group) -> codes 0, scale 0 (never NaN)
 The shift is added *before* the division by smooth, as in Nunchaku's kernels (NUNCHAKU_FORMAT.md §4.1).
+Power-of-two variant (`quantize_act(..., pow2=True)`, layers with `act_pow2`; `pow2_act_scales`): with
+s = the token's largest plain scale, each group's scale becomes s * 2^-e for the largest e <= POW2_MAX_EXP with
+s * 2^-e >= its plain scale (so nothing clips), and the codes are computed with that scale. Same format; it lets
+the Hopper GEMM fold every group scale into 8-bit integer operands (`pack_act_s8_tiles`).
 
 Weight quantization (per output row n, per group g): scale = amax / 7, first rounded to the storage dtype
 of the scales (bf16 by default); codes = clamp(round_half_even(w / float(scale_rounded)), -8, 7).
 Power-of-two variant (`quantize_weight(..., pow2=True)`, the Hopper fast path's format): every group scale
 is the row's channel scale times 2^-e, 0 <= e <= POW2_MAX_EXP (see `pow2_group_scales`). Same format and
-same linear semantics; the constraint only lets the sm_90 GEMM fold 2^-e into the fp8 weight operand
-(`pow2_split`), which removes one of its two fp32 operations per group.
+same linear semantics; the constraint only lets the sm_90 GEMMs fold 2^-e into their weight operand
+(`pow2_split`): into e4m3 (any e <= FP8_FOLD_MAX_EXP), which removes one of two fp32 operations per group, or,
+together with power-of-two activation scales, into int8 (code << (4 - e)), which removes the per-group
+promotion altogether (one integer accumulation over all of K).
 
 Packed storage ("canonical order", row-major over [N, K]): byte j of a row holds elements 2j (low nibble)
 and 2j+1 (high nibble), each the 4-bit two's complement of a signed code (or the plain unsigned code):
@@ -63,12 +69,13 @@ def _check_groups(k: int, what: str) -> int:
 
 
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: bool = False,
-                 shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 shift: float = 0.0, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token, per-64-group INT4 activation quantization.
 
     x [..., K] -> (codes int8 [M, K], scales float32 [M, K//64]) with M = prod(leading dims).
     Signed: codes in [-8, 7], scale = amax/7. Unsigned: codes in [0, 15], scale = amax/15 (negative values
-    clamp to 0). `shift` is added before dividing by `smooth` [K].
+    clamp to 0). `shift` is added before dividing by `smooth` [K]. pow2: power-of-two group scales per token
+    (`pow2_act_scales`).
     """
     k = x.shape[-1]
     g = _check_groups(k, "quantize_act")
@@ -85,6 +92,8 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: 
     # A tensor divisor, not a Python float: PyTorch's CUDA division by a scalar multiplies by its reciprocal,
     # which differs from IEEE division in the last bit (and from the CPU and the kernels).
     scales = amax / amax.new_tensor(qmax)
+    if pow2:
+        scales = pow2_act_scales(scales)
     # An all-zero group has scale 0; divide by 1 instead so its codes are round(0) = 0, not NaN.
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = torch.round(xs / safe[..., None]).clamp_(lo, hi).to(torch.int8)
@@ -115,7 +124,20 @@ def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, 
     return codes.view(n, k), scales
 
 
-POW2_MAX_EXP = 9  # |code| * 2^-e is exact in e4m3 for codes -8..15 and e <= 9 (subnormals included)
+POW2_MAX_EXP = 4  # code << (4 - e) fits int8 for codes -8..7 (uint8 for unsigned 0..15) when e <= 4
+FP8_FOLD_MAX_EXP = 9  # |code| * 2^-e is exact in e4m3 for codes -8..15 and e <= 9 (subnormals included)
+
+
+def pow2_act_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Plain activation group scales [M, G] (amax / qmax) -> the power-of-two format's: per token m with
+    s = max_g scales[m, g], scale[m, g] = s * 2^-e for the largest e in 0 .. POW2_MAX_EXP with s * 2^-e >=
+    scales[m, g] (exact comparisons and products; an all-zero token keeps scale 0)."""
+    top = scales.amax(dim=-1, keepdim=True)
+    out = top.expand_as(scales).clone()
+    for e in range(1, POW2_MAX_EXP + 1):  # the candidates shrink with e: keep the last that still covers
+        cand = top * 2.0 ** -e
+        out = torch.where(cand >= scales, cand, out)
+    return out
 
 
 POW2_CHANNEL_STEPS = 8  # channel-scale candidates c0 * 2^(-i/8), i < 8: the grid's alignment to the row
@@ -178,8 +200,9 @@ def pow2_group_scales(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
 
 def pow2_split(wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """wscales [N, G] -> (channel scale float32 [N], exponents uint8 [N, G]) with wscales[n, g] ==
-    chscale[n] * 2^-exp[n, g] exactly and exp <= POW2_MAX_EXP, or None when the scales are not of that form.
-    Zero scales get exponent 0 (their groups contribute 0; callers zero those codes before folding).
+    chscale[n] * 2^-exp[n, g] exactly and exp <= FP8_FOLD_MAX_EXP, or None when the scales are not of that
+    form (the int8 fold needs exp <= POW2_MAX_EXP, which the quantizer gives). Zero scales get exponent 0
+    (their groups contribute 0; callers zero those codes before folding).
     """
     s = wscales.float()
     if not torch.isfinite(s).all() or (s < 0).any():
@@ -188,7 +211,7 @@ def pow2_split(wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     safe = torch.where(s > 0, s, torch.ones_like(s))
     e = torch.round(torch.log2(ch[:, None] / safe))
     e = torch.where(s > 0, e, torch.zeros_like(e))
-    if ((e < 0) | (e > POW2_MAX_EXP)).any():
+    if ((e < 0) | (e > FP8_FOLD_MAX_EXP)).any():
         return None
     if not torch.equal(torch.where(s > 0, ch[:, None] * torch.exp2(-e), s), s):
         return None
@@ -258,6 +281,38 @@ def pack_act_fp8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch
     return codes8, s16.contiguous()
 
 
+def pack_act_s8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation operand of the sm_90 integer GEMM (nl_w4a4_gemm_s8) for power-of-two activation scales.
+
+    codes int [M, K], scales float32 [M, K/64] of `quantize_act(..., pow2=True)` -> (bytes8, tscale):
+      bytes8 uint8 [K/64, Mp, 64]: the tile layout of pack_act_fp8_tiles; each byte is code << (4 - e) as an
+             int8 (signed codes, -128..112) or a uint8 (unsigned codes, 0..240), where scales[m, g] =
+             s[m] * 2^-e, s[m] = the token's largest scale; rows m >= M are 0;
+      tscale float32 [Mp]: s[m] / 16, in pack_act_fp8_tiles's 16-token order (rows >= M are 0),
+    so that codes[m, k] * scales[m, g] == byte * tscale[m] exactly. Raises ValueError when the scales are not
+    of the power-of-two form.
+    """
+    m, k = codes.shape
+    g = _check_groups(k, "pack_act_s8_tiles")
+    s = scales.float()
+    top = s.amax(dim=1, keepdim=True)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    ratio = torch.where(s > 0, s / safe, torch.ones_like(s))
+    e = torch.round(-torch.log2(ratio))
+    if ((e < 0) | (e > POW2_MAX_EXP)).any() or not torch.equal(torch.where(s > 0, safe * torch.exp2(-e), s), s):
+        raise ValueError("pack_act_s8_tiles: the scales are not power-of-two activation scales "
+                         "(quantize_act(..., pow2=True))")
+    mult = torch.exp2(POW2_MAX_EXP - e).repeat_interleave(GROUP, dim=1)  # 2^(4 - e) per element
+    vals = (codes.float() * mult).to(torch.int16)
+    mp = max(FP8_TILE_ROWS, -(-m // FP8_TILE_ROWS) * FP8_TILE_ROWS)
+    b = torch.zeros(mp, k, dtype=torch.uint8, device=codes.device)
+    b[:m] = (vals & 0xFF).to(torch.uint8)  # two's complement byte of signed values; unsigned as is
+    bytes8 = b.view(mp // 8, 8, g, 4, 16).permute(2, 0, 3, 1, 4).contiguous().view(g, mp, 64)
+    t = torch.zeros(mp, dtype=torch.float32, device=scales.device)
+    t[:m] = top[:, 0] / 2.0 ** POW2_MAX_EXP
+    return bytes8, t.view(mp // 16, 2, 4, 2).permute(0, 2, 1, 3).reshape(mp).contiguous()
+
+
 WGMMA_TILE_ROWS = 128  # weight rows per CTA of the sm_90 GEMM (two warpgroups x 64)
 
 
@@ -321,11 +376,12 @@ def w4a4_linear(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
                 lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                 act_unsigned: bool = False, act_shift: float = 0.0,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, act_pow2: bool = False) -> torch.Tensor:
     """The W4A4 SVDQuant linear (see the module docstring for the exact arithmetic).
 
     x [..., K]; qweight uint8 [N, K//2] (canonical packing); wscales [N, K//64]; lora_down [r, K] (reads the
-    raw x); lora_up [N, r]; bias [N] or None; smooth [K] or None. Returns [..., N] in out_dtype (default x.dtype).
+    raw x); lora_up [N, r]; bias [N] or None; smooth [K] or None; act_pow2: power-of-two activation scales.
+    Returns [..., N] in out_dtype (default x.dtype).
     """
     k = x.shape[-1]
     n = qweight.shape[0]
@@ -333,7 +389,7 @@ def w4a4_linear(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
         raise ValueError(f"w4a4_linear: input K={k} does not match qweight {tuple(qweight.shape)} / "
                          f"wscales {tuple(wscales.shape)}")
     xf = x.reshape(-1, k)
-    qa, sa = quantize_act(xf, smooth, act_unsigned, act_shift)
+    qa, sa = quantize_act(xf, smooth, act_unsigned, act_shift, act_pow2)
     cw = unpack_int4(qweight)
     sw = wscales.float()
     m, g = sa.shape

@@ -78,6 +78,7 @@ class QuantConfig:
     max_tokens: int = 1024  # input tokens kept per layer for the search and the error figures
     seed: int = 0
     pow2_scales: bool = False  # power-of-two W4A4 weight group scales (ops.quantize_weight(pow2=True))
+    pow2_act: bool = False  # power-of-two W4A4 activation group scales (ops.quantize_act(pow2=True))
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -209,14 +210,14 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     return ops.dequantize(*ops.quantize_weight(w))
 
 
-def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool) -> torch.Tensor:
+def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, unsigned: bool, pow2: bool = False) -> torch.Tensor:
     """Dequantized INT4 activations of x / smooth [T, K] (float32), as the W4A4 linear computes them.
 
     For unsigned layers the shift is removed again (shift / smooth), which is what the bias compensation
     of the real layer does.
     """
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
-    deq = ops.dequantize(*ops.quantize_act(x, smooth, unsigned, shift))
+    deq = ops.dequantize(*ops.quantize_act(x, smooth, unsigned, shift, pow2))
     return deq - shift / smooth if unsigned else deq
 
 
@@ -334,7 +335,7 @@ def search_layer(w: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor, cfg: 
     def score(lam, lowrank):
         w_hat = w * lam
         resid = w_hat if lowrank is None else w_hat - lowrank
-        y = fake_quant_act(x, lam, unsigned) @ fake_quant_weight(resid).T
+        y = fake_quant_act(x, lam, unsigned, cfg.pow2_act) @ fake_quant_weight(resid).T
         if lowrank is not None:
             y = y + (x / lam) @ lowrank.T
         return ((y - y_ref).pow(2).sum() / ref_energy).item()
@@ -374,12 +375,14 @@ def _pad_k(t: torch.Tensor, k_padded: int, value: float = 0.0) -> torch.Tensor:
 
 
 def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
-               hessian: torch.Tensor | None = None, clip: bool = False, pow2: bool = False) -> W4A4Linear:
+               hessian: torch.Tensor | None = None, clip: bool = False, pow2: bool = False,
+               act_pow2: bool = False) -> W4A4Linear:
     """The W4A4Linear for `linear` from a search result; the residual is computed against the low-rank
     factors as they will be stored (rounded to the model dtype), so their rounding error gets quantized too.
     The residual is rounded by GPTQ in the smoothed space when `hessian` (sum x^T x of the raw inputs) is
     given, else to nearest: with MSE-clipped scales if `clip`, else plain absmax/7 scales. pow2: power-of-two
-    group scales (ops.quantize_weight(pow2=True); the Hopper GEMM folds them into its fp8 weight operand)."""
+    group scales (ops.quantize_weight(pow2=True); the Hopper GEMMs fold them into their weight operand);
+    act_pow2: the layer quantizes its activations with power-of-two scales (ops.quantize_act(pow2=True))."""
     k = linear.in_features
     w = linear.weight.detach().float()
     lam = result.smooth[:k].float()
@@ -392,7 +395,7 @@ def build_w4a4(linear: nn.Linear, result: LayerResult, unsigned: bool,
         resid = resid - (lora_up.float() @ (lora_down.float() * lam))
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
     layer = W4A4Linear.from_linear(linear, resid, smooth=lam, lora_down=lora_down, lora_up=lora_up,
-                                   act_unsigned=unsigned, act_shift=shift, pow2=pow2)
+                                   act_unsigned=unsigned, act_shift=shift, pow2=pow2, act_pow2=act_pow2)
     kp = layer.smooth.shape[0]
     if hessian is not None:
         lam_p = layer.smooth.double()
@@ -471,7 +474,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
                     sub = _linear_part(linear, lo, hi, with_bias=uns)
                     res, naive = _search(sub, st.absmax[lo:hi], st.rows[:, lo:hi], cfg, uns, generator)
                     parts.append(build_w4a4(sub, res, uns, _hessian(st, cfg, lo, hi), clip=cfg.method != "naive",
-                                            pow2=cfg.pow2_scales))
+                                            pow2=cfg.pow2_scales, act_pow2=cfg.pow2_act))
                     naives.append(naive)
                     alphas.append((res.alpha, res.beta))
                 new = SplitInputLinear(parts)
@@ -480,7 +483,7 @@ def quantize_block(block: nn.Module, kind: str, stats: dict[str, InputStats], cf
             else:
                 res, naive = _search(linear, st.absmax, st.rows, cfg, unsigned, generator)
                 new = build_w4a4(linear, res, unsigned, _hessian(st, cfg), clip=cfg.method != "naive",
-                                 pow2=cfg.pow2_scales)
+                                 pow2=cfg.pow2_scales, act_pow2=cfg.pow2_act)
                 rec = dict(precision="w4a4", naive_err=math.sqrt(naive), alpha=res.alpha, beta=res.beta,
                            unsigned=unsigned)
         if st is not None and st.rows is not None:
@@ -676,7 +679,7 @@ def _log_block(name, seconds, records, file):
 @torch.no_grad()
 def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 32, *, modulation: str = "w4a16",
              grid: int = 20, refine_iters: int = 4, fc2_unsigned: bool | None = None, gptq: bool = True,
-             max_tokens: int = 1024, pow2_scales: bool = False,
+             max_tokens: int = 1024, pow2_scales: bool = False, pow2_act: bool = False,
              device=None, progress=True, pipeline=None, steps: int | None = None, samples: int | None = None,
              seed: int = 0, pipeline_kwargs: dict | None = None) -> nn.Module:
     """Quantize a FLUX DiT IN PLACE (its linears are swapped for quantized modules) and return it.
@@ -695,9 +698,12 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
     gptq: round the INT4 weights (W4A4 residuals, W4A16 layers) with GPTQ using the calibration inputs'
         second moments, instead of round-to-nearest (method "naive" always rounds to nearest).
     max_tokens: input tokens sampled per layer for the search and the reported errors.
-    pow2_scales: W4A4 weight group scales that are the row's channel scale times 2^-e (0 <= e <= 9): the
+    pow2_scales: W4A4 weight group scales that are the row's channel scale times 2^-e (0 <= e <= 4): the
         same format, a slightly coarser grid (see the README's quality table), and on Hopper the GEMM folds
-        them into its fp8 weight operand (native.w4a4_gemm's folded kernel, one fp32 op per group less).
+        them into its weight operand (native.w4a4_gemm's folded kernels).
+    pow2_act: the W4A4 layers quantize their activations with power-of-two group scales per token
+        (ops.quantize_act(pow2=True)). With pow2_scales this is the format of the Hopper integer GEMM, which
+        accumulates all of K in int32 without per-group promotion (the fastest W4A4 path on H100/H200).
     device: where each block is quantized (default: CUDA if available, else the model's device).
     progress: True prints one line per block to stderr; a callable receives (block_name, seconds, records).
 
@@ -706,7 +712,7 @@ def quantize(dit: nn.Module, calibration, method: str = "svdquant", rank: int = 
     if fc2_unsigned is None:
         fc2_unsigned = method == "svdquant"
     cfg = QuantConfig(method, rank, modulation, grid, refine_iters, fc2_unsigned, gptq, max_tokens, seed,
-                      pow2_scales)
+                      pow2_scales, pow2_act)
     _check_model(dit, cfg)
     inputs = calibration_inputs(calibration, pipeline, steps, samples, seed, pipeline_kwargs)
     home = _device_of(dit)
