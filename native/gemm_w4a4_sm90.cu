@@ -61,7 +61,7 @@
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NL_SM90A 1
-#include "wgmma.cuh"
+#include "sm90.cuh"
 #endif
 
 namespace {
@@ -70,13 +70,13 @@ constexpr int BN = 128;                 // weight rows per CTA (two consumer war
 constexpr int THREADS = 384;            // producer warpgroup + 2 consumer warpgroups
 constexpr int W_BYTES = BN * 32;        // 4-bit weights of one group for the CTA
 constexpr int SW_BYTES = BN * 4;
-constexpr int LRC = 64;                 // rank chunk of the low-rank epilogue
+constexpr int LRC = 64;                 // rank chunk of the low-rank epilogue (lowrank_into's default)
 constexpr int OUT_PAD = 8;              // staging row padding (elements)
 // Defaults chosen by the H100 sweep (bench/results/h100-2026-11-25b/gemm_README.md): the variants differ by
 // <= 5 %, except the cluster-multicast one, which is 2.5x slower (kept opt-in for further work).
 constexpr int DEFAULT_BT = 128, DEFAULT_STAGES = 10, DEFAULT_RASTER = 1, DEFAULT_CLUSTER = 1;
 // Folded weights: group scale = channel scale * 2^-e with 0 <= e <= FOLD_MAX_EXP, so that every code * 2^-e
-// (|code| <= 8) is exact in e4m3, subnormals included (quant/ops.py POW2_MAX_EXP).
+// (|code| <= 8) is exact in e4m3, subnormals included (quant/ops.py FP8_FOLD_MAX_EXP).
 constexpr int FOLD_MAX_EXP = 9;
 constexpr int EXP_BYTES = BN;           // one exponent byte per weight row and group
 
@@ -112,27 +112,7 @@ struct Params {
 };
 
 #ifdef NL_SM90A
-// ---- mbarriers, bulk copies, wgmma control ---------------------------------------------------------------
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
+using namespace sm90;
 // Multicast variant: the same shared-memory offset (and mbarrier) in every CTA of cta_mask.
 __device__ __forceinline__ void bulk_g2s_mc(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar,
                                             uint16_t cta_mask) {
@@ -160,115 +140,17 @@ __device__ __forceinline__ uint32_t cluster_rank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
   return r;
 }
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Keeps the compiler from moving accesses of an in-flight wgmma accumulator across the wait.
-template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
-
-// No-swizzle K-major shared-memory descriptor: start address, LBO (K-adjacent core matrices), SBO (next 8 rows).
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return (uint64_t)((addr >> 4) & 0x3FFF) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
-         ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
-}
-__device__ __forceinline__ uint32_t select_bits(uint32_t p, uint32_t q, uint32_t mask) {  // mask ? q : p
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xCA;\n" : "=r"(r) : "r"(mask), "r"(q), "r"(p));  // (m & q) | (~m & p)
-  return r;
-}
-// 8 two's-complement nibbles -> 8 e4m3 bytes (lo: codes 0-3, hi: codes 4-7).
-constexpr uint32_t POS_LO = 0x44403800u, POS_HI = 0x4E4C4A48u;  // e4m3(0..7)
-constexpr uint32_t NEG_LO = 0xCACCCED0u, NEG_HI = 0xB8C0C4C8u;  // e4m3(-8..-1)
-__device__ __forceinline__ void nib8_to_e4m3(uint32_t x, uint32_t &lo, uint32_t &hi) {
-  const uint32_t t = x & 0x77777777u, x4 = x << 4, th = t >> 16;
-  lo = select_bits(prmt(POS_LO, POS_HI, t), prmt(NEG_LO, NEG_HI, t), prmt(x, x4, 0x9D8C));
-  hi = select_bits(prmt(POS_LO, POS_HI, th), prmt(NEG_LO, NEG_HI, th), prmt(x, x4, 0xBFAE));
-}
-
-// The same with per-row tables (FOLD): t0/t1 = {POS_LO, POS_HI, NEG_LO, NEG_HI} of e4m3(code * 2^-e) for the
-// exponent of the low-half row (t0) and of the high-half row (t1).
-__device__ __forceinline__ void nib8_to_e4m3(uint32_t x, const uint4 &t0, const uint4 &t1, uint32_t &lo,
-                                             uint32_t &hi) {
-  const uint32_t t = x & 0x77777777u, x4 = x << 4, th = t >> 16;
-  lo = select_bits(prmt(t0.x, t0.y, t), prmt(t0.z, t0.w, t), prmt(x, x4, 0x9D8C));
-  hi = select_bits(prmt(t1.x, t1.y, th), prmt(t1.z, t1.w, th), prmt(x, x4, 0xBFAE));
-}
-__device__ __forceinline__ uint32_t e4m3_byte(float v) {  // exact for the table's values
-  unsigned short r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(0.f), "f"(v));
-  return r & 0xFFu;
-}
-
-template <typename T> struct LrOp;
-template <> struct LrOp<__nv_bfloat16> {
-  template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
-    wgmma::Lr<BT>::bf16(d, a, desc);
-  }
-};
-template <> struct LrOp<__half> {
-  template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
-    wgmma::Lr<BT>::f16(d, a, desc);
-  }
-};
-
-// lr = lora_up[rows of this warpgroup, :] @ lora_act[tokens, :]^T, chunks of LRC ranks through shared memory.
-// Its own accumulator, added to acc by the caller: when the main loop's acc is also a wgmma accumulator,
-// ptxas serializes every main-loop wgmma (warning C7515, the promotion FMAs write acc while wgmma is in flight).
+// The low-rank epilogue into its own accumulator, added to acc afterwards: when the main loop's acc is also a
+// wgmma accumulator, ptxas serializes every main-loop wgmma (warning C7515, the promotion FMAs write acc while
+// wgmma is in flight).
 template <int BT, typename T>
 __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&acc)[BT / 2], int m0, int n0,
                                         int c, int ctid) {
-  const int w = ctid >> 5, l = ctid & 31;
-  uint8_t *hi = smem, *lo = smem + BT * LRC * 2;
-  const T *up = static_cast<const T *>(p.lora_up);
-  const int row0 = n0 + c * 64 + 16 * w + (l >> 2);
   float lr[BT / 2];
 #pragma unroll
   for (int i = 0; i < BT / 2; ++i) lr[i] = 0.f;
-  for (int r0 = 0; r0 < p.rank; r0 += LRC) {
-    const int len = min(LRC, p.rank - r0);
-    consumers_sync();  // the previous chunk's wgmma (or the main loop's stages) are done with this memory
-    // token t, ranks 4i..4i+3 of the chunk -> core matrix (t/8, k/8) of a [BT x LRC] K-major 16-bit tile
-    for (int i = threadIdx.x - 128; i < BT * (len / 4); i += 256) {  // both consumer warpgroups
-      const int t = i / (len / 4), k = (i % (len / 4)) * 4, m = m0 + t;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (m < p.M) v = *reinterpret_cast<const float4 *>(p.lora_act + (int64_t)m * p.rank + r0 + k);
-      const uint32_t h0 = pack2<T>(v.x, v.y), h1 = pack2<T>(v.z, v.w);
-      const float2 f0 = unpack2<T>(h0), f1 = unpack2<T>(h1);
-      const uint32_t l0 = pack2<T>(v.x - f0.x, v.y - f0.y), l1 = pack2<T>(v.z - f1.x, v.w - f1.y);
-      const int off = ((t >> 3) * (LRC / 8) + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2;
-      *reinterpret_cast<uint2 *>(hi + off) = make_uint2(h0, h1);
-      *reinterpret_cast<uint2 *>(lo + off) = make_uint2(l0, l1);
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
-    consumers_sync();
-    wg_fence();
-    for (int kk = 0; kk < len / 16; ++kk) {
-      const int k = r0 + kk * 16 + 2 * (l & 3);
-      uint32_t a[4];
-      a[0] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * p.rank + k);
-      a[1] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * p.rank + k);
-      a[2] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * p.rank + k + 8);
-      a[3] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * p.rank + k + 8);
-      const uint32_t off = kk * 256;  // two core matrices along K per k16 step
-      LrOp<T>::template mma<BT>(lr, a, make_desc(smem_u32(hi) + off, 128, LRC * 16));
-      LrOp<T>::template mma<BT>(lr, a, make_desc(smem_u32(lo) + off, 128, LRC * 16));
-    }
-    wg_commit();
-    wg_wait<0>();
-    reg_fence(lr);
-  }
+  lowrank_into<BT, T>(smem, lr, p.lora_act + (int64_t)m0 * p.rank, p.M - m0,
+                      static_cast<const T *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ctid);
 #pragma unroll
   for (int i = 0; i < BT / 2; ++i) acc[i] += lr[i];
 }
@@ -482,10 +364,10 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
       const uint8_t *ex = st + C::ACT_BYTES + W_BYTES + C::SA_BYTES;
       const uint4 *tab = reinterpret_cast<const uint4 *>(smem + C::TAB_OFF);
       const uint4 t0 = tab[ex[rloc]], t1 = tab[ex[rloc + 8]];
-      nib8_to_e4m3(wv.x, t0, t1, a[0], a[1]);
-      nib8_to_e4m3(wv.y, t0, t1, a[2], a[3]);
-      nib8_to_e4m3(wv.z, t0, t1, a[4], a[5]);
-      nib8_to_e4m3(wv.w, t0, t1, a[6], a[7]);
+      nib8_lookup(wv.x, t0, t1, a[0], a[1]);
+      nib8_lookup(wv.y, t0, t1, a[2], a[3]);
+      nib8_lookup(wv.z, t0, t1, a[4], a[5]);
+      nib8_lookup(wv.w, t0, t1, a[6], a[7]);
     } else {
       nib8_to_e4m3(wv.x, a[0], a[1]);
       nib8_to_e4m3(wv.y, a[2], a[3]);
@@ -636,28 +518,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   }
   // ---------------- epilogue: bias, GELU, convert, stage transposed, write rows < M ----------------
   consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
-  const int esz = p.out_dtype == NL_F32 ? 4 : 2;
-  const int srow = (BN + OUT_PAD) * esz;  // staging bytes per token row
-  const float b0 = p.bias ? p.bias[n0 + rloc] : 0.f, b1 = p.bias ? p.bias[n0 + rloc + 8] : 0.f;
-  const bool gelu = p.epilogue == NL_EPI_GELU_TANH;
-#pragma unroll
-  for (int i = 0; i < ND; ++i) {
-    const int j = i >> 2, t = 8 * j + 2 * q + (i & 1), r = rloc + ((i >> 1) & 1) * 8;
-    float v = acc[i] + ((i >> 1) & 1 ? b1 : b0);
-    if (gelu) v = gelu_epilogue(v, p.out_dtype);
-    uint8_t *dst = smem + t * srow + r * esz;
-    if (p.out_dtype == NL_BF16) *reinterpret_cast<__nv_bfloat16 *>(dst) = __float2bfloat16_rn(v);
-    else if (p.out_dtype == NL_F16) *reinterpret_cast<__half *>(dst) = __float2half_rn(v);
-    else *reinterpret_cast<float *>(dst) = v;
-  }
-  consumers_sync();
-  const int chunks = BN * esz / 16, rows = min(BT, p.M - m0);
-  uint8_t *out = static_cast<uint8_t *>(p.out);
-  for (int i = threadIdx.x - 128; i < rows * chunks; i += 256) {
-    const int t = i / chunks, ch = i % chunks;
-    *reinterpret_cast<uint4 *>(out + ((int64_t)(m0 + t) * p.ldo + n0) * esz + ch * 16) =
-        *reinterpret_cast<const uint4 *>(smem + t * srow + ch * 16);
-  }
+  store_tile<BT, BN, OUT_PAD>(smem, acc, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rloc, q);
   if constexpr (CL > 1) cluster_sync();
 #else
   __trap();  // sm_90a only; the host entry refuses other devices

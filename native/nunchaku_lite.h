@@ -37,7 +37,7 @@ enum {
 enum { NL_F32 = 0, NL_BF16 = 1, NL_F16 = 2 };                    /* dtype codes */
 enum { NL_PATH_AUTO = 0, NL_PATH_S4 = 1, NL_PATH_S8 = 2 };       /* W4A4 tensor-core path */
 enum { NL_EPI_NONE = 0, NL_EPI_GELU_TANH = 1 };                  /* GEMM epilogue activation */
-enum { NL_ACT_PACKED = 0, NL_ACT_FP8_TILES = 1 };                /* quantized activation layout */
+enum { NL_ACT_PACKED = 0, NL_ACT_FP8_TILES = 1, NL_ACT_S8_TILES = 2 }; /* quantized activation layout */
 
 const char *nl_last_error(void);
 int nl_version(void);
@@ -66,6 +66,21 @@ int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, 
                               const void *lora_down, int rank, int layout,
                               uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *y_out,
                               void *stream);
+
+/* Power-of-two activation quantization (quant/ops.py quantize_act(pow2=True)), the pass after nl_quantize_act:
+ * plain_scales float [K/64, lds] are nl_quantize_act's NL_ACT_PACKED scales of the same x (or of its y_out);
+ * per token s = max plain scale, each group scale = s * 2^-e (largest e <= 4 that still covers the plain
+ * scale), codes recomputed from x with it (IEEE divisions, bit-identical). layout NL_ACT_PACKED: codes uint8
+ * [M, K/2], scales float [K/64, ldm] (ldm a multiple of 128 >= M). layout NL_ACT_FP8_TILES: as nl_quantize_act's
+ * (the fp8 GEMMs' operand, ldm = M rounded up to 256). layout NL_ACT_S8_TILES (operand of
+ * nl_w4a4_gemm_s8, quant/ops.py pack_act_s8_tiles): codes uint8 [K/64, ldm, 64] holding code << (4 - e)
+ * (int8, or uint8 for unsigned) in the NL_ACT_FP8_TILES order, scales float [ldm] = s / 16 (16-token
+ * permutation), ldm = M rounded up to 256, rows >= M zero. workspace: float [ldm]. x 16-byte aligned, ldx a
+ * multiple of 8. */
+int nl_quantize_act_pow2(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
+                         const float *smooth, float shift, int act_unsigned, const float *plain_scales,
+                         int64_t lds, int layout, uint8_t *codes, float *scales, int64_t ldm,
+                         float *workspace, void *stream);
 
 /* Canonical packed weight [N, K/2] -> kernel tile order [N/128, K/64, 128, 32] (run once at load). */
 int nl_repack_weight(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *tiled, void *stream);
@@ -117,6 +132,18 @@ int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_s
                                    const float *next_smooth, float next_shift, int next_unsigned,
                                    const void *next_lora_down, int next_rank, uint8_t *next_codes8,
                                    float *next_scales8, int64_t next_mp, float *next_lora_part, void *stream);
+
+/* Hopper (sm_90a) W4A4 GEMM for power-of-two scales on both operands (gemm_w4a4_s8_sm90.cu): one int8 wgmma
+ * accumulation over all of K (no per-group promotion). act_bytes8 uint8 [K/64, mp, 64] and act_tscale float
+ * [mp]: the NL_ACT_S8_TILES layout (nl_quantize_act_pow2; signed, or unsigned when act_unsigned); w_packed:
+ * nl_repack_weight_sm90 output; w_chscale float [N] and w_exp uint8 [K/64, N] with every exponent <= 4
+ * (quant/ops.py pow2_split). out = float(int dot) * act_tscale[m] * w_chscale[n] / 16 + lora_act @ lora_up^T
+ * + bias, then the epilogue. Other arguments as nl_w4a4_gemm_fp8; K <= 65536. */
+int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscale, int64_t mp, int act_unsigned,
+                    const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
+                    const float *lora_act, const void *lora_up, int lora_dtype, int rank,
+                    const float *bias, void *out, int out_dtype, int64_t ldo,
+                    int64_t M, int64_t N, int64_t K, int epilogue, void *stream);
 
 /* Canonical packed weight [N, K/2] -> the sm_90 GEMM's order [N/128, K/64, 2, 128, 16] (each thread's A
  * fragments of one group as 16 bytes; quant/ops.py pack_weight_wgmma). Runs on any device. */

@@ -121,9 +121,14 @@ def _row_ok(t: Tensor, mult: int) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def act_layout(device) -> str:
-    """The activation layout the W4A4 GEMM of `device` reads: "fp8_tiles" for the sm_90 wgmma path."""
-    return "fp8_tiles" if _fused_lib().default_path(device) == "wgmma" else "packed"
+def act_layout(device, prep=None) -> str:
+    """The activation layout the W4A4 GEMM of `device` reads for the prepared layer `prep` (native.act_layout):
+    "packed", "fp8_tiles" (sm_90 wgmma) or "s8_tiles" (sm_90, power-of-two scales on both operands)."""
+    native = _fused_lib()
+    path = native.default_path(device)
+    if prep is None:
+        return "fp8_tiles" if path == "wgmma" else "packed"
+    return native.act_layout(prep, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,10 +260,11 @@ class Prequantized(NamedTuple):
 def _gelu_quantize_target(prep, nxt: nn.Module | None, x: Tensor):
     """The next layer's PreparedW4A4 when fc1 -> GELU -> nxt can run as one GEMM with the quantizing epilogue."""
     if not (W4A4_GELU_QUANTIZE and W4A4_GELU_EPILOGUE and nxt is not None and _w4a4_fast(nxt, x)
-            and act_layout(x.device) == "fp8_tiles"):
+            and act_layout(x.device, prep) == "fp8_tiles"):
         return None
     nprep = _fused_lib().prepared_for(nxt, x.dtype)
-    ok = (prep.n % 128 == 0 and nprep.k == prep.n and nprep.rank <= 64
+    ok = (act_layout(x.device, nprep) == "fp8_tiles" and not nprep.act_pow2 and prep.n % 128 == 0
+          and nprep.k == prep.n and nprep.rank <= 64
           and all(t is None or t.dtype == x.dtype for t in (prep.lora_up, nprep.lora_down)))
     return nprep if ok else None
 
@@ -289,7 +295,7 @@ def linear(lin: nn.Module, x: Tensor, act: str | None = None) -> Tensor:
         if x.stride(1) != 1 or x.stride(0) != x.shape[1] or x.data_ptr() % 16:
             x = x.contiguous()
         qa = native.quantize_act(x, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift,
-                                 layout=act_layout(x.device))
+                                 layout=act_layout(x.device, prep), pow2=prep.act_pow2)
         return _gemm(qa, prep, x.dtype, act == "gelu")
     else:
         y = lin(x)
@@ -306,7 +312,8 @@ def ln_linear(lin: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, tokens_pe
         native = _fused_lib()
         prep = native.prepared_for(lin, x.dtype)
         qa = native.layernorm_quantize_act(x, shift, scale, tokens_per_batch, prep.smooth, prep.lora_down,
-                                           prep.act_unsigned, prep.act_shift, act_layout(x.device), eps)
+                                           prep.act_unsigned, prep.act_shift, act_layout(x.device, prep), eps,
+                                           pow2=prep.act_pow2)
         if parts is None:
             return _gemm(qa, prep, x.dtype, act == "gelu", _gelu_quantize_target(prep, nxt, x) if act else None)
         preps = _row_split(lin, prep, parts)

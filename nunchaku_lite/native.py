@@ -230,7 +230,7 @@ def padded_rows(m: int) -> int:
     return max(128, -(-m // 128) * 128)
 
 
-ACT_LAYOUTS = {"packed": 0, "fp8_tiles": 1}  # NL_ACT_PACKED, NL_ACT_FP8_TILES
+ACT_LAYOUTS = {"packed": 0, "fp8_tiles": 1, "s8_tiles": 2}  # NL_ACT_PACKED, NL_ACT_FP8_TILES, NL_ACT_S8_TILES
 
 
 def fp8_tile_rows(m: int) -> int:
@@ -245,6 +245,9 @@ class QuantizedActivation(NamedTuple):
     scales float32 [K/64, ldm] with ldm = padded_rows(M); ops.quantize_act's scales are scales[:, :M].T.
     layout "fp8_tiles" (sm_90 GEMM): codes uint8 [K/64, Mp, 64] and scales float32 [K/64, Mp], byte-identical
     to ops.pack_act_fp8_tiles(codes, scales), Mp = fp8_tile_rows(M), padded rows 0.
+    layout "s8_tiles" (sm_90 integer GEMM, power-of-two activation scales only): codes uint8 [K/64, Mp, 64]
+    (code << (4 - e) bytes) and scales float32 [Mp] (token scale / 16), byte-identical to
+    ops.pack_act_s8_tiles(*ops.quantize_act(..., pow2=True)).
     """
     codes: torch.Tensor
     scales: torch.Tensor
@@ -294,15 +297,17 @@ def _check_quantize_args(kname, x, smooth, lora_down, layout):
     return m, k, rank
 
 
-def quantize_act_reference(x, smooth=None, lora_down=None, unsigned=False, shift=0.0, layout="packed"
-                           ) -> QuantizedActivation:
+def quantize_act_reference(x, smooth=None, lora_down=None, unsigned=False, shift=0.0, layout="packed",
+                           pow2: bool = False) -> QuantizedActivation:
     """The PyTorch reference of quantize_act's outputs (any device, no library needed; used for CPU tensors)."""
     m, k = x.shape
-    codes, scales = ops.quantize_act(x, smooth, unsigned, shift)
+    codes, scales = ops.quantize_act(x, smooth, unsigned, shift, pow2)
     if layout == "packed":
         sc = torch.zeros(k // GROUP, padded_rows(m), dtype=torch.float32, device=x.device)
         sc[:, :m] = scales.t()
         packed = ops.pack_int4(codes)
+    elif layout == "s8_tiles":
+        packed, sc = ops.pack_act_s8_tiles(codes, scales)
     else:
         packed, sc = ops.pack_act_fp8_tiles(codes, scales)
     lora_act = None if lora_down is None or lora_down.shape[0] == 0 else x.float() @ lora_down.float().t()
@@ -317,34 +322,61 @@ def _alloc_outputs(x, m, k, rank, layout):
     else:
         ldm = fp8_tile_rows(m)
         codes = torch.empty(g, ldm, GROUP, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(g, ldm, dtype=torch.float32, device=x.device)
+    scales = torch.empty(ldm if layout == "s8_tiles" else (g, ldm), dtype=torch.float32, device=x.device)
     lora_act = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
     return codes, scales, ldm, lora_act
 
 
+def _check_pow2_layout(kname: str, layout: str, pow2: bool) -> None:
+    if layout == "s8_tiles" and not pow2:
+        raise ValueError(f"{kname}: layout 's8_tiles' holds power-of-two activation scales only (pass pow2=True)")
+
+
+def _pow2_pass(src: torch.Tensor, m: int, k: int, smooth, shift: float, unsigned: bool, plain: torch.Tensor,
+               layout: str):
+    """nl_quantize_act_pow2 of src [M, K] (x, or the LayerNorm kernel's y) given its plain scales (the
+    NL_ACT_PACKED scales [K/64, lds] of the first pass) -> (codes, scales) in `layout`."""
+    codes, scales, ldm, _ = _alloc_outputs(src, m, k, 0, layout)
+    work = torch.empty(ldm, dtype=torch.float32, device=src.device)
+    _call("nl_quantize_act_pow2", _ptr(src), _DTYPE_CODE[src.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
+          int(bool(unsigned)), _ptr(plain, "float *"), plain.shape[1], ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
+          _ptr(scales, "float *"), ldm, _ptr(work, "float *"), _stream(src.device))
+    return codes, scales
+
+
 @_needs_lib
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down: torch.Tensor | None = None,
-                 unsigned: bool = False, shift: float = 0.0, layout: str = "packed") -> QuantizedActivation:
+                 unsigned: bool = False, shift: float = 0.0, layout: str = "packed",
+                 pow2: bool = False) -> QuantizedActivation:
     """INT4 codes/scales of x (as ops.quantize_act, bit-identical) and the low-rank activation x @ lora_down^T.
 
     x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None; lora_down [r, K] of x's dtype,
-    r a multiple of 16 up to 128, or None; layout "packed" or "fp8_tiles" (see QuantizedActivation).
-    A CPU x runs the PyTorch reference (same outputs).
+    r a multiple of 16 up to 128, or None; layout "packed", "fp8_tiles" or "s8_tiles" (see
+    QuantizedActivation). pow2: power-of-two activation scales (ops.quantize_act(pow2=True); "s8_tiles" needs
+    them), a second kernel pass (nl_quantize_act_pow2) after the plain one, which gives the plain
+    scales and lora_act. A CPU x runs the PyTorch reference (same outputs).
     """
     kname = "quantize_act"
     m, k, rank = _check_quantize_args(kname, x, smooth, lora_down, layout)
+    _check_pow2_layout(kname, layout, pow2)
     if not x.is_cuda:
-        return quantize_act_reference(x, smooth, lora_down, unsigned, shift, layout)
+        return quantize_act_reference(x, smooth, lora_down, unsigned, shift, layout, pow2)
     _check(x, "x", kname, (torch.bfloat16, torch.float16))
     if smooth is not None:
         _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
     if rank:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
-    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
+    first = "packed" if pow2 else layout
+    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, first)
     if m:
         _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
-              int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout],
+              int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[first],
               _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _stream(x.device))
+        if pow2:
+            codes, scales = _pow2_pass(_aligned(x), m, k, smooth, shift, unsigned, scales, layout)
+    elif pow2:
+        codes, scales, _, _ = _alloc_outputs(x, m, k, 0, layout)
+        codes.zero_(), scales.zero_()
     return QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
 
 
@@ -378,7 +410,7 @@ def _modulation_rows(kname, x, shift, scale, tokens_per_batch):
 def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                            tokens_per_batch: int | None = None, smooth: torch.Tensor | None = None,
                            lora_down: torch.Tensor | None = None, unsigned: bool = False, shift_const: float = 0.0,
-                           layout: str = "packed", eps: float = 1e-6, return_y: bool = False):
+                           layout: str = "packed", eps: float = 1e-6, return_y: bool = False, pow2: bool = False):
     """quantize_act(ops.layernorm_modulate(x, shift, scale)) in one kernel: LayerNorm (no affine) + modulation
     y = (1 + scale[b]) * LN(x) + shift[b] feeding the quantizer and the low-rank down projection.
 
@@ -386,15 +418,17 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     dtype; shift_const is the quantizer's constant shift (unsigned layers). Returns a QuantizedActivation, or
     (QuantizedActivation, y [M, K]) with return_y. Codes match the unfused path up to LayerNorm's fp32
     reduction order (torch's own is not specified): a code may differ by 1 where LN(x) lies on a 16-bit
-    rounding boundary (measured: far below 0.1% of the codes).
+    rounding boundary (measured: far below 0.1% of the codes). pow2: power-of-two activation scales, as in
+    quantize_act (the second pass reads y, which the first kernel then writes).
     """
     kname = "layernorm_quantize_act"
     x, shift, scale, tpb = _modulation_rows(kname, x, shift, scale, tokens_per_batch)
     m, k, rank = _check_quantize_args(kname, x, smooth, lora_down, layout)
+    _check_pow2_layout(kname, layout, pow2)
     if not x.is_cuda:
         rows = torch.arange(m, device=x.device) // tpb
         y = ops.layernorm_modulate(x, shift[rows], scale[rows], eps)
-        act = quantize_act_reference(y, smooth, lora_down, unsigned, shift_const, layout)
+        act = quantize_act_reference(y, smooth, lora_down, unsigned, shift_const, layout, pow2)
         return (act, y) if return_y else act
     x = _aligned(x)
     for name, t in (("x", x), ("shift", shift), ("scale", scale)):
@@ -403,13 +437,19 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
         _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
     if rank:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
-    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
-    y = torch.empty_like(x) if return_y else None
+    first = "packed" if pow2 else layout
+    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, first)
+    y = torch.empty_like(x) if return_y or pow2 else None
     if m:
         _call("nl_layernorm_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(shift), _ptr(scale), tpb,
               float(eps), _ptr(smooth, "float *"), float(shift_const), int(bool(unsigned)),
-              _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
+              _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[first], _ptr(codes, "uint8_t *"),
               _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _ptr(y), _stream(x.device))
+        if pow2:
+            codes, scales = _pow2_pass(y, m, k, smooth, shift_const, unsigned, scales, layout)
+    elif pow2:
+        codes, scales, _, _ = _alloc_outputs(x, m, k, 0, layout)
+        codes.zero_(), scales.zero_()
     act = QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
     return (act, y) if return_y else act
 
@@ -470,9 +510,11 @@ class PreparedW4A4:
     fast_ok: bool                  # weight scales allow the fast (fma) promotion of the s4/s8 paths
     w_layout: str = "tiled"        # "tiled" (s4/s8, repack.cu) or "wgmma" (ops.pack_weight_wgmma)
     alt: dict = field(default_factory=dict, repr=False)  # other layouts, built on demand
-    # power-of-two weight scales (ops.pow2_split), wgmma layout only: the folded GEMM's operands
+    # power-of-two weight scales (ops.pow2_split), wgmma layout only: the folded GEMMs' operands
     w_chscale: torch.Tensor | None = None  # float32 [Np]
     w_exp: torch.Tensor | None = None      # uint8 [K/64, Np]
+    s8_ok: bool = False                    # every exponent <= ops.POW2_MAX_EXP: the integer GEMM can fold them
+    act_pow2: bool = False                 # the layer quantizes its activations with power-of-two scales
 
 
 def scales_of(prep: PreparedW4A4) -> torch.Tensor:
@@ -499,12 +541,15 @@ def weight_for(prep: PreparedW4A4, layout: str) -> torch.Tensor:
 
 @_needs_lib
 def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smooth=None, act_unsigned=False,
-                 act_shift=0.0, dtype=torch.bfloat16, path: str | None = None) -> PreparedW4A4:
+                 act_shift=0.0, dtype=torch.bfloat16, path: str | None = None, act_pow2: bool = False
+                 ) -> PreparedW4A4:
     """Load-time conversion of one W4A4 layer (canonical ops layout) for the kernels; run once per layer.
 
     Pads N to a multiple of 128 (zero rows), repacks the weight on the GPU for `path` (default_path(): the
     wgmma order on sm_90, the s4/s8 tile order otherwise), transposes the weight scales to float32 [K/64, N],
     converts bias to float32 and the low-rank weights to `dtype` (the activation dtype, bf16 or fp16).
+    act_pow2: the layer's activations use power-of-two scales (W4A4Linear.act_pow2); with power-of-two weight
+    scales (exponents <= 4) the sm_90 path then runs the integer GEMM (nl_w4a4_gemm_s8).
     """
     kname = "prepare_w4a4"
     _check(qweight, "qweight", kname, (torch.uint8,))
@@ -536,8 +581,10 @@ def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smoo
     canon = _aligned(pad_rows(qweight.to(dev)))
     split = ops.pow2_split(wscales.to(dev)) if layout == "wgmma" else None
     chscale = wexp = None
+    s8_ok = False
     if split is not None:
         chscale, wexp = split
+        s8_ok = int(wexp.max()) <= ops.POW2_MAX_EXP  # one host sync, at load time
         zero = wscales.to(dev) == 0  # such groups contribute 0; folded, their codes would not: zero them
         if zero.any():
             canon = _aligned(canon.view(canon.shape[0], -1, GROUP // 2).masked_fill(
@@ -553,7 +600,8 @@ def prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smoo
         lora_down=_aligned(lora_down.to(dev, dtype)) if rank else None,
         lora_up=_aligned(pad_rows(lora_up.to(dev, dtype))) if rank else None,
         n=n, k=k, rank=rank, act_unsigned=bool(act_unsigned), act_shift=float(act_shift),
-        fast_ok=_scales_exact_for_fast_path(wscales), w_layout=layout, w_chscale=chscale, w_exp=wexp)
+        fast_ok=_scales_exact_for_fast_path(wscales), w_layout=layout, w_chscale=chscale, w_exp=wexp, s8_ok=s8_ok,
+        act_pow2=bool(act_pow2))
 
 
 def _resolve_path(path: str | None, exact: bool, device) -> str:
@@ -596,7 +644,8 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     path takes "fp8_tiles" activations (a "packed" one is converted with PyTorch ops, slowly); their token
     count M is `m`, else act.lora_act's rows, else out's rows. fold (wgmma only): None runs the folded
     kernel (nl_w4a4_gemm_fp8_pow2) when the weight has power-of-two scales (unless the environment sets
-    NUNCHAKU_LITE_FOLD=0), False never, True requires it.
+    NUNCHAKU_LITE_FOLD=0), False never, True requires it. "s8_tiles" activations (power-of-two scales) run
+    the sm_90 integer GEMM (nl_w4a4_gemm_s8), which needs prep.s8_ok.
     """
     kname = "w4a4_gemm"
     codes, scales, lora_act = act.codes, act.scales, act.lora_act
@@ -608,6 +657,8 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     if path == "wgmma":
         if exact:
             raise ValueError(f"{kname}: exact=True is not available on the wgmma path (use path='s8')")
+        if act.layout == "s8_tiles":
+            return _w4a4_gemm_s8(act, prep, out_dtype, epilogue, use_lora, out, m)
         return _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold)
     if act.layout != "packed":
         raise ValueError(f"{kname}: path {path!r} needs 'packed' activations, got layout {act.layout!r}")
@@ -685,6 +736,44 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None
     return out
 
 
+def _w4a4_gemm_s8(act, prep, out_dtype, epilogue, use_lora, out, m):
+    """The sm_90 integer GEMM (nl_w4a4_gemm_s8) of "s8_tiles" activations; see w4a4_gemm."""
+    kname = "w4a4_gemm(s8)"
+    if not prep.s8_ok:
+        raise ValueError(f"{kname}: 's8_tiles' activations need power-of-two weight scales with exponents <= "
+                         f"{ops.POW2_MAX_EXP} (ops.quantize_weight(pow2=True)) prepared for the wgmma path")
+    codes, tscale, lora_act = act.codes, act.scales, act.lora_act
+    dev = codes.device
+    if codes.dim() != 3 or codes.shape[2] != GROUP or codes.shape[0] * GROUP != prep.k:
+        raise ValueError(f"{kname}: act.codes must be [K/64={prep.k // GROUP}, Mp, 64], got {tuple(codes.shape)}")
+    mp = codes.shape[1]
+    _check(tscale, "act.scales", kname, (torch.float32,), (mp,), dev)
+    m = act.m if m is None else m
+    if m is None or not 0 <= m <= mp or mp != fp8_tile_rows(m):
+        raise ValueError(f"{kname}: token count m={m} does not fit the s8_tiles operand with Mp={mp}")
+    npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 16)
+    if m:
+        _call("nl_w4a4_gemm_s8", _ptr(codes, "uint8_t *"), _ptr(tscale, "float *"), mp, int(act.unsigned),
+              _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(prep.w_chscale, "float *"),
+              _ptr(prep.w_exp, "uint8_t *"), _ptr(lora_act if rank else None, "float *"),
+              _ptr(prep.lora_up if rank else None), _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank,
+              _ptr(prep.bias, "float *"), _ptr(out), _DTYPE_CODE[out_dtype], npad, m, npad, prep.k,
+              _EPILOGUES[epilogue], _stream(dev))
+    return out
+
+
+def act_layout(prep: PreparedW4A4, path: str) -> str:
+    """The activation layout the GEMM of `path` reads for `prep`: "packed" (s4/s8), "fp8_tiles" (wgmma), or
+    "s8_tiles" (wgmma, power-of-two scales on both operands). A/B switches: NUNCHAKU_LITE_S8=0 sends such
+    layers to the folded fp8 kernel, NUNCHAKU_LITE_FOLD=0 to the plain one (same codes either way)."""
+    if path != "wgmma":
+        return "packed"
+    if (prep.act_pow2 and prep.s8_ok and os.environ.get("NUNCHAKU_LITE_S8") != "0"
+            and os.environ.get("NUNCHAKU_LITE_FOLD") != "0"):
+        return "s8_tiles"
+    return "fp8_tiles"
+
+
 @_needs_lib
 def w4a4_gemm_gelu_quantize(act: QuantizedActivation, prep: PreparedW4A4, nxt: PreparedW4A4,
                             dtype: torch.dtype = torch.bfloat16, m: int | None = None,
@@ -744,8 +833,8 @@ def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "n
     lead = x.shape[:-1]
     x2 = _aligned(x.reshape(-1, x.shape[-1]))
     path = _resolve_path(path, exact, x.device)
-    layout = "fp8_tiles" if path == "wgmma" else "packed"
-    act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift, layout=layout)
+    act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift,
+                       layout=act_layout(prep, path), pow2=prep.act_pow2)
     y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact, m=x2.shape[0])
     if y.shape[1] != prep.n:
         y = y[:, : prep.n]
@@ -784,7 +873,7 @@ def prepared_for(module, dtype: torch.dtype) -> PreparedW4A4:
     rank = int(getattr(module, "rank", 0))
     prep = prepare_w4a4(module.qweight, module.wscales, module.lora_down if rank else None,
                         module.lora_up if rank else None, module.bias, module.smooth,
-                        module.act_unsigned, module.act_shift, dtype)
+                        module.act_unsigned, module.act_shift, dtype, act_pow2=getattr(module, "act_pow2", False))
     object.__setattr__(module, "_native_prepared", (key, prep))  # plain attribute: not a buffer, not saved
     return prep
 
@@ -953,7 +1042,7 @@ def to_native_(module, dtype: torch.dtype | None = None) -> bool:
             dtype = own if own in (torch.bfloat16, torch.float16) else torch.bfloat16
         prep = prepare_w4a4(module.qweight, module.wscales, module.lora_down if rank else None,
                             module.lora_up if rank else None, module.bias, module.smooth, module.act_unsigned,
-                            module.act_shift, dtype)
+                            module.act_shift, dtype, act_pow2=module.act_pow2)
         _adopt(module, prep, _W4A4_BUFFERS)
         return True
     if isinstance(module, W4A16Linear):

@@ -38,9 +38,10 @@ def _model(dtype=torch.float32, depth=1, single=1, seed=0):
 
 
 @torch.no_grad()
-def _w4a4_(model, rank=16, seed=0):
+def _w4a4_(model, rank=16, seed=0, pow2=False):
     """Replace the block linears by W4A4Linear (random smoothing, SVD low rank); the single block's linear2
-    becomes SplitInputLinear(attention part signed, MLP part unsigned and shifted), as the quantizer builds it."""
+    becomes SplitInputLinear(attention part signed, MLP part unsigned and shifted), as the quantizer builds it.
+    pow2: power-of-two weight and activation scales (the sm_90 integer GEMM's format)."""
     gen = torch.Generator().manual_seed(seed)
 
     def conv(lin, unsigned=False):
@@ -50,7 +51,7 @@ def _w4a4_(model, rank=16, seed=0):
         up, down = u[:, :rank] * s[:rank], vh[:rank]
         return W4A4Linear.from_linear(lin, (w - up @ down) * smooth, smooth=smooth, lora_down=down, lora_up=up,
                                       act_unsigned=unsigned, act_shift=ops.UNSIGNED_SHIFT if unsigned else 0.0,
-                                      dtype=lin.weight.dtype)
+                                      dtype=lin.weight.dtype, pow2=pow2, act_pow2=pow2)
 
     for block in [*model.double_blocks, *model.single_blocks]:
         for name, lin in [(n, m) for n, m in block.named_modules() if type(m) is torch.nn.Linear]:
@@ -282,10 +283,10 @@ def test_gate_residual_kernel(dtype):
     assert torch.equal(got, want)
 
 
-def _cuda_pair(quant):
+def _cuda_pair(quant, pow2=False):
     model = _model(torch.bfloat16, depth=2, single=2)
     if quant:
-        _w4a4_(model)
+        _w4a4_(model, pow2=pow2)
     model = model.cuda()
     inp = {k: v.cuda() for k, v in _inputs(dtype=torch.bfloat16, lt=7, h=4, w=6).items()}
     return model, inp
@@ -326,6 +327,24 @@ def test_fast_dit_matches_plain_on_cuda(quant, gelu_epilogue, gelu_quantize, mon
         assert calls, "the GELU -> quantize epilogue was not used"
 
 
+@pytest.mark.gpu
+def test_fast_dit_with_power_of_two_scales_on_cuda(monkeypatch):
+    """Layers with power-of-two weight and activation scales: the fused forward runs the pow2 quantize pass
+    and, on sm_90, the integer GEMM (its calls counted), and matches the plain forward."""
+    _needs_kernels()
+    native = fused._fused_lib()
+    calls = []
+    real = native.w4a4_gemm
+    monkeypatch.setattr(native, "w4a4_gemm", lambda act, *a, **k: calls.append(act.layout) or real(act, *a, **k))
+    model, inp = _cuda_pair(True, pow2=True)
+    with torch.inference_mode():
+        fast = model(**inp)
+        plain = model.set_fast(False)(**inp)
+    assert _rel(fast, plain) < 1e-2 and math.isfinite(fast.float().sum().item())
+    sm90 = native.default_path(torch.device("cuda")) == "wgmma"
+    assert calls and set(calls) == {"s8_tiles" if sm90 else "packed"}
+
+
 class _RefNative:
     """The native module's W4A4 entry points (prepared_for, quantize_act, w4a4_gemm) computed with the reference
     ops on the CPU, in the kernels' data layouts: lets the CPU run the fused path's W4A4 branch (one quantized
@@ -338,23 +357,27 @@ class _RefNative:
         return n.PreparedW4A4(w_tiled=lin.qweight, w_scales=lin.wscales.float().t().contiguous(), bias=lin.bias,
                               smooth=lin.smooth, lora_down=lin.lora_down if lin.rank else None,
                               lora_up=lin.lora_up if lin.rank else None, n=lin.out_features, k=lin.in_features,
-                              rank=lin.rank, act_unsigned=lin.act_unsigned, act_shift=lin.act_shift, fast_ok=True)
+                              rank=lin.rank, act_unsigned=lin.act_unsigned, act_shift=lin.act_shift, fast_ok=True,
+                              act_pow2=lin.act_pow2)
 
     def default_path(self, device):
         return "s8"  # the "packed" activation layout
 
-    def quantize_act(self, x, smooth, lora_down, unsigned, shift, layout="packed"):
+    def act_layout(self, prep, path):
+        return self._n.act_layout(prep, path)
+
+    def quantize_act(self, x, smooth, lora_down, unsigned, shift, layout="packed", pow2=False):
         assert layout == "packed"
-        codes, scales = ops.quantize_act(x, smooth, unsigned, shift)
+        codes, scales = ops.quantize_act(x, smooth, unsigned, shift, pow2)
         lora = None if lora_down is None else x.float() @ lora_down.float().T
         return self._n.QuantizedActivation(codes, scales.t().contiguous(), lora, unsigned)
 
     def layernorm_quantize_act(self, x, shift, scale, tokens_per_batch, smooth, lora_down, unsigned, shift_const,
-                               layout, eps):
+                               layout, eps, pow2=False):
         rows = torch.arange(x.shape[0]) // tokens_per_batch
         k = x.shape[-1]
         y = ops.layernorm_modulate(x, shift.reshape(-1, k)[rows], scale.reshape(-1, k)[rows], eps)
-        return self.quantize_act(y, smooth, lora_down, unsigned, shift_const, layout)
+        return self.quantize_act(y, smooth, lora_down, unsigned, shift_const, layout, pow2)
 
     def w4a4_gemm(self, act, prep, dtype, epilogue="none"):
         cw = ops.unpack_int4(prep.w_tiled).float()  # [N, K] (canonical rows here)
@@ -369,8 +392,10 @@ class _RefNative:
         return (fused.gelu(y.to(dtype)) if epilogue == "gelu_tanh" else y).to(dtype)
 
 
-def test_w4a4_kernel_branch_matches_modules(monkeypatch):
-    model = _w4a4_(_model(depth=1, single=1))
+@pytest.mark.parametrize("pow2", [False, True])
+def test_w4a4_kernel_branch_matches_modules(monkeypatch, pow2):
+    """pow2: layers with power-of-two weight and activation scales: the branch quantizes with pow2=True."""
+    model = _w4a4_(_model(depth=1, single=1), pow2=pow2)
     inp = _inputs(b=2, lt=5, h=3, w=2)
     want = model(**inp)
     calls = []

@@ -214,14 +214,14 @@ from nunchaku_lite.quant.modules import SplitInputLinear, W4A4Linear  # noqa: E4
 
 
 def _fake_prepare_w4a4(qweight, wscales, lora_down=None, lora_up=None, bias=None, smooth=None, act_unsigned=False,
-                       act_shift=0.0, dtype=torch.bfloat16):
+                       act_shift=0.0, dtype=torch.bfloat16, act_pow2=False):
     rank = 0 if lora_down is None else lora_down.shape[0]
     return native.PreparedW4A4(
         w_tiled=qweight.flip(0).contiguous(), w_scales=wscales.float().t().contiguous(),
         bias=None if bias is None else bias.float(), smooth=None if smooth is None else smooth.float(),
         lora_down=lora_down.to(dtype) if rank else None, lora_up=lora_up.to(dtype) if rank else None,
         n=qweight.shape[0], k=qweight.shape[1] * 2, rank=rank, act_unsigned=act_unsigned, act_shift=act_shift,
-        fast_ok=True)
+        fast_ok=True, act_pow2=act_pow2)
 
 
 def _fake_prepare_w4a16(qweight, wscales, bias=None, wzeros=None):

@@ -128,7 +128,7 @@ def _pow2_scales(n, k, gen, zero_groups=False):
     """Random power-of-two weight scales (ops.pow2_split form), every exponent 0..9 present; zero_groups
     zeroes some scales (their nonzero codes must then contribute nothing)."""
     ch = torch.rand(n, 1, generator=gen) * 0.02 + 1e-3
-    e = torch.randint(0, ops.POW2_MAX_EXP + 1, (n, k // 64), generator=gen)
+    e = torch.randint(0, ops.FP8_FOLD_MAX_EXP + 1, (n, k // 64), generator=gen)
     e[:, 0] = 0
     s = (ch.to(torch.bfloat16).float() * torch.exp2(-e.float())).to(torch.bfloat16)
     if zero_groups:
@@ -256,11 +256,11 @@ def test_pow2_tables_are_exact_and_the_recipe_decodes_scaled_codes():
     dec = lambda w: [float(torch.tensor(((w >> (8 * i)) & 0xFF), dtype=torch.uint8).view(torch.float8_e4m3fn))
                      for i in range(4)]
     assert _pow2_table(0) == (POS_LO, POS_HI, NEG_LO, NEG_HI)
-    for e in range(ops.POW2_MAX_EXP + 1):
+    for e in range(ops.FP8_FOLD_MAX_EXP + 1):
         t = _pow2_table(e)
         vals = sum((dec(w) for w in t), [])
         assert vals == [c * 2.0 ** -e for c in list(range(8)) + list(range(-8, 0))]  # exact, no rounding
-        e1 = int(torch.randint(0, ops.POW2_MAX_EXP + 1, (1,), generator=gen))
+        e1 = int(torch.randint(0, ops.FP8_FOLD_MAX_EXP + 1, (1,), generator=gen))
         t1 = _pow2_table(e1)
         for _ in range(20):
             x = int(torch.randint(0, 2 ** 32, (1,), generator=gen, dtype=torch.int64))

@@ -3,7 +3,10 @@ matmul and torch fp8 `_scaled_mm`, plus the quantize kernel's bandwidth against 
 
 On sm_90 the wgmma GEMM (native/gemm_w4a4_sm90.cu) gets its own columns: `wgmma` (GEMM with the fused
 low-rank branch, rank 32) and `wg0` (same GEMM without low-rank), both timed alone on activations already in
-the fp8_tiles layout; the legacy mma.sync columns then use the s8 path (skip them with --no-legacy).
+the fp8_tiles layout; then the same codes with power-of-two weight scales (`fold`, nl_w4a4_gemm_fp8_pow2) and
+with power-of-two weight and activation scales (`s8`, the integer GEMM nl_w4a4_gemm_s8 on s8_tiles input,
+whose `linear` column includes both quantize passes). The legacy mma.sync columns then use the s8 path (skip
+them with --no-legacy).
 
 Timing: each variant is captured in a CUDA graph of `--reps` back-to-back calls (so Python launch overhead
 is not measured) and the graph is replayed `--replays` times between CUDA events; the reported time is the
@@ -107,13 +110,13 @@ def _time_wgmma(r, key, x, prep, prep0, out, fold):
     input, the whole linear (key_linear_ms: quantize kernel + GEMM, as w4a4_linear_prepared runs it), and
     their TOPS and ratios to the baselines already in r."""
     m, k = x.shape
-    act = native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles")
-    act0 = native.quantize_act(x, prep.smooth, layout="fp8_tiles")
+    layout, pow2 = native.act_layout(prep, "wgmma"), prep.act_pow2
+    quant = lambda down: native.quantize_act(x, prep.smooth, down, layout=layout, pow2=pow2)
+    act, act0 = quant(prep.lora_down), quant(None)
     gemm = lambda a, p: native.w4a4_gemm(a, p, out=out, path="wgmma", m=m, fold=fold)
     r[f"{key}_ms"] = time_ms(lambda: gemm(act, prep))
     r[f"{key}_nolora_ms"] = time_ms(lambda: gemm(act0, prep0))
-    r[f"{key}_linear_ms"] = time_ms(lambda: gemm(
-        native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles"), prep))
+    r[f"{key}_linear_ms"] = time_ms(lambda: gemm(quant(prep.lora_down), prep))
     r[f"{key}_tops"] = 2 * m * prep.n * k / r[f"{key}_ms"] / 1e9
     r[f"{key}_vs_bf16"] = r["bf16_ms"] / r[f"{key}_ms"]
     r[f"{key}_nolora_vs_bf16"] = r["bf16_ms"] / r[f"{key}_nolora_ms"]
@@ -122,9 +125,13 @@ def _time_wgmma(r, key, x, prep, prep0, out, fold):
     r[f"{key}_linear_vs_bf16"] = r["bf16_ms"] / r[f"{key}_linear_ms"]
 
 
-def bench_wgmma(r, x, k, n):
+SM90_KERNELS = ("wgmma", "fold", "s8")
+
+
+def bench_wgmma(r, x, k, n, kernels=SM90_KERNELS):
     """The sm_90 wgmma kernel on random codes: plain weight scales (wgmma_*), then the same codes with
-    power-of-two weight scales through the folded kernel (fold_*, nl_w4a4_gemm_fp8_pow2)."""
+    power-of-two weight scales through the folded kernel (fold_*, nl_w4a4_gemm_fp8_pow2), and with power-of-two
+    weight and activation scales through the integer kernel (s8_*, nl_w4a4_gemm_s8)."""
     m = x.shape[0]
     g = torch.Generator(device="cuda").manual_seed(1)
     codes = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
@@ -138,20 +145,23 @@ def bench_wgmma(r, x, k, n):
     smooth = torch.rand(k, generator=g, device="cuda") + 0.5
     qw = ops.pack_int4(codes)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    for key, ws, fold in (("wgmma", wscales, False), ("fold", pow2_scales, True)):
-        prep = native.prepare_w4a4(qw, ws, lora_down, lora_up, bias, smooth, path="wgmma")
-        prep0 = native.prepare_w4a4(qw, ws, None, None, bias, smooth, path="wgmma")
+    for key, ws, fold, act_pow2 in (("wgmma", wscales, False, False), ("fold", pow2_scales, True, False),
+                                    ("s8", pow2_scales, None, True)):
+        if key not in kernels:
+            continue
+        prep = native.prepare_w4a4(qw, ws, lora_down, lora_up, bias, smooth, path="wgmma", act_pow2=act_pow2)
+        prep0 = native.prepare_w4a4(qw, ws, None, None, bias, smooth, path="wgmma", act_pow2=act_pow2)
         _time_wgmma(r, key, x, prep, prep0, out, fold)
 
 
-def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False):
+def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False, sm90_kernels=SM90_KERNELS):
     torch.manual_seed(m + k + n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     r = dict(M=m, K=k, N=n, path=path, rank=RANK)
     _baselines(r, x, m, k, n, out)
     if wgmma:
-        bench_wgmma(r, x, k, n)
+        bench_wgmma(r, x, k, n, sm90_kernels)
     if not legacy:
         return r
     prep, prep0, lora_down, lora_up = make_layer(k, n, path=path)
@@ -195,15 +205,18 @@ QUANT_SHAPES = [(4608, 3072), (1536, 3072), (4608, 12288), (4608, 15360)]  # (M,
 
 
 def quantize_bytes(m, k, rank, layout):
-    """HBM bytes of one quantize call: x read + codes, scales and lora_act written."""
+    """HBM bytes of one quantize call: x read + codes, scales and lora_act written (s8_tiles, the two-pass
+    power-of-two quantization: counted as one pass, what a single-pass kernel would move)."""
     g = k // 64
     rows = native.padded_rows(m) if layout == "packed" else native.fp8_tile_rows(m)
     codes = m * k // 2 if layout == "packed" else rows * k
-    return m * k * 2 + codes + g * rows * 4 + m * rank * 4
+    scales = rows * 4 if layout == "s8_tiles" else g * rows * 4
+    return m * k * 2 + codes + scales + m * rank * 4
 
 
 def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
-    """The quantize + low-rank-down kernel, plain and LayerNorm-fused, both layouts: GB/s and % of copy."""
+    """The quantize + low-rank-down kernel, plain and LayerNorm-fused, both layouts, and the power-of-two
+    quantization into s8_tiles (quantize kernel + nl_quantize_act_pow2): GB/s and % of copy."""
     rows = []
     for m, k in QUANT_SHAPES:
         g = torch.Generator(device="cuda").manual_seed(m + k)
@@ -213,13 +226,14 @@ def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
         shift, scale = [(torch.randn(2, k, generator=g, device="cuda") * 0.3).to(torch.bfloat16) for _ in range(2)]
         for tiling in tilings:
             os.environ["NUNCHAKU_LITE_QUANT_BM"] = tiling
-            for layout in ("packed", "fp8_tiles"):
+            for layout in ("packed", "fp8_tiles", "s8_tiles"):
+                pow2 = layout == "s8_tiles"
                 for fused in (False, True):
                     if fused:
                         fn = lambda: native.layernorm_quantize_act(x, shift, scale, -(-m // 2), smooth, down,
-                                                                   layout=layout)
+                                                                   layout=layout, pow2=pow2)
                     else:
-                        fn = lambda: native.quantize_act(x, smooth, down, layout=layout)
+                        fn = lambda: native.quantize_act(x, smooth, down, layout=layout, pow2=pow2)
                     ms = time_ms(fn, reps=20, replays=25)
                     gbps = quantize_bytes(m, k, rank, layout) / ms / 1e6
                     rows.append(dict(M=m, K=k, rank=rank, tiling=int(tiling), layout=layout,
@@ -275,6 +289,8 @@ def main(argv=None):
     ap.add_argument("--quantize", action="store_true", help="only the quantize-kernel table (both layouts, "
                     "plain and LayerNorm-fused)")
     ap.add_argument("--quant-bm", default="16", help="quantize CTA token tilings to time, e.g. 16,32")
+    ap.add_argument("--sm90", default=",".join(SM90_KERNELS), help="sm_90 kernels to time, a subset of "
+                    f"{','.join(SM90_KERNELS)} (default all)")
     args = ap.parse_args(argv)
     if args.block_m:
         os.environ["NUNCHAKU_LITE_GEMM_BM"] = args.block_m
@@ -289,6 +305,9 @@ def main(argv=None):
     if path == "wgmma":
         path = "s8"
     legacy = not args.no_legacy
+    sm90 = tuple(k for k in args.sm90.split(",") if k)
+    if not set(sm90) <= set(SM90_KERNELS):
+        ap.error(f"--sm90: unknown kernels {sorted(set(sm90) - set(SM90_KERNELS))}")
     block_m = os.environ.get("NUNCHAKU_LITE_GEMM_BM", "128")
     print(f"device: {dev}  torch {torch.__version__}  path {path}  GEMM block rows {block_m}"
           f"{'  exact' if args.exact else ''}")
@@ -299,23 +318,27 @@ def main(argv=None):
     shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
     for m in tokens:
         for k, n in shapes:
-            r = bench_shape(m, k, n, path, args.exact, legacy, wgmma)
+            r = bench_shape(m, k, n, path, args.exact, legacy, wgmma, sm90)
             if legacy:
                 r["quantize_pct_of_copy"] = 100 * r["quantize_gbps"] / copy_gbps
                 print(f"  M={m} K={k} N={n}: fused {r['fused_ms']:.3f} ms ({r['speedup_vs_bf16']:.2f}x bf16)",
                       flush=True)
             if wgmma:
-                print(f"  M={m} K={k} N={n}: wgmma {r['wgmma_ms']:.3f} ms ({r['wgmma_vs_bf16']:.2f}x bf16, "
-                      f"{r['wgmma_vs_fp8']:.2f}x fp8, low-rank +{100 * r['wgmma_lowrank_overhead']:.1f}%); folded "
-                      f"{r['fold_ms']:.3f} ms ({r['fold_vs_bf16']:.2f}x bf16)", flush=True)
+                print(f"  M={m} K={k} N={n}: " + "; ".join(
+                    f"{key} {r[key + '_ms']:.3f} ms ({r[key + '_vs_bf16']:.2f}x bf16, {r[key + '_vs_fp8']:.2f}x fp8, "
+                    f"low-rank +{100 * r[key + '_lowrank_overhead']:.1f}%)" for key in sm90), flush=True)
             rows.append(r)
     hdr = (f"{'M':>5} {'K':>5} {'N':>5} | {'fused':>7} {'gemm':>7} {'nolora':>7} {'unfused':>7} {'quant':>6} "
            f"{'bf16':>7} {'fp8':>7} | {'TOPS':>5} {'xbf16':>5} {'gemm':>5} {'xfp8':>5} {'LRov%':>6} {'q%cp':>5}")
-    if wgmma:
-        _print_wgmma_table(rows, "wgmma", "sm_90 wgmma GEMM, ms per call (wgmma: GEMM + low-rank rank 32; wg0: GEMM "
-                           "without low-rank; linear: quantize kernel + GEMM + low-rank)")
-        _print_wgmma_table(rows, "fold", "sm_90 folded GEMM (power-of-two weight group scales, "
-                           "nl_w4a4_gemm_fp8_pow2), same codes; columns as above")
+    titles = dict(
+        wgmma="sm_90 wgmma GEMM, ms per call (wgmma: GEMM + low-rank rank 32; wg0: GEMM without low-rank; linear: "
+              "quantize kernel + GEMM + low-rank)",
+        fold="sm_90 folded GEMM (power-of-two weight group scales, nl_w4a4_gemm_fp8_pow2), same codes; columns as "
+             "in the wgmma table",
+        s8="sm_90 integer GEMM (power-of-two weight and activation scales, nl_w4a4_gemm_s8; linear includes both "
+           "quantize passes), same codes; columns as in the wgmma table")
+    for key in sm90 if wgmma else ():
+        _print_wgmma_table(rows, key, titles[key])
     print("\nms per call (fused/nolora/unfused include the quantize kernel; gemm = GEMM kernel alone)")
     print(hdr)
     print("-" * len(hdr))
@@ -329,6 +352,7 @@ def main(argv=None):
     with open(args.json, "w") as f:
         json.dump(dict(device=dev, torch=torch.__version__, path=path, block_m=int(block_m), exact=args.exact,
                        wgmma_bt=int(os.environ.get("NUNCHAKU_LITE_WGMMA_BT", "128")),
+                       s8_bt=int(os.environ.get("NUNCHAKU_LITE_S8_BT", "256")), sm90_kernels=list(sm90),
                        copy_gbps=copy_gbps,
                        rows=rows), f, indent=1)
     print(f"wrote {args.json}")
@@ -356,6 +380,13 @@ def smoke(argv=None):
                 for exact in (False, True) if path != "wgmma" else (False,):
                     native.w4a4_linear_prepared(x, prep, path=path, exact=exact)
                 native.w4a4_linear_prepared(x, prep, epilogue="gelu_tanh", path=path)
+            # power-of-two weight and activation scales: the pow2 quantize pass and, on sm_90, the integer GEMM
+            e = torch.randint(0, 5, wscales.shape, device="cuda")
+            e[:, 0] = 0
+            p2 = native.prepare_w4a4(ops.pack_int4(codes), (wscales[:, :1].float() * torch.exp2(-e.float())).to(
+                torch.bfloat16), down, up, bias, None, unsigned, 0.171875 if unsigned else 0.0, act_pow2=True)
+            for path in paths:
+                native.w4a4_linear_prepared(x, p2, epilogue="gelu_tanh", path=path)
         for zeros in (None, wscales):
             p16 = native.prepare_w4a16(ops.pack_int4(codes), wscales, bias, zeros)
             native.w4a16_gemm(x[: min(m, 5)].contiguous(), p16)
@@ -382,6 +413,9 @@ def quantize_smoke(argv=None):
                 tpb = -(-m // 2)
                 b = -(-m // tpb)  # 1 batch when m == 1
                 native.layernorm_quantize_act(x, sh[:b], sc[:b], tpb, smooth, down, layout=layout, return_y=True)
+            for layout in ("packed", "fp8_tiles", "s8_tiles"):
+                native.quantize_act(x, smooth, down, True, 0.171875, layout=layout, pow2=True)
+                native.layernorm_quantize_act(x, sh[:1], sc[:1], m, smooth, down, layout=layout, pow2=True)
     os.environ.pop("NUNCHAKU_LITE_QUANT_BM", None)
     torch.cuda.synchronize()
     print("quantize smoke ok")

@@ -150,7 +150,8 @@ def random_quantized_fill_(module: nn.Module, seed: int = 0, pow2: bool = False)
 
 
 @torch.no_grad()
-def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0, pow2: bool = False) -> nn.Module:
+def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0, pow2: bool = False,
+                pow2_act: bool = False) -> nn.Module:
     """Quantize a DiT's block linears to W4A4 without calibration, in place, one layer at a time on its device.
 
     mode "svd": smooth = 1, low-rank branch = rank-r truncated SVD of W (torch.svd_lowrank, 2 power
@@ -160,7 +161,8 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
     random W4A4 model without ever allocating the 16-bit one). Modulation linears become W4A16; the single
     blocks' linear2 becomes a SplitInputLinear (signed attention part, unsigned MLP part) and the MLP output
     linears take unsigned inputs, as in the quantizer's checkpoints. pow2:
-    power-of-two weight group scales (ops.quantize_weight(pow2=True)), which the sm_90 GEMM folds."""
+    power-of-two weight group scales (ops.quantize_weight(pow2=True)), which the sm_90 GEMM folds; pow2_act:
+    power-of-two activation scales too (W4A4Linear.act_pow2: with pow2, the sm_90 integer GEMM)."""
     if mode not in ("svd", "random", "empty"):
         raise ValueError(f"quick quantization mode must be 'svd', 'random' or 'empty', got {mode!r}")
 
@@ -171,12 +173,12 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
             u, s, v = torch.svd_lowrank(w.float(), q=rank, niter=2)
             up, down = u * s, v.T  # [N, r], [r, K]
             q = W4A4Linear.from_linear(lin, w.float() - up @ down, lora_down=down, lora_up=up, pow2=pow2,
-                                       act_unsigned=unsigned, act_shift=shift)
+                                       act_unsigned=unsigned, act_shift=shift, act_pow2=pow2_act)
             if unsigned and q.bias is not None:
                 remove_shift_term_(q)
             return q
         return W4A4Linear(lin.in_features, lin.out_features, rank, bias=lin.bias is not None, dtype=w.dtype,
-                          device=w.device, act_unsigned=unsigned, act_shift=shift)
+                          device=w.device, act_unsigned=unsigned, act_shift=shift, act_pow2=pow2_act)
 
     for kind, blocks in (("double", dit.double_blocks), ("single", dit.single_blocks)):
         for block in blocks:
@@ -195,19 +197,21 @@ def quick_w4a4_(dit: nn.Module, rank: int = 32, mode: str = "svd", seed: int = 0
     if mode == "random":
         for block in [*dit.double_blocks, *dit.single_blocks]:
             random_quantized_fill_(block, seed, pow2)
-    dit.quant_config = dict(method=f"quick-{mode}", rank=rank, modulation="w4a16", pow2_scales=pow2)
+    dit.quant_config = dict(method=f"quick-{mode}", rank=rank, modulation="w4a16", pow2_scales=pow2,
+                            pow2_act=pow2_act)
     return dit
 
 
-def build_w4a4_dit(arch: "Arch", device, dtype, rank: int = 32, seed: int = 0, pow2: bool = False) -> nn.Module:
+def build_w4a4_dit(arch: "Arch", device, dtype, rank: int = 32, seed: int = 0, pow2: bool = False,
+                   pow2_act: bool = False) -> nn.Module:
     """A random W4A4 DiT allocated straight on `device` (the 16-bit model exists only on the meta device)."""
     with torch.device("meta"):
         dit = FluxDiT(arch.dit)
-    quick_w4a4_(dit.to(dtype), rank, "empty")
+    quick_w4a4_(dit.to(dtype), rank, "empty", pow2_act=pow2_act)
     dit = dit.to_empty(device=device)
     random_fill_(dit, seed)  # the 16-bit leftovers: embedders, norms, final layer
     random_quantized_fill_(dit, seed, pow2)
-    dit.quant_config.update(method="quick-random", pow2_scales=pow2)
+    dit.quant_config.update(method="quick-random", pow2_scales=pow2, pow2_act=pow2_act)
     return dit.eval().requires_grad_(False)
 
 
@@ -399,6 +403,7 @@ class Options:
     pipeline_sizes: list | None = None  # None: 1024x1024 if listed, else the first size; [] skips
     pipeline_steps: int = 2
     pow2: bool = False            # power-of-two W4A4 weight scales (folded sm_90 GEMM) + an unfolded A/B phase
+    pow2_act: bool = False        # power-of-two activation scales too (sm_90 integer GEMM) + an fp8-kernel A/B phase
     text: bool = True             # text-encoder and VAE phases
 
 
@@ -455,7 +460,7 @@ class Bench:
         quick = "random" if o.skip_16bit else o.quick  # the SVD reads the 16-bit weights
         if o.skip_16bit:
             t0 = time.perf_counter()
-            dit = build_w4a4_dit(arch, dev, o.dtype, o.rank, pow2=o.pow2)
+            dit = build_w4a4_dit(arch, dev, o.dtype, o.rank, pow2=o.pow2, pow2_act=o.pow2_act)
             self.clock.sync()
             quant_s = time.perf_counter() - t0
         else:
@@ -465,21 +470,25 @@ class Bench:
             for size, batch in self.configs:
                 self.dit_phase("dit-16bit", dit, size, batch, refs)
             t0 = time.perf_counter()
-            quick_w4a4_(dit, o.rank, quick, pow2=o.pow2)  # in place: the 16-bit weights go layer by layer
+            quick_w4a4_(dit, o.rank, quick, pow2=o.pow2, pow2_act=o.pow2_act)  # in place: the 16-bit weights go layer by layer
             self.clock.sync()
             quant_s = time.perf_counter() - t0
         dit = self.w4a4_ready(dit)
-        self.info.update(quantize_s=round(quant_s, 2), quick=quick, rank=o.rank, pow2_scales=o.pow2)
+        self.info.update(quantize_s=round(quant_s, 2), quick=quick, rank=o.rank, pow2_scales=o.pow2,
+                         pow2_act=o.pow2_act)
         for size, batch in self.configs:
             self.dit_phase("dit-w4a4", dit, size, batch, refs, native_kernels=_native_available(dev),
                            native_layout=self.info["layers_converted"] > 0)
-        if o.pow2 and _native_available(dev):  # the same weights through the unfolded sm_90 GEMM (A/B)
-            os.environ["NUNCHAKU_LITE_FOLD"] = "0"
+        # A/B phases on the same weights: the fp8 kernel instead of the integer one (same codes), then unfolded
+        ab = ([("dit-w4a4-nos8", "NUNCHAKU_LITE_S8")] if o.pow2 and o.pow2_act else []) + (
+            [("dit-w4a4-nofold", "NUNCHAKU_LITE_FOLD")] if o.pow2 else [])
+        for name, env in ab if _native_available(dev) else []:
+            os.environ[env] = "0"
             try:
                 for size, batch in self.configs:
-                    self.dit_phase("dit-w4a4-nofold", dit, size, batch, refs)
+                    self.dit_phase(name, dit, size, batch, refs)
             finally:
-                del os.environ["NUNCHAKU_LITE_FOLD"]
+                del os.environ[env]
         refs.clear()
         if o.text:
             self.text_and_vae(dit)
@@ -717,6 +726,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", default="svd", choices=["svd", "random"], help="how the W4A4 weights are made")
     ap.add_argument("--pow2-scales", action="store_true", help="power-of-two W4A4 weight group scales (the folded "
                     "sm_90 GEMM); the W4A4 DiT is then also timed with folding off (dit-w4a4-nofold)")
+    ap.add_argument("--pow2-act", action="store_true", help="power-of-two W4A4 activation scales too (with "
+                    "--pow2-scales: the sm_90 integer GEMM); also timed on the fp8 kernel (dit-w4a4-nos8)")
     ap.add_argument("--pipeline-sizes", default=None, help="sizes of the whole-generation phases (default 1024 if "
                     "in --sizes, else the first size; 'none' skips them); run at the smallest batch")
     ap.add_argument("--pipeline-steps", type=int, default=2, help="sampler steps of the whole-generation phases")
@@ -763,7 +774,7 @@ def main(argv=None) -> int:
                    min_steps=min(steps, args.min_steps or (3 if cuda else 1)), phase_seconds=args.phase_seconds,
                    rank=args.rank, quick=args.quick, skip_16bit=args.skip_16bit, keep_canonical=args.keep_canonical,
                    compile=args.compile, pipeline_sizes=pipeline_sizes, pipeline_steps=args.pipeline_steps,
-                   text=not args.dit_only, pow2=args.pow2_scales)
+                   text=not args.dit_only, pow2=args.pow2_scales, pow2_act=args.pow2_act)
     save = (lambda r: _write_json(args.json, r)) if args.json else None
     result = Bench(opts, log=lambda s: print(s, file=sys.stderr, flush=True), on_phase=save).run()
     print_table(result)

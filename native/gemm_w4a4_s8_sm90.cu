@@ -1,0 +1,323 @@
+// W4A4 GEMM for Hopper (sm_90a) with power-of-two scales on both operands: one int8 wgmma accumulation over all
+// of K, no per-group promotion; low-rank-up + bias (+ GELU tanh) epilogue.
+//
+// Math (reference quant/ops.py w4a4_linear on layers with power-of-two weight scales and act_pow2):
+//   weight group scales      sw[n, g] = c[n] * 2^-ew[n, g]   0 <= ew <= 4   (ops.quantize_weight(pow2=True))
+//   activation group scales  sa[m, g] = s[m] * 2^-ea[m, g]   0 <= ea <= 4   (ops.quantize_act(pow2=True))
+//   sum_g sa sw dot_g = (c[n] / 16) * (s[m] / 16) * sum_k W8[n, k] X8[m, k]
+//   with W8 = wcode << (4 - ew) (int8, -128..112) and X8 = acode << (4 - ea) (int8, or uint8 0..240 for
+//   unsigned layers): every product is an integer, so the int32 accumulator holds the exact sum over all of K
+//   (|sum| <= K * 128 * 240 < 2^31 for K <= 65536) and the fp32 output needs one conversion and one scaling:
+//   out[m, n] = act( float(acc) * (tscale[m] * wscale[n]) + lora_act[m, :] . lora_up[n, :] + bias[n] ),
+//   tscale = s / 16 (ops.pack_act_s8_tiles), wscale = c / 16. Agrees with the reference's in-order fp32 group
+//   sum to ~1e-6 relative (it is closer to the exact value than the reference is).
+// Why: the per-group promotion of the fp8 kernel (nl_w4a4_gemm_fp8[_pow2]) costs as many issue slots as the
+// tensor core's time; with both scales folded the main loop is a plain 8-bit GEMM whose consumer warps only
+// convert weight nibbles (11 ALU ops per 8 codes, once per 64 x BT x 64 MACs).
+// Transposed product, as the fp8 kernel: wgmma's M = weight rows (64 per consumer warpgroup), N = tokens (the
+// whole BT-token tile), K = 32 per instruction (two per group); thread (warp w, lane l) of a consumer holds
+// rows n = 16w + l/4 (+8) and tokens 8j + 2(l%4) + {0,1}, j < BT/8.
+// Operands (per pipeline stage three 1-D bulk copies, no tensor maps):
+//   activations  bytes8 uint8 [K/64, Mp, 64]: the NL_ACT_S8_TILES layout (ops.pack_act_s8_tiles; the core-
+//                matrix order of NL_ACT_FP8_TILES), read by wgmma from shared memory (no-swizzle K-major
+//                descriptor: LBO = 128 B, SBO = 512 B); tscale float [Mp] in the 16-token permutation of the fp8
+//                scales (one 16-byte load gives a thread's four tokens of a 16-token block).
+//   weights      4-bit, nl_repack_weight_sm90 order (ops.pack_weight_wgmma): one conflict-free 16-byte shared
+//                load per thread and group; exponents uint8 [K/64, N] (128 bytes per stage), channel scale
+//                float [N] (c, read in the epilogue).
+// Nibble -> int8 in registers: sm90.cuh nib8_lookup with per-row tables of code << (4 - e) (one 16-byte table
+// per exponent in shared memory, selected by the row's exponent byte of the group).
+// CTA: 3 warpgroups, as the fp8 kernel. Warpgroup 0 = producer (one thread issues the bulk copies into a
+// STAGES-deep ring with full/empty mbarriers, setmaxnreg gives its registers away). Warpgroups 1 and 2 =
+// consumers, 64 of the CTA's BN = 128 weight rows each against the same BT tokens. Main loop per group: wait for
+// the stage, convert the A fragments (two register sets, alternating), two wgmma into the int32 accumulator,
+// commit, then wait until only this group is in flight and release the previous group's stage.
+// Epilogue: int32 -> fp32 scaled in place, the low-rank wgmma accumulates into the same registers
+// (sm90.cuh lowrank_into), bias, GELU, conversion, transposed staging in shared memory, 16-byte row stores
+// (rows >= M never written). For rank <= LR_PREFETCH_RANK the producer copies the tile's lora_act rows and
+// lora_up rows into a shared-memory region of their own before the main loop, so the epilogue reads them
+// from shared memory instead of waiting on global loads (the low-rank branch cost 5-17% of the GEMM before).
+// Shapes: N % 128 == 0, K % 64 == 0 and K <= 65536, M >= 1, Mp = M rounded up to 256, rank % 16 == 0.
+#include "common.cuh"
+#include <stdlib.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NL_SM90A 1
+#include "sm90.cuh"
+#endif
+
+namespace {
+
+constexpr int BN = 128;           // weight rows per CTA (two consumer warpgroups x 64)
+constexpr int THREADS = 384;      // producer warpgroup + 2 consumer warpgroups
+constexpr int W_BYTES = BN * 32;  // 4-bit weights of one group for the CTA
+constexpr int EXP_BYTES = BN;     // one exponent byte per weight row and group
+constexpr int MAX_EXP = 4;        // code << (4 - e) fits 8 bits (quant/ops.py POW2_MAX_EXP)
+constexpr int MAX_K = 65536;      // int32 accumulator bound (see the math)
+constexpr int LRC = 64;           // rank chunk of the low-rank epilogue
+constexpr int OUT_PAD = 8;        // staging row padding (elements)
+constexpr int DEFAULT_BT = 256, DEFAULT_STAGES = 8;
+constexpr int LR_PREFETCH_RANK = 32;  // largest rank whose low-rank operands are prefetched into shared memory
+
+template <int BT, int NSTAGES>
+struct Cfg {
+  static constexpr int ACT_BYTES = BT * 64;
+  static constexpr int STAGE = ACT_BYTES + W_BYTES + EXP_BYTES;  // multiple of 128
+  static constexpr int STAGES = NSTAGES;
+  static constexpr int PIPE = STAGES * STAGE;
+  static constexpr int EPI_OUT = BT * (BN + OUT_PAD) * 4;  // fp32 staging (largest)
+  static constexpr int EPI_LR = 2 * BT * LRC * 2;          // hi + lo 16-bit
+  static constexpr int LR_ACT_OFF = PIPE;                   // prefetched lora_act rows (fp32) ...
+  static constexpr int LR_UP_OFF = LR_ACT_OFF + BT * LR_PREFETCH_RANK * 4;  // ... and lora_up rows (16-bit)
+  static constexpr int BAR_OFF = LR_UP_OFF + BN * LR_PREFETCH_RANK * 2;     // full[STAGES], empty[STAGES], lr
+  static constexpr int TAB_OFF = BAR_OFF + (2 * STAGES + 2) * 8;  // int8 tables, 16 bytes per exponent
+  static constexpr int SMEM = TAB_OFF + 16 * (MAX_EXP + 1) + 128;  // + slack
+  static_assert(PIPE >= EPI_OUT && PIPE >= EPI_LR, "epilogue staging must fit in the pipeline memory");
+  static_assert(SMEM <= 227 * 1024, "shared memory per block");
+  static_assert(STAGE % 128 == 0, "stage alignment");
+};
+
+struct Params {
+  const uint8_t *act; const float *tscale; int64_t mp;
+  const uint8_t *w; const uint8_t *wexp; const float *wch;
+  const float *lora_act; const void *lora_up; int rank;
+  const float *bias; void *out; int out_dtype; int64_t ldo; int epilogue;
+  int M, N, K;
+  int raster;  // CTA order: 0 = token tile fastest, 1 = weight tile fastest
+};
+
+template <int BT, typename LT, bool UNS, int NSTAGES>
+__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
+#ifdef NL_SM90A
+  using namespace sm90;
+  using C = Cfg<BT, NSTAGES>;
+  constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // setmaxnreg: 128*24 + 256*240 <= 64K registers
+  constexpr int ND = BT / 2;                              // accumulator registers per thread
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t full_bar = smem_base + C::BAR_OFF, empty_bar = full_bar + C::STAGES * 8;
+  const int wg = threadIdx.x >> 7, ctid = threadIdx.x & 127;
+  const int mtiles = (p.M + BT - 1) / BT, ntiles = p.N / BN;
+  const int mt = p.raster ? blockIdx.x / ntiles : blockIdx.x % mtiles;
+  const int nb = p.raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
+  const int m0 = mt * BT, n0 = nb * BN;
+  const int G = p.K / 64;
+  const uint32_t lr_bar = full_bar + 2 * C::STAGES * 8;
+  const bool lr_prefetch = p.rank > 0 && p.rank <= LR_PREFETCH_RANK;
+  const int act_rows = min(BT, p.M - m0);  // token rows of the tile that exist
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < C::STAGES; ++s) {
+      mbar_init(full_bar + s * 8, 1);
+      mbar_init(empty_bar + s * 8, 8);  // one arrival per consumer warp
+    }
+    mbar_init(lr_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  {  // table byte 16e + b: int8((b < 8 ? b : b - 16) << (4 - e)), the word order of nib8_lookup
+    uint8_t *tab = smem + C::TAB_OFF;
+    for (int i = threadIdx.x; i < 16 * (MAX_EXP + 1); i += THREADS) {
+      const int b = i & 15, code = b < 8 ? b : b - 16;
+      tab[i] = (uint8_t)(code * (1 << (MAX_EXP - (i >> 4))));
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------- producer ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+    if (ctid == 0) {
+      const int rows = (int)(p.mp - m0 < BT ? p.mp - m0 : BT);  // the operand holds Mp rows (zero padded)
+      const uint32_t act_bytes = rows * 64, bytes = act_bytes + W_BYTES + EXP_BYTES;
+      if (lr_prefetch) {  // rows of 4 * rank and 2 * rank bytes: multiples of 16 for rank % 16 == 0
+        const uint32_t ab = act_rows * p.rank * 4, ub = BN * p.rank * 2;
+        mbar_expect_tx(lr_bar, ab + ub);
+        bulk_g2s(smem_base + C::LR_ACT_OFF, p.lora_act + (int64_t)m0 * p.rank, ab, lr_bar);
+        bulk_g2s(smem_base + C::LR_UP_OFF, static_cast<const uint8_t *>(p.lora_up) + (int64_t)n0 * p.rank * 2, ub,
+                 lr_bar);
+      }
+      for (int g = 0; g < G; ++g) {
+        const int s = g % C::STAGES;
+        const uint32_t st = smem_base + s * C::STAGE, fb = full_bar + s * 8;
+        if (g >= C::STAGES) mbar_wait(empty_bar + s * 8, ((g / C::STAGES) & 1) ^ 1);
+        mbar_expect_tx(fb, bytes);
+        bulk_g2s(st, p.act + ((int64_t)g * p.mp + m0) * 64, act_bytes, fb);
+        bulk_g2s(st + C::ACT_BYTES, p.w + ((int64_t)nb * G + g) * W_BYTES, W_BYTES, fb);
+        bulk_g2s(st + C::ACT_BYTES + W_BYTES, p.wexp + (int64_t)g * p.N + n0, EXP_BYTES, fb);
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+  const int c = wg - 1, w = ctid >> 5, l = ctid & 31, q = l & 3;
+  const int rloc = c * 64 + 16 * w + (l >> 2);  // this thread's first row in the CTA tile (second: +8)
+  const uint4 *tab = reinterpret_cast<const uint4 *>(smem + C::TAB_OFF);
+  int acc[ND];
+#pragma unroll
+  for (int i = 0; i < ND; ++i) acc[i] = 0;
+
+  // group g's A fragments: wait for the stage, one 16-byte shared load, nibbles -> int8 by the rows' tables
+  auto load_a = [&](int g, uint32_t (&a)[8]) {
+    const int s = g % C::STAGES;
+    mbar_wait(full_bar + s * 8, (g / C::STAGES) & 1);
+    const uint8_t *st = smem + s * C::STAGE;
+    const uint4 wv = *reinterpret_cast<const uint4 *>(st + C::ACT_BYTES + c * 2048 + ctid * 16);
+    const uint8_t *ex = st + C::ACT_BYTES + W_BYTES;
+    const uint4 t0 = tab[ex[rloc]], t1 = tab[ex[rloc + 8]];
+    nib8_lookup(wv.x, t0, t1, a[0], a[1]);
+    nib8_lookup(wv.y, t0, t1, a[2], a[3]);
+    nib8_lookup(wv.z, t0, t1, a[4], a[5]);
+    nib8_lookup(wv.w, t0, t1, a[6], a[7]);
+  };
+  auto issue = [&](int g, const uint32_t (&a)[8]) {
+    const uint32_t base = smem_base + (g % C::STAGES) * C::STAGE;
+    wg_fence();
+    wgmma::S8<BT, UNS>::mma(acc, a, make_desc(base, 128, 512));
+    wgmma::S8<BT, UNS>::mma(acc, a + 4, make_desc(base + 256, 128, 512));
+    wg_commit();
+  };
+  auto release = [&](int g) {
+    __syncwarp();
+    if (l == 0) mbar_arrive(empty_bar + (g % C::STAGES) * 8);
+  };
+  // Group g is issued while g - 1 still runs; g - 2 (which read the same register set) has retired.
+  uint32_t a0[8], a1[8];
+  load_a(0, a0);
+  issue(0, a0);
+  int g = 1;
+  for (; g + 1 < G; g += 2) {
+    load_a(g, a1);
+    issue(g, a1);
+    wg_wait<1>();
+    release(g - 1);
+    load_a(g + 1, a0);
+    issue(g + 1, a0);
+    wg_wait<1>();
+    release(g);
+  }
+  if (g < G) {
+    load_a(g, a1);
+    issue(g, a1);
+    wg_wait<1>();
+    release(g - 1);
+    ++g;
+  }
+  wg_wait<0>();
+  reg_fence(acc);
+  release(G - 1);
+
+  // ---------------- epilogue ----------------
+  float f[ND];
+  {
+    const float w0 = p.wch[n0 + rloc] * (1.f / 16), w1 = p.wch[n0 + rloc + 8] * (1.f / 16);
+    const float4 *ts = reinterpret_cast<const float4 *>(p.tscale + m0) + q;
+#pragma unroll
+    for (int j = 0; j < BT / 16; ++j) {  // tokens 16j + {2q, 2q+1} (x, y) and 16j + 8 + {2q, 2q+1} (z, w)
+      // tscale holds Mp (a multiple of 256) tokens; a 192-token tile may reach past it (tokens never stored)
+      const float4 v = m0 + 16 * j < p.mp ? ts[4 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
+      const int *A = acc + 8 * j;
+      float *F = f + 8 * j;
+      F[0] = (float)A[0] * (v.x * w0);
+      F[1] = (float)A[1] * (v.y * w0);
+      F[2] = (float)A[2] * (v.x * w1);
+      F[3] = (float)A[3] * (v.y * w1);
+      F[4] = (float)A[4] * (v.z * w0);
+      F[5] = (float)A[5] * (v.w * w0);
+      F[6] = (float)A[6] * (v.z * w1);
+      F[7] = (float)A[7] * (v.w * w1);
+    }
+  }
+  if (p.rank > 0) {  // generic pointers: the prefetched copies in shared memory, or global memory
+    const float *act = lr_prefetch ? reinterpret_cast<const float *>(smem + C::LR_ACT_OFF)
+                                   : p.lora_act + (int64_t)m0 * p.rank;
+    const LT *up = (lr_prefetch ? reinterpret_cast<const LT *>(smem + C::LR_UP_OFF)
+                                : static_cast<const LT *>(p.lora_up) + (int64_t)n0 * p.rank) + c * 64 * p.rank;
+    if (lr_prefetch) mbar_wait(lr_bar, 0);
+    lowrank_into<BT, LT, LRC>(smem, f, act, act_rows, up, p.rank, ctid);
+  }
+  consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
+  store_tile<BT, BN, OUT_PAD>(smem, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rloc, q);
+#else
+  __trap();  // sm_90a only; the host entry refuses other devices
+#endif
+}
+
+template <int BT, typename LT, bool UNS, int NSTAGES>
+int launch(const Params &p, cudaStream_t stream) {
+  auto kern = w4a4_s8_kernel<BT, LT, UNS, NSTAGES>;
+  constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
+  static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
+  int dev = 0;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_w4a4_gemm_s8");
+  if (dev >= 64 || !attr_set[dev]) {
+    NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM), "nl_w4a4_gemm_s8");
+    if (dev < 64) attr_set[dev] = true;
+  }
+  kern<<<((p.M + BT - 1) / BT) * (p.N / BN), THREADS, SMEM, stream>>>(p);
+  NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
+  return NL_OK;
+}
+
+template <int BT, int NSTAGES>
+int dispatch(const Params &p, int lora_dtype, bool uns, cudaStream_t s) {
+  if (lora_dtype == NL_F16)
+    return uns ? launch<BT, __half, true, NSTAGES>(p, s) : launch<BT, __half, false, NSTAGES>(p, s);
+  return uns ? launch<BT, __nv_bfloat16, true, NSTAGES>(p, s) : launch<BT, __nv_bfloat16, false, NSTAGES>(p, s);
+}
+
+}  // namespace
+
+extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscale, int64_t mp, int act_unsigned,
+                               const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
+                               const float *lora_act, const void *lora_up, int lora_dtype, int rank,
+                               const float *bias, void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N,
+                               int64_t K, int epilogue, void *stream) {
+  const char *k = "nl_w4a4_gemm_s8";
+  NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
+  NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
+               (long long)N);
+  NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K <= MAX_K, "%s: K=%lld must be a positive multiple of 64, at most %d "
+               "(int32 accumulator)", k, (long long)K, MAX_K);
+  NL_CHECK_ARG(mp >= M && mp % 256 == 0 && mp < (1LL << 31),
+               "%s: activation rows mp=%lld must be M rounded up to a multiple of 256", k, (long long)mp);
+  NL_CHECK_ARG(out_dtype == NL_BF16 || out_dtype == NL_F16 || out_dtype == NL_F32, "%s: out dtype code %d", k,
+               out_dtype);
+  const int esz = out_dtype == NL_F32 ? 4 : 2;
+  NL_CHECK_ARG(ldo >= N && (ldo * esz) % 16 == 0, "%s: out row stride %lld must be >= N and a multiple of 16 bytes",
+               k, (long long)ldo);
+  NL_CHECK_ARG(epilogue == NL_EPI_NONE || epilogue == NL_EPI_GELU_TANH, "%s: epilogue code %d", k, epilogue);
+  NL_CHECK_ARG(rank >= 0 && rank % 16 == 0 && rank <= 1024, "%s: rank=%d must be a multiple of 16", k, rank);
+  NL_CHECK_ARG(act_bytes8 && nl_aligned(act_bytes8, 16), "%s: act_bytes8 must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(act_tscale && nl_aligned(act_tscale, 16), "%s: act_tscale must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(w_packed && nl_aligned(w_packed, 16), "%s: w_packed must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(w_exp && nl_aligned(w_exp, 16), "%s: w_exp must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(w_chscale && nl_aligned(w_chscale, 4), "%s: w_chscale must be non-null and 4-byte aligned", k);
+  NL_CHECK_ARG(out && nl_aligned(out, 16), "%s: out must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(!bias || nl_aligned(bias, 4), "%s: bias must be 4-byte aligned", k);
+  if (rank > 0) {
+    NL_CHECK_ARG(lora_act && nl_aligned(lora_act, 16), "%s: lora_act must be non-null, 16-byte aligned", k);
+    NL_CHECK_ARG(lora_up && nl_aligned(lora_up, 16), "%s: lora_up must be non-null, 16-byte aligned", k);
+    NL_CHECK_ARG(lora_dtype == NL_BF16 || lora_dtype == NL_F16, "%s: lora_up dtype code %d is not bf16/fp16", k,
+                 lora_dtype);
+  }
+  int dev = 0, major = 0, minor = 0;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
+  NL_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), k);
+  NL_CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), k);
+  if (major != 9 || minor != 0)
+    return nl_fail(NL_ERR_UNSUPPORTED, "%s: needs an sm_90 (Hopper) device, device %d is sm_%d%d", k, dev, major,
+                   minor);
+  Params p{act_bytes8, act_tscale, mp, w_packed, w_exp, w_chscale, lora_act, lora_up, rank, bias, out, out_dtype,
+           ldo, epilogue, (int)M, (int)N, (int)K, 1};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // Variants (read at every call, for benchmarks): NUNCHAKU_LITE_S8_BT = tokens per CTA (128, 192, 256),
+  // NUNCHAKU_LITE_S8_RASTER = 0 | 1 (CTA order).
+  const char *env_bt = getenv("NUNCHAKU_LITE_S8_BT"), *env_r = getenv("NUNCHAKU_LITE_S8_RASTER");
+  const int bt = env_bt ? atoi(env_bt) : DEFAULT_BT;
+  if (env_r) p.raster = atoi(env_r) != 0;
+  const bool uns = act_unsigned != 0;
+  if (bt == 128) return dispatch<128, 12>(p, lora_dtype, uns, s);
+  if (bt == 192) return dispatch<192, 10>(p, lora_dtype, uns, s);
+  return dispatch<256, DEFAULT_STAGES>(p, lora_dtype, uns, s);
+}

@@ -1,0 +1,181 @@
+// Device helpers shared by the sm_90a (Hopper) GEMMs: mbarriers, 1-D bulk copies, wgmma control and
+// descriptors, the nibble -> 8-bit byte conversions through prmt tables, and the 16-bit low-rank wgmma.
+// Include only inside `#ifdef NL_SM90A` (sm_90a device code).
+#pragma once
+#include "common.cuh"
+#include "wgmma.cuh"
+
+namespace sm90 {
+// ---- mbarriers, bulk copies, wgmma control ---------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of an in-flight wgmma accumulator across the wait.
+template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int N> __device__ __forceinline__ void reg_fence(int (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// No-swizzle K-major shared-memory descriptor: start address, LBO (K-adjacent core matrices), SBO (next 8 rows).
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr >> 4) & 0x3FFF) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+         ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+__device__ __forceinline__ uint32_t select_bits(uint32_t p, uint32_t q, uint32_t mask) {  // mask ? q : p
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xCA;\n" : "=r"(r) : "r"(mask), "r"(q), "r"(p));  // (m & q) | (~m & p)
+  return r;
+}
+// 8 two's-complement nibbles -> 8 e4m3 bytes (lo: codes 0-3, hi: codes 4-7).
+constexpr uint32_t POS_LO = 0x44403800u, POS_HI = 0x4E4C4A48u;  // e4m3(0..7)
+constexpr uint32_t NEG_LO = 0xCACCCED0u, NEG_HI = 0xB8C0C4C8u;  // e4m3(-8..-1)
+__device__ __forceinline__ void nib8_to_e4m3(uint32_t x, uint32_t &lo, uint32_t &hi) {
+  const uint32_t t = x & 0x77777777u, x4 = x << 4, th = t >> 16;
+  lo = select_bits(prmt(POS_LO, POS_HI, t), prmt(NEG_LO, NEG_HI, t), prmt(x, x4, 0x9D8C));
+  hi = select_bits(prmt(POS_LO, POS_HI, th), prmt(NEG_LO, NEG_HI, th), prmt(x, x4, 0xBFAE));
+}
+
+// The same with per-row tables of any byte values, in POS/NEG word order (table byte b: the byte of code b for
+// b < 8, of code b - 16 for b >= 8): t0 for the low-half row, t1 for the high-half row. Folded weights use
+// e4m3(code * 2^-e) (nl_w4a4_gemm_fp8_pow2) or the int8 code << (4 - e) (nl_w4a4_gemm_s8).
+__device__ __forceinline__ void nib8_lookup(uint32_t x, const uint4 &t0, const uint4 &t1, uint32_t &lo,
+                                            uint32_t &hi) {
+  const uint32_t t = x & 0x77777777u, x4 = x << 4, th = t >> 16;
+  lo = select_bits(prmt(t0.x, t0.y, t), prmt(t0.z, t0.w, t), prmt(x, x4, 0x9D8C));
+  hi = select_bits(prmt(t1.x, t1.y, th), prmt(t1.z, t1.w, th), prmt(x, x4, 0xBFAE));
+}
+__device__ __forceinline__ uint32_t e4m3_byte(float v) {  // exact for the table's values
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(0.f), "f"(v));
+  return r & 0xFFu;
+}
+
+template <typename T> struct LrOp;
+template <> struct LrOp<__nv_bfloat16> {
+  template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
+    wgmma::Lr<BT>::bf16(d, a, desc);
+  }
+};
+template <> struct LrOp<__half> {
+  template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
+    wgmma::Lr<BT>::f16(d, a, desc);
+  }
+};
+
+
+
+// Low-rank up epilogue of the GEMMs whose two consumer warpgroups (threads 128..383) each own 64 weight rows:
+// d += lora_up[rows, :] @ lora_act[tokens, :]^T as a wgmma accumulator (d holds fp32 values in the
+// accumulator layout: thread (warp w, lane l) rows 16w + l/4 (+8) of the warpgroup's, tokens 8j + 2(l%4) +
+// {0,1} of the tile). act: the tile's first token row of lora_act (fp32 [., rank], rows >= act_rows read as
+// 0); up: the warpgroup's first row of lora_up (16-bit [., rank]); either may point to global or shared
+// memory. lora_act goes through shared memory in chunks of LRC ranks as hi + lo 16-bit halves (lo = the
+// rounding rest), both against lora_up (exact): error ~2^-17 of the low-rank term. Uses 2 * BT * LRC * 2
+// bytes of smem (the pipeline's, free by then).
+template <int BT, typename T, int LRC = 64>
+__device__ __forceinline__ void lowrank_into(uint8_t *smem, float (&d)[BT / 2], const float *act, int act_rows,
+                                             const void *lora_up, int rank, int ctid) {
+  const int w = ctid >> 5, l = ctid & 31;
+  uint8_t *hi = smem, *lo = smem + BT * LRC * 2;
+  const T *up = static_cast<const T *>(lora_up);
+  const int row0 = 16 * w + (l >> 2);
+  for (int r0 = 0; r0 < rank; r0 += LRC) {
+    const int len = min(LRC, rank - r0);
+    consumers_sync();  // the previous chunk's wgmma (or the main loop's stages) are done with this memory
+    // token t, ranks 4i..4i+3 of the chunk -> core matrix (t/8, k/8) of a [BT x LRC] K-major 16-bit tile
+    for (int i = threadIdx.x - 128; i < BT * (len / 4); i += 256) {  // both consumer warpgroups
+      const int t = i / (len / 4), k = (i % (len / 4)) * 4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (t < act_rows) v = *reinterpret_cast<const float4 *>(act + (int64_t)t * rank + r0 + k);
+      const uint32_t h0 = pack2<T>(v.x, v.y), h1 = pack2<T>(v.z, v.w);
+      const float2 f0 = unpack2<T>(h0), f1 = unpack2<T>(h1);
+      const uint32_t l0 = pack2<T>(v.x - f0.x, v.y - f0.y), l1 = pack2<T>(v.z - f1.x, v.w - f1.y);
+      const int off = ((t >> 3) * (LRC / 8) + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2;
+      *reinterpret_cast<uint2 *>(hi + off) = make_uint2(h0, h1);
+      *reinterpret_cast<uint2 *>(lo + off) = make_uint2(l0, l1);
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
+    consumers_sync();
+    wg_fence();
+    for (int kk = 0; kk < len / 16; ++kk) {
+      const int k = r0 + kk * 16 + 2 * (l & 3);
+      uint32_t a[4];
+      a[0] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * rank + k);
+      a[1] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * rank + k);
+      a[2] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * rank + k + 8);
+      a[3] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * rank + k + 8);
+      const uint32_t off = kk * 256;  // two core matrices along K per k16 step
+      LrOp<T>::template mma<BT>(d, a, make_desc(smem_u32(hi) + off, 128, LRC * 16));
+      LrOp<T>::template mma<BT>(d, a, make_desc(smem_u32(lo) + off, 128, LRC * 16));
+    }
+    wg_commit();
+    wg_wait<0>();
+    reg_fence(d);
+  }
+}
+
+// Output epilogue of those GEMMs: acc (accumulator layout, see lowrank_into) + bias, optional GELU(tanh),
+// converted to out_dtype, staged transposed in smem (BT rows of BN + PAD elements) and written as 16-byte row
+// segments; token rows >= M are never written. The caller has synchronized the consumers (smem is free).
+template <int BT, int BN, int PAD>
+__device__ __forceinline__ void store_tile(uint8_t *smem, const float (&acc)[BT / 2], const float *bias, int epilogue,
+                                           void *out_ptr, int out_dtype, int64_t ldo, int M, int m0, int n0,
+                                           int rloc, int q) {
+  const int esz = out_dtype == NL_F32 ? 4 : 2;
+  const int srow = (BN + PAD) * esz;  // staging bytes per token row
+  const float b0 = bias ? bias[n0 + rloc] : 0.f, b1 = bias ? bias[n0 + rloc + 8] : 0.f;
+  const bool gelu = epilogue == NL_EPI_GELU_TANH;
+#pragma unroll
+  for (int i = 0; i < BT / 2; ++i) {
+    const int j = i >> 2, t = 8 * j + 2 * q + (i & 1), r = rloc + ((i >> 1) & 1) * 8;
+    float v = acc[i] + ((i >> 1) & 1 ? b1 : b0);
+    if (gelu) v = gelu_epilogue(v, out_dtype);
+    uint8_t *dst = smem + t * srow + r * esz;
+    if (out_dtype == NL_BF16) *reinterpret_cast<__nv_bfloat16 *>(dst) = __float2bfloat16_rn(v);
+    else if (out_dtype == NL_F16) *reinterpret_cast<__half *>(dst) = __float2half_rn(v);
+    else *reinterpret_cast<float *>(dst) = v;
+  }
+  consumers_sync();
+  const int chunks = BN * esz / 16, rows = min(BT, M - m0);
+  uint8_t *out = static_cast<uint8_t *>(out_ptr);
+  for (int i = threadIdx.x - 128; i < rows * chunks; i += 256) {
+    const int t = i / chunks, ch = i % chunks;
+    *reinterpret_cast<uint4 *>(out + ((int64_t)(m0 + t) * ldo + n0) * esz + ch * 16) =
+        *reinterpret_cast<const uint4 *>(smem + t * srow + ch * 16);
+  }
+}
+
+}  // namespace sm90

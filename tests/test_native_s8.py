@@ -1,0 +1,261 @@
+"""Power-of-two activation scales and the sm_90 integer GEMM (native/gemm_w4a4_s8_sm90.cu,
+native/quantize_pow2.cu).
+
+CPU: the format (ops.quantize_act(pow2=True), ops.pack_act_s8_tiles), the int8 tables of the kernel's nibble
+recipe (PTX prmt emulation), the layer flag. GPU (sm_90 only): the pow2 quantize pass bit for bit against the
+reference, the integer GEMM against ops.w4a4_linear_f64 on the same codes (relative error < 1e-3), the layer's
+native path end to end.
+"""
+import pytest
+import torch
+
+from nunchaku_lite.quant import ops
+from nunchaku_lite.quant.modules import W4A4Linear, module_from_config
+from conftest import random_w4a4_layer as _layer, rel_err as _rel
+from test_native_sm90 import _prmt, _word
+
+native = pytest.importorskip("nunchaku_lite.native")
+DEV = "cuda"
+
+# ---- CPU: the format ------------------------------------------------------------------------------------
+
+
+def _acts(m, k, gen, unsigned=False):
+    x = torch.randn(m, k, generator=gen) * torch.rand(1, k, generator=gen) * 3
+    x[:, torch.randint(0, k, (max(1, k // 64),), generator=gen)] *= 30.0  # outlier channels
+    x[0, :64] = 0  # an all-zero group
+    if unsigned:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+    return x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_pow2_act_scales_cover_and_are_tightest(unsigned):
+    gen = torch.Generator().manual_seed(1)
+    x = _acts(64, 1024, gen, unsigned)
+    smooth = torch.rand(1024, generator=gen) + 0.5
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    _, plain = ops.quantize_act(x, smooth, unsigned, shift)
+    codes, s = ops.quantize_act(x, smooth, unsigned, shift, pow2=True)
+    top = plain.amax(dim=1, keepdim=True)
+    e = torch.round(torch.log2(top / s))
+    assert torch.equal(s, top * torch.exp2(-e)) and e.min() >= 0 and e.max() <= ops.POW2_MAX_EXP
+    assert (s >= plain).all()  # nothing clips
+    tighter = top * torch.exp2(-(e + 1))  # the next exponent would not cover the plain scale
+    assert ((e == ops.POW2_MAX_EXP) | (tighter < plain)).all()
+    lo, hi = (0, 15) if unsigned else (-8, 7)
+    assert codes.min() >= lo and codes.max() <= hi
+    # the codes are those of the reference formula with these scales
+    xs = ((x.float() + shift) / smooth).view(64, -1, 64)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    assert torch.equal(codes.view(64, -1, 64).float(), torch.round(xs / safe[..., None]).clamp(lo, hi))
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_s8_tiles_are_exact(unsigned):
+    gen = torch.Generator().manual_seed(2)
+    m, k = 300, 512
+    codes, s = ops.quantize_act(_acts(m, k, gen, unsigned), None, unsigned,
+                                ops.UNSIGNED_SHIFT if unsigned else 0.0, pow2=True)
+    b8, t = ops.pack_act_s8_tiles(codes, s)
+    mp = 512
+    assert b8.shape == (k // 64, mp, 64) and t.shape == (mp,)
+    # undo the tile order and the 16-token permutation
+    vals = b8.view(k // 64, mp // 8, 4, 8, 16).permute(1, 3, 0, 2, 4).reshape(mp, k)
+    vals = vals.to(torch.int16) if unsigned else vals.view(torch.int8).to(torch.int16)
+    tok = t.view(mp // 16, 4, 2, 2).permute(0, 2, 1, 3).reshape(mp)
+    deq = vals[:m].float() * tok[:m, None]
+    assert torch.equal(deq, (codes.float().view(m, -1, 64) * s[..., None]).view(m, k))
+    assert vals[m:].eq(0).all() and tok[m:].eq(0).all()
+    with pytest.raises(ValueError, match="power-of-two"):
+        ops.pack_act_s8_tiles(*ops.quantize_act(_acts(m, k, gen), None))
+
+
+def _int8_table(e: int) -> tuple[int, int, int, int]:
+    """The kernel's table for exponent e: {POS_LO, POS_HI, NEG_LO, NEG_HI} of int8(code << (4 - e))."""
+    b = lambda c: (c * (1 << (4 - e))) & 0xFF
+    return (_word(b(i) for i in range(4)), _word(b(i) for i in range(4, 8)),
+            _word(b(i) for i in range(-8, -4)), _word(b(i) for i in range(-4, 0)))
+
+
+def test_nibble_lookup_decodes_shifted_int8_codes():
+    """nib8_lookup with the int8 tables turns 8 two's-complement nibbles (row halves with exponents e0, e1)
+    into the bytes code << (4 - e)."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        x = int(torch.randint(0, 2 ** 32, (1,), generator=gen, dtype=torch.int64))
+        e0, e1 = (int(v) for v in torch.randint(0, ops.POW2_MAX_EXP + 1, (2,), generator=gen))
+        t0, t1 = _int8_table(e0), _int8_table(e1)
+        t, x4 = x & 0x77777777, (x << 4) & 0xFFFFFFFF
+        sel = lambda p, q, msk: ((p & ~msk) | (q & msk)) & 0xFFFFFFFF
+        lo = sel(_prmt(t0[0], t0[1], t), _prmt(t0[2], t0[3], t), _prmt(x, x4, 0x9D8C))
+        hi = sel(_prmt(t1[0], t1[1], t >> 16), _prmt(t1[2], t1[3], t >> 16), _prmt(x, x4, 0xBFAE))
+        nib = [(x >> (4 * i)) & 0xF for i in range(8)]
+        code = [v - 16 if v >= 8 else v for v in nib]
+        # lo: codes 0-3 (the low-half row), hi: codes 4-7 (the high-half row), as nib8_to_e4m3
+        want_lo = _word((c * (1 << (4 - e0))) & 0xFF for c in code[:4])
+        want_hi = _word((c * (1 << (4 - e1))) & 0xFF for c in code[4:])
+        assert (lo, hi) == (want_lo, want_hi)
+
+
+def test_layer_flag_round_trips_and_changes_the_reference():
+    gen = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(256, 128)
+    layer = W4A4Linear.from_linear(lin, lin.weight.detach(), pow2=True, act_pow2=True)
+    assert layer.act_pow2 and layer.config()["act_pow2"] is True and "act_pow2=True" in repr(layer)
+    again = module_from_config(layer.config(), torch.float32)
+    assert again.act_pow2
+    plain = W4A4Linear.from_linear(lin, lin.weight.detach(), pow2=True)
+    assert "act_pow2" not in plain.config()  # files without the flag load as before
+    x = _acts(8, 256, gen).float()
+    ref = ops.w4a4_linear(x, layer.qweight, layer.wscales, bias=layer.bias.float(), smooth=layer.smooth,
+                          act_pow2=True)
+    assert torch.equal(layer(x), ref)
+    assert not torch.equal(plain(x), ref)
+
+
+def test_native_reference_layouts_and_errors():
+    """The reference of native.quantize_act (what it runs on CPU tensors): s8_tiles equals
+    ops.pack_act_s8_tiles; with the library, the layout needs pow2."""
+    gen = torch.Generator().manual_seed(5)
+    x = _acts(40, 256, gen)
+    act = native.quantize_act_reference(x, layout="s8_tiles", pow2=True)
+    b8, t = ops.pack_act_s8_tiles(*ops.quantize_act(x, pow2=True))
+    assert torch.equal(act.codes, b8) and torch.equal(act.scales, t) and act.layout == "s8_tiles"
+    if native.library_error() is not None:
+        pytest.skip(f"native library not loadable: {native.library_error()}")
+    assert torch.equal(native.quantize_act(x, layout="s8_tiles", pow2=True).codes, b8)
+    with pytest.raises(ValueError, match="pow2=True"):
+        native.quantize_act(x, layout="s8_tiles")
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    if not torch.cuda.is_available() or not native.available():
+        pytest.skip(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}")
+    if torch.cuda.get_device_capability() != (9, 0) or not native.has_wgmma():
+        pytest.skip("the integer wgmma GEMM needs an sm_90 device")
+
+
+@pytest.fixture(scope="module")
+def cuda_lib():
+    if not torch.cuda.is_available() or not native.available():
+        pytest.skip(f"native kernels unavailable: {native.library_error() or 'no CUDA device'}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 100, 300, 4608])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("layout", ["packed", "fp8_tiles", "s8_tiles"])
+def test_pow2_quantize_kernel_is_bit_exact(cuda_lib, m, unsigned, layout):
+    gen = torch.Generator().manual_seed(m)
+    k, rank = 3072, 32
+    x = _acts(m, k, gen, unsigned).to(DEV)
+    smooth = (torch.rand(k, generator=gen) + 0.5).to(DEV)
+    down = (torch.randn(rank, k, generator=gen) / k ** 0.5).to(torch.bfloat16).to(DEV)
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    got = native.quantize_act(x, smooth, down, unsigned, shift, layout=layout, pow2=True)
+    want = native.quantize_act_reference(x, smooth, down, unsigned, shift, layout, pow2=True)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert _rel(got.lora_act, want.lora_act) < 1e-5
+
+
+@pytest.mark.gpu
+def test_pow2_layernorm_quantize(cuda_lib):
+    gen = torch.Generator().manual_seed(6)
+    b, L, k = 2, 150, 1024
+    x = (torch.randn(b, L, k, generator=gen) * 2).to(torch.bfloat16).to(DEV)
+    shift = (torch.randn(b, 1, k, generator=gen) * 0.1).to(torch.bfloat16).to(DEV)
+    scale = (torch.randn(b, 1, k, generator=gen) * 0.1).to(torch.bfloat16).to(DEV)
+    smooth = (torch.rand(k, generator=gen) + 0.5).to(DEV)
+    act, y = native.layernorm_quantize_act(x, shift, scale, None, smooth, None, layout="s8_tiles", pow2=True,
+                                           return_y=True)
+    want = native.quantize_act_reference(y, smooth, None, layout="s8_tiles", pow2=True)
+    assert torch.equal(act.codes, want.codes) and torch.equal(act.scales, want.scales)
+
+
+def _s8_run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed + m + 7 * k + 13 * n + rank)
+    qweight, _, lora_down, lora_up, bias, smooth = _layer(n, k, rank, gen, lora_dtype)
+    ch = torch.rand(n, 1, generator=gen) * 0.02 + 1e-3
+    e = torch.randint(0, ops.POW2_MAX_EXP + 1, (n, k // 64), generator=gen)
+    e[:, 0] = 0
+    wscales = (ch.to(torch.bfloat16).float() * torch.exp2(-e.float())).to(torch.bfloat16)
+    bias = bias if use_bias else None
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    x = _acts(m, k, gen, unsigned).to(lora_dtype)
+    dv = lambda t: None if t is None else t.to(DEV)
+    prep = native.prepare_w4a4(qweight.to(DEV), wscales.to(DEV), dv(lora_down), dv(lora_up), dv(bias),
+                               smooth.to(DEV), unsigned, shift, lora_dtype, path="wgmma", act_pow2=True)
+    assert prep.s8_ok and native.act_layout(prep, "wgmma") == "s8_tiles"
+    codes, scales = ops.quantize_act(x.to(DEV), smooth.to(DEV), unsigned, shift, pow2=True)
+    b8, tsc = ops.pack_act_s8_tiles(codes, scales)
+    lora_act = (x.to(DEV).float() @ lora_down.to(DEV).float().T).contiguous() if rank else None
+    act = native.QuantizedActivation(b8, tsc, lora_act, unsigned, "s8_tiles", m)
+    out = torch.full((m, prep.w_tiled.shape[0]), float("nan"), dtype=out_dtype, device=DEV)
+    native.w4a4_gemm(act, prep, out_dtype, epilogue, path="wgmma", out=out)
+    ref = ops.w4a4_linear_f64(x.float(), codes.cpu(), scales.cpu(), qweight, wscales, lora_down, lora_up, bias)
+    if epilogue == "gelu_tanh":
+        ref = torch.nn.functional.gelu(ref, approximate="tanh")
+    return out[:, :n], ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 100, 256, 4608])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_s8_gemm_matches_float64(sm90, m, unsigned):
+    out, ref = _s8_run(m, 3072, 3072 if m in (1, 4608) else 640, 32, unsigned, True, torch.float32)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bt", ["128", "192", "256"])
+@pytest.mark.parametrize("rank", [0, 16, 128])
+def test_s8_gemm_tiles_and_ranks(sm90, bt, rank, monkeypatch):
+    monkeypatch.setenv("NUNCHAKU_LITE_S8_BT", bt)
+    for m, k, n in ((300, 1024, 384), (257, 192, 256), (1536, 15360, 128)):
+        out, ref = _s8_run(m, k, n, rank, m == 257, True, torch.float32)
+        assert torch.isfinite(out).all()
+        assert _rel(out, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("epilogue", ["none", "gelu_tanh"])
+def test_s8_gemm_epilogues(sm90, out_dtype, epilogue):
+    out, ref = _s8_run(200, 1024, 256, 16, False, True, out_dtype, epilogue, lora_dtype=out_dtype)
+    assert _rel(out, ref.to(out_dtype)) < 5e-3
+
+
+@pytest.mark.gpu
+def test_s8_refuses_unfoldable_weights(sm90):
+    gen = torch.Generator().manual_seed(7)
+    qweight, wscales, *_ = _layer(128, 256, 0, gen)
+    prep = native.prepare_w4a4(qweight.to(DEV), wscales.to(DEV), path="wgmma", act_pow2=True)
+    assert not prep.s8_ok and native.act_layout(prep, "wgmma") == "fp8_tiles"
+    act = native.quantize_act(_acts(10, 256, gen).to(DEV), layout="s8_tiles", pow2=True)
+    with pytest.raises(ValueError, match="power-of-two weight scales"):
+        native.w4a4_gemm(act, prep, path="wgmma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s8", ["1", "0"])
+def test_pow2_layer_native_path_end_to_end(cuda_lib, s8, monkeypatch):
+    """A W4A4Linear with power-of-two weights and act_pow2 on CUDA (integer GEMM on sm_90, or the fp8 / s4 / s8
+    kernels with NUNCHAKU_LITE_S8=0 or elsewhere) against its reference forward."""
+    monkeypatch.setenv("NUNCHAKU_LITE_S8", s8)
+    gen = torch.Generator().manual_seed(8)
+    lin = torch.nn.Linear(1024, 512).to(torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.05, generator=gen)
+    layer = W4A4Linear.from_linear(lin, lin.weight.detach().float(), pow2=True, act_pow2=True,
+                                   lora_down=torch.randn(32, 1024, generator=gen) * 0.01,
+                                   lora_up=torch.randn(512, 32, generator=gen) * 0.01)
+    x = _acts(333, 1024, gen)
+    ref = layer(x.float()).float()
+    layer = layer.to(DEV)
+    got = layer(x.to(DEV)).float().cpu()
+    assert _rel(got, ref) < 5e-3
