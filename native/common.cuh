@@ -21,6 +21,31 @@ int nl_fail(int code, const char *fmt, ...);
 
 static inline bool nl_aligned(const void *p, int bytes) { return ((uintptr_t)p % bytes) == 0; }
 
+// NL_ERR_UNSUPPORTED unless the current device is sm_90 (the sm_90a kernels' host entries).
+static inline int nl_check_sm90(const char *k) {
+  int dev = 0, major = 0, minor = 0;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
+  NL_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), k);
+  NL_CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), k);
+  if (major != 9 || minor != 0)
+    return nl_fail(NL_ERR_UNSUPPORTED, "%s: needs an sm_90 (Hopper) device, device %d is sm_%d%d", k, dev, major,
+                   minor);
+  return NL_OK;
+}
+
+// Raise kern's dynamic shared memory limit to `bytes`, once per device (done: the caller's static flags):
+// cudaFuncSetAttribute is not allowed inside CUDA-graph capture, so captured launches must not repeat it.
+template <typename F>
+static inline int nl_smem_once(F *kern, int bytes, bool (&done)[64], const char *k) {
+  int dev = 0;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
+  if (dev >= 64 || !done[dev]) {
+    NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), k);
+    if (dev < 64) done[dev] = true;
+  }
+  return NL_OK;
+}
+
 // ---- device helpers --------------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

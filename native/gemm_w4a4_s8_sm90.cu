@@ -247,13 +247,8 @@ template <int BT, typename LT, bool UNS, int NSTAGES>
 int launch(const Params &p, cudaStream_t stream) {
   auto kern = w4a4_s8_kernel<BT, LT, UNS, NSTAGES>;
   constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
-  static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
-  int dev = 0;
-  NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_w4a4_gemm_s8");
-  if (dev >= 64 || !attr_set[dev]) {
-    NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM), "nl_w4a4_gemm_s8");
-    if (dev < 64) attr_set[dev] = true;
-  }
+  static bool attr_set[64] = {};
+  if (int rc = nl_smem_once(kern, SMEM, attr_set, "nl_w4a4_gemm_s8")) return rc;
   kern<<<((p.M + BT - 1) / BT) * (p.N / BN), THREADS, SMEM, stream>>>(p);
   NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
   return NL_OK;
@@ -301,13 +296,7 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
     NL_CHECK_ARG(lora_dtype == NL_BF16 || lora_dtype == NL_F16, "%s: lora_up dtype code %d is not bf16/fp16", k,
                  lora_dtype);
   }
-  int dev = 0, major = 0, minor = 0;
-  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
-  NL_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), k);
-  NL_CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), k);
-  if (major != 9 || minor != 0)
-    return nl_fail(NL_ERR_UNSUPPORTED, "%s: needs an sm_90 (Hopper) device, device %d is sm_%d%d", k, dev, major,
-                   minor);
+  if (int rc = nl_check_sm90(k)) return rc;
   Params p{act_bytes8, act_tscale, mp, w_packed, w_exp, w_chscale, lora_act, lora_up, rank, bias, out, out_dtype,
            ldo, epilogue, (int)M, (int)N, (int)K, 1};
   cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -78,7 +78,7 @@ constexpr int DEFAULT_BT = 128, DEFAULT_STAGES = 10, DEFAULT_RASTER = 1, DEFAULT
 // Folded weights: group scale = channel scale * 2^-e with 0 <= e <= FOLD_MAX_EXP, so that every code * 2^-e
 // (|code| <= 8) is exact in e4m3, subnormals included (quant/ops.py FP8_FOLD_MAX_EXP).
 constexpr int FOLD_MAX_EXP = 9;
-constexpr int EXP_BYTES = BN;           // one exponent byte per weight row and group
+[[maybe_unused]] constexpr int EXP_BYTES = BN;  // one exponent byte per weight row and group (sm_90a code only)
 
 template <int BT, int NSTAGES>
 struct Cfg {
@@ -529,14 +529,8 @@ template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIP
 int launch(const Params &p, cudaStream_t stream) {
   auto kern = w4a4_fp8_kernel<BT, LT, SUB, NSTAGES, CL, FOLD, PIPE, QUANT>;
   constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
-  static bool attr_set[64] = {};  // once per device: keeps launches legal inside CUDA-graph capture
-  int dev = 0;
-  NL_CHECK_CUDA(cudaGetDevice(&dev), "nl_w4a4_gemm_fp8");
-  if (dev >= 64 || !attr_set[dev]) {
-    NL_CHECK_CUDA(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM),
-                  "nl_w4a4_gemm_fp8");
-    if (dev < 64) attr_set[dev] = true;
-  }
+  static bool attr_set[64] = {};
+  if (int rc = nl_smem_once(kern, SMEM, attr_set, "nl_w4a4_gemm_fp8")) return rc;
   dim3 grid(((p.M + BT - 1) / BT) * (p.N / BN));
   if constexpr (CL > 1) {
     cudaLaunchConfig_t cfg = {};
@@ -587,17 +581,6 @@ __global__ void repack_sm90_kernel(const uint8_t *__restrict__ src, uint4 *__res
     }
     dst[u] = make_uint4(word[0], word[1], word[2], word[3]);
   }
-}
-
-int check_sm90(const char *k) {
-  int dev = 0, major = 0, minor = 0;
-  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
-  NL_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), k);
-  NL_CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), k);
-  if (major != 9 || minor != 0)
-    return nl_fail(NL_ERR_UNSUPPORTED, "%s: needs an sm_90 (Hopper) device, device %d is sm_%d%d", k, dev, major,
-                   minor);
-  return NL_OK;
 }
 
 }  // namespace
@@ -677,7 +660,7 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
     NL_CHECK_ARG(lora_dtype == NL_BF16 || lora_dtype == NL_F16, "%s: lora_up dtype code %d is not bf16/fp16", k,
                  lora_dtype);
   }
-  const int rc = check_sm90(k);
+  const int rc = nl_check_sm90(k);
   if (rc) return rc;
   Params p{act_codes8, act_scales8, mp, w_packed, w_scales, lora_act, lora_up, rank, bias, out, out_dtype, ldo,
            epilogue, (int)M, (int)N, (int)K, 0, w_chscale, w_exp};
