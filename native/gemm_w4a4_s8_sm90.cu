@@ -34,9 +34,7 @@
 // commit, then wait until only this group is in flight and release the previous group's stage.
 // Epilogue: int32 -> fp32 scaled in place, the low-rank wgmma accumulates into the same registers
 // (sm90.cuh lowrank_into), bias, GELU, conversion, transposed staging in shared memory, 16-byte row stores
-// (rows >= M never written). For rank <= LR_PREFETCH_RANK the producer copies the tile's lora_act rows and
-// lora_up rows into a shared-memory region of their own before the main loop, so the epilogue reads them
-// from shared memory instead of waiting on global loads (the low-rank branch cost 5-17% of the GEMM before).
+// (rows >= M never written).
 // Shapes: N % 128 == 0, K % 64 == 0 and K <= 65536, M >= 1, Mp = M rounded up to 256, rank % 16 == 0.
 #include "common.cuh"
 #include <stdlib.h>
@@ -57,7 +55,6 @@ constexpr int MAX_K = 65536;      // int32 accumulator bound (see the math)
 constexpr int LRC = 64;           // rank chunk of the low-rank epilogue
 constexpr int OUT_PAD = 8;        // staging row padding (elements)
 constexpr int DEFAULT_BT = 256, DEFAULT_STAGES = 8;
-constexpr int LR_PREFETCH_RANK = 32;  // largest rank whose low-rank operands are prefetched into shared memory
 
 template <int BT, int NSTAGES>
 struct Cfg {
@@ -67,10 +64,8 @@ struct Cfg {
   static constexpr int PIPE = STAGES * STAGE;
   static constexpr int EPI_OUT = BT * (BN + OUT_PAD) * 4;  // fp32 staging (largest)
   static constexpr int EPI_LR = 2 * BT * LRC * 2;          // hi + lo 16-bit
-  static constexpr int LR_ACT_OFF = PIPE;                   // prefetched lora_act rows (fp32) ...
-  static constexpr int LR_UP_OFF = LR_ACT_OFF + BT * LR_PREFETCH_RANK * 4;  // ... and lora_up rows (16-bit)
-  static constexpr int BAR_OFF = LR_UP_OFF + BN * LR_PREFETCH_RANK * 2;     // full[STAGES], empty[STAGES], lr
-  static constexpr int TAB_OFF = BAR_OFF + (2 * STAGES + 2) * 8;  // int8 tables, 16 bytes per exponent
+  static constexpr int BAR_OFF = PIPE;
+  static constexpr int TAB_OFF = BAR_OFF + 2 * STAGES * 8;  // int8 tables, 16 bytes per exponent
   static constexpr int SMEM = TAB_OFF + 16 * (MAX_EXP + 1) + 128;  // + slack
   static_assert(PIPE >= EPI_OUT && PIPE >= EPI_LR, "epilogue staging must fit in the pipeline memory");
   static_assert(SMEM <= 227 * 1024, "shared memory per block");
@@ -102,8 +97,6 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
   const int nb = p.raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
   const int m0 = mt * BT, n0 = nb * BN;
   const int G = p.K / 64;
-  const uint32_t lr_bar = full_bar + 2 * C::STAGES * 8;
-  const bool lr_prefetch = p.rank > 0 && p.rank <= LR_PREFETCH_RANK;
   const int act_rows = min(BT, p.M - m0);  // token rows of the tile that exist
 
   if (threadIdx.x == 0) {
@@ -111,7 +104,6 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
       mbar_init(full_bar + s * 8, 1);
       mbar_init(empty_bar + s * 8, 8);  // one arrival per consumer warp
     }
-    mbar_init(lr_bar, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   {  // table byte 16e + b: int8((b < 8 ? b : b - 16) << (4 - e)), the word order of nib8_lookup
@@ -128,13 +120,6 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
     if (ctid == 0) {
       const int rows = (int)(p.mp - m0 < BT ? p.mp - m0 : BT);  // the operand holds Mp rows (zero padded)
       const uint32_t act_bytes = rows * 64, bytes = act_bytes + W_BYTES + EXP_BYTES;
-      if (lr_prefetch) {  // rows of 4 * rank and 2 * rank bytes: multiples of 16 for rank % 16 == 0
-        const uint32_t ab = act_rows * p.rank * 4, ub = BN * p.rank * 2;
-        mbar_expect_tx(lr_bar, ab + ub);
-        bulk_g2s(smem_base + C::LR_ACT_OFF, p.lora_act + (int64_t)m0 * p.rank, ab, lr_bar);
-        bulk_g2s(smem_base + C::LR_UP_OFF, static_cast<const uint8_t *>(p.lora_up) + (int64_t)n0 * p.rank * 2, ub,
-                 lr_bar);
-      }
       for (int g = 0; g < G; ++g) {
         const int s = g % C::STAGES;
         const uint32_t st = smem_base + s * C::STAGE, fb = full_bar + s * 8;
@@ -228,14 +213,9 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
       F[7] = (float)A[7] * (v.w * w1);
     }
   }
-  if (p.rank > 0) {  // generic pointers: the prefetched copies in shared memory, or global memory
-    const float *act = lr_prefetch ? reinterpret_cast<const float *>(smem + C::LR_ACT_OFF)
-                                   : p.lora_act + (int64_t)m0 * p.rank;
-    const LT *up = (lr_prefetch ? reinterpret_cast<const LT *>(smem + C::LR_UP_OFF)
-                                : static_cast<const LT *>(p.lora_up) + (int64_t)n0 * p.rank) + c * 64 * p.rank;
-    if (lr_prefetch) mbar_wait(lr_bar, 0);
-    lowrank_into<BT, LT, LRC>(smem, f, act, act_rows, up, p.rank, ctid);
-  }
+  if (p.rank > 0)
+    lowrank_into<BT, LT, LRC>(smem, f, p.lora_act + (int64_t)m0 * p.rank, act_rows,
+                              static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ctid);
   consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
   store_tile<BT, BN, OUT_PAD>(smem, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rloc, q);
 #else

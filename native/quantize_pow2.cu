@@ -7,6 +7,7 @@
 //   e       = the largest e in 0..4 with s * 2^-e >= p[m, g];   gs = s * 2^-e (exact)
 //   xs      = (x + shift) / smooth                           (shift 0 for signed layers; smooth omitted if NULL)
 //   code    = clamp(rint(xs / gs), -8, 7) signed, (0, 15) unsigned;   gs == 0 -> code 0
+// (IEEE divisions per element: simple and exact; a division-free rounding as in quantize.cu would be faster)
 // Layouts written (`layout`):
 //   NL_ACT_PACKED    codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] = gs (rows >= M: 0)
 //   NL_ACT_FP8_TILES codes uint8 [K/64, ldm, 64]: e4m3 bytes of the codes, scales float [K/64, ldm] = gs, both in
@@ -24,8 +25,6 @@ namespace {
 
 constexpr int MAX_EXP = 4;  // quant/ops.py POW2_MAX_EXP: code << (4 - e) fits 8 bits
 constexpr int THREADS = 256;
-constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23: t + MAGIC rounds t to an integer (ties to even)
-constexpr float BRACKET_LO = 1.f - 0x1p-20f, BRACKET_HI = 1.f + 0x1p-20f;
 
 __device__ __forceinline__ int64_t permuted16(int64_t m) {  // token 8b + 2q + e sits at 4q + 2b + e
   const int64_t t = m & 15;
@@ -75,25 +74,12 @@ __global__ void requantize_kernel(const T *__restrict__ x, int64_t ldx, int64_t 
         xv[8 * h + 2 * j + 1] = f.y;
       }
     }
-    // rint(xs / gs) without divisions: xs / gs = ((x + shift) / smooth) * 2^e / s. t = (x + shift) * rcp(smooth) *
-    // (rcp(s) * 2^e) is within a few ulp of both RN(xs) / gs and RN(RN(xs) / gs), so t * (1 -+ 2^-20) bracket
-    // them; where both brackets round to the same integer (everywhere but ~2^-20 relative of an x.5 quotient),
-    // that is the reference's code. Elsewhere (or for NaN) the thread redoes the element with IEEE divisions.
-    const float rq = __frcp_rn(s) * (float)(1 << e);
-    float rsm[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) rsm[i] = smooth ? __frcp_rn(smooth[k0 + i]) : 1.f;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      const float v = shift != 0.f ? xv[i] + shift : xv[i];
-      const float t = v * rsm[i] * rq;
-      const float c0 = (t * BRACKET_LO + MAGIC) - MAGIC, c1 = (t * BRACKET_HI + MAGIC) - MAGIC;
-      float c = c0;
-      if (c0 != c1 || !(fabsf(t) < 0x1p21f)) {  // undecided, huge or NaN: the reference's divisions
-        const float xs = smooth ? __fdiv_rn(v, smooth[k0 + i]) : v;
-        c = rintf(__fdiv_rn(xs, gs));
-      }
-      c = gs > 0.f ? fminf(fmaxf(c, lo), hi) : 0.f;
+      float v = xv[i];
+      if (shift != 0.f) v = v + shift;
+      if (smooth) v = __fdiv_rn(v, smooth[k0 + i]);
+      const float c = gs > 0.f ? fminf(fmaxf(rintf(__fdiv_rn(v, gs)), lo), hi) : 0.f;
       out[i] = (uint8_t)(int)c;  // packed: the code's low nibble is all that is kept
     }
   } else {

@@ -98,44 +98,6 @@ def test_nibble_lookup_decodes_shifted_int8_codes():
         assert (lo, hi) == (want_lo, want_hi)
 
 
-def _bracket_codes(x, smooth, unsigned, shift, scales):
-    """quantize_pow2.cu's division-free rounding, op for op in float32 (fma emulated in float64): returns
-    (codes, decided) where `decided` marks the elements the kernel does not redo with IEEE divisions."""
-    m, k = x.shape
-    magic = torch.tensor(12582912.0)
-    lo_b, hi_b = torch.tensor(1 - 2 ** -20), torch.tensor(1 + 2 ** -20)
-    top = scales.amax(dim=1, keepdim=True)
-    e = torch.round(torch.log2(top / torch.where(scales > 0, scales, top))).repeat_interleave(64, dim=1)
-    rq = (1 / top) * torch.exp2(e)                    # __frcp_rn(s) * 2^e
-    v = x.float() + shift if shift else x.float()
-    t = (v * (1 / smooth)) * rq                       # two float32 products
-    fma = lambda a, b: (a.double() * b.double() + magic.double()).float() - magic
-    c0, c1 = fma(t, lo_b), fma(t, hi_b)
-    lo, hi = (0, 15) if unsigned else (-8, 7)
-    return c0.clamp(lo, hi), (c0 == c1) & (t.abs() < 2 ** 21)
-
-
-@pytest.mark.parametrize("unsigned", [False, True])
-def test_pow2_requantize_bracket_recipe_is_exact(unsigned):
-    """Where quantize_pow2.cu's bracketed reciprocal rounding decides (all but ~1e-6 of the elements), it gives
-    the reference's code; inputs include quotients placed next to x.5 ties."""
-    gen = torch.Generator().manual_seed(9)
-    m, k = 512, 1024
-    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
-    x = _acts(m, k, gen, unsigned).float()
-    smooth = torch.rand(k, generator=gen) + 0.25
-    codes, scales = ops.quantize_act(x, smooth, unsigned, shift, pow2=True)
-    gs = scales.repeat_interleave(64, dim=1)
-    # a quarter of the elements moved onto (x.5 +- a few ulp) * gs, then rounded to bf16 as real inputs are
-    tie = (torch.round(codes.float()) + 0.5) * gs * smooth - shift
-    pick = torch.rand(m, k, generator=gen) < 0.25
-    x = torch.where(pick, tie, x).to(torch.bfloat16).float()
-    codes, scales = ops.quantize_act(x, smooth, unsigned, shift, pow2=True)
-    fast, decided = _bracket_codes(x, smooth, unsigned, shift, scales)
-    assert decided.float().mean() > 0.99
-    assert torch.equal(fast[decided], codes.float()[decided])
-
-
 def test_layer_flag_round_trips_and_changes_the_reference():
     gen = torch.Generator().manual_seed(4)
     lin = torch.nn.Linear(256, 128)
