@@ -7,7 +7,8 @@
 //   e       = the largest e in 0..4 with s * 2^-e >= p[m, g];   gs = s * 2^-e (exact)
 //   xs      = (x + shift) / smooth                           (shift 0 for signed layers; smooth omitted if NULL)
 //   code    = clamp(rint(xs / gs), -8, 7) signed, (0, 15) unsigned;   gs == 0 -> code 0
-// (IEEE divisions per element: simple and exact; a division-free rounding as in quantize.cu would be faster)
+// (IEEE divisions per element: simple and exact. The bracketed-reciprocal rounding of quantize.cu was tried
+// here and was no faster on the H100: the pass is bound by memory traffic, h100-2026-12-07/README.md.)
 // Layouts written (`layout`):
 //   NL_ACT_PACKED    codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] = gs (rows >= M: 0)
 //   NL_ACT_FP8_TILES codes uint8 [K/64, ldm, 64]: e4m3 bytes of the codes, scales float [K/64, ldm] = gs, both in
@@ -17,7 +18,7 @@
 //                    permutation 8b+2q+e -> 4q+2b+e; rows >= M are 0 (ldm = Mp, a multiple of 256)
 // Two kernels: token_scale (one thread per token: s over the K/64 plain scales, coalesced across tokens) and
 // requantize (one thread per 16-element chunk of a token's group: one 16-byte store in the tile layout or 8
-// bytes of packed codes). Memory-bound; it reads x a second time (from L2 for the sizes of a DiT layer).
+// bytes of packed codes; rows is a multiple of 8). Memory-bound; it reads x a second time (from L2 for the sizes of a DiT layer).
 #include "common.cuh"
 #include <cuda_fp8.h>
 
@@ -25,6 +26,7 @@ namespace {
 
 constexpr int MAX_EXP = 4;  // quant/ops.py POW2_MAX_EXP: code << (4 - e) fits 8 bits
 constexpr int THREADS = 256;
+constexpr int TS_THREADS = 64;  // token_scale: one thread per token, small blocks to spread 4608 tokens over the SMs
 
 __device__ __forceinline__ int64_t permuted16(int64_t m) {  // token 8b + 2q + e sits at 4q + 2b + e
   const int64_t t = m & 15;
@@ -33,11 +35,13 @@ __device__ __forceinline__ int64_t permuted16(int64_t m) {  // token 8b + 2q + e
 
 __global__ void token_scale_kernel(const float *__restrict__ plain, int64_t lds, int64_t M, int G, int64_t rows,
                                    float *__restrict__ top, float *__restrict__ tscale) {
-  const int64_t m = blockIdx.x * (int64_t)THREADS + threadIdx.x;
+  const int64_t m = blockIdx.x * (int64_t)TS_THREADS + threadIdx.x;
   if (m >= rows) return;
   float s = 0.f;
-  if (m < M)
-    for (int g = 0; g < G; ++g) s = fmaxf(s, plain[g * lds + m]);
+  if (m < M) {
+#pragma unroll 8
+    for (int g = 0; g < G; ++g) s = fmaxf(s, plain[g * lds + m]);  // loads batched: latency, not bandwidth
+  }
   top[m] = s;
   if (tscale) tscale[permuted16(m)] = s * (1.f / (1 << MAX_EXP));
 }
@@ -47,11 +51,14 @@ __global__ void requantize_kernel(const T *__restrict__ x, int64_t ldx, int64_t 
                                   const float *__restrict__ smooth, float shift, bool uns,
                                   const float *__restrict__ plain, int64_t lds, const float *__restrict__ top,
                                   uint8_t *__restrict__ codes, float *__restrict__ scales, int64_t ldm) {
+  // Thread order: token within 8 fastest, then the 16-element chunk, then the 8-token block: eight neighbouring
+  // threads write one 128-byte core-matrix row block of the tile layout (coalesced stores), and each thread
+  // reads one 32-byte sector of x.
   const int chunks = K / 16;  // per token
   const int64_t idx = blockIdx.x * (int64_t)THREADS + threadIdx.x;
   if (idx >= rows * chunks) return;
-  const int64_t m = idx / chunks;
-  const int ch = (int)(idx % chunks), g = ch >> 2, kb = ch & 3, k0 = ch * 16;
+  const int64_t blk = idx / (8 * chunks), m = blk * 8 + (idx & 7);
+  const int ch = (int)((idx >> 3) % chunks), g = ch >> 2, kb = ch & 3, k0 = ch * 16;
   uint8_t out[16];
   float gs = 0.f;
   int e = MAX_EXP;
@@ -125,7 +132,7 @@ int launch(const void *x, int64_t M, int64_t K, int64_t ldx, const float *smooth
            const float *plain, int64_t lds, int layout, uint8_t *codes, float *scales, int64_t ldm, float *top,
            cudaStream_t s) {
   const char *k = "nl_quantize_act_pow2";
-  token_scale_kernel<<<(unsigned)((ldm + THREADS - 1) / THREADS), THREADS, 0, s>>>(
+  token_scale_kernel<<<(unsigned)((ldm + TS_THREADS - 1) / TS_THREADS), TS_THREADS, 0, s>>>(
       plain, lds, M, (int)(K / 64), ldm, top, layout == NL_ACT_S8_TILES ? scales : nullptr);
   NL_CHECK_LAUNCH(k);
   const int64_t units = ldm * (K / 16);
