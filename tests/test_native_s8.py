@@ -12,7 +12,7 @@ import torch
 from nunchaku_lite.quant import ops
 from nunchaku_lite.quant.modules import W4A4Linear, module_from_config
 from conftest import random_w4a4_layer as _layer, rel_err as _rel
-from test_native_sm90 import _prmt, _word
+from test_native_sm90 import _prmt, _word, sm90  # noqa: F401 (sm90: the sm_90 fixture)
 
 native = pytest.importorskip("nunchaku_lite.native")
 DEV = "cuda"
@@ -130,14 +130,6 @@ def test_native_reference_layouts_and_errors():
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sm90():
-    if not torch.cuda.is_available() or not native.available():
-        pytest.skip(f"native kernels unavailable: {native.library_error() or 'no suitable CUDA device'}")
-    if torch.cuda.get_device_capability() != (9, 0) or not native.has_wgmma():
-        pytest.skip("the integer wgmma GEMM needs an sm_90 device")
 
 
 @pytest.fixture(scope="module")
