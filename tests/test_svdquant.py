@@ -201,6 +201,22 @@ def test_pow2_scales(setup, svdq):
     assert e_pow2 < 1.25 * e_plain, (e_pow2, e_plain)
 
 
+def test_pow2_act(setup, svdq):
+    """pow2_act=True (with pow2_scales): every W4A4 layer quantizes its activations with power-of-two scales per
+    token (the Hopper integer GEMM's format; the smoothing search sees the same quantizer); the model error
+    grows by a bounded factor over plain scales."""
+    cal, test, ref_out = setup
+    dit = quantize(tiny_dit(), cal, method="svdquant", rank=32, pow2_scales=True, pow2_act=True, fc2_unsigned=True,
+                   **FAST)
+    assert dit.quant_config["pow2_act"] is True
+    w4a4 = [m for _, m in quantized_linears(dit) if isinstance(m, W4A4Linear)]
+    assert len(w4a4) > 10 and all(m.act_pow2 and ops.pow2_split(m.wscales) is not None for m in w4a4)
+    assert not any(m.act_pow2 for _, m in quantized_linears(svdq) if isinstance(m, W4A4Linear))
+    e_pow2, e_plain = rel_err(dit, ref_out, test), rel_err(svdq, ref_out, test)
+    print(f"pow2 act+weights {e_pow2:.4f} plain {e_plain:.4f}")
+    assert e_pow2 < 1.5 * e_plain, (e_pow2, e_plain)
+
+
 def test_k_not_multiple_of_64_is_padded(setup):
     dit = tiny_dit(hidden=96)
     cal = [dit_inputs(i, dit.params) for i in range(2)]
