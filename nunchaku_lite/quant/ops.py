@@ -266,19 +266,34 @@ def pack_act_fp8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch
     Mp = M rounded up to FP8_TILE_ROWS. Codes stay 4-bit values; only their container is one byte, because
     Hopper's 8-bit tensor cores read the shared-memory operand as bytes.
     """
-    m, k = codes.shape
-    g = _check_groups(k, "pack_act_fp8_tiles")
-    mp = max(FP8_TILE_ROWS, -(-m // FP8_TILE_ROWS) * FP8_TILE_ROWS)
-    c = torch.zeros(mp, k, dtype=torch.float32, device=codes.device)
-    c[:m] = codes.float()
-    byte = c.to(torch.float8_e4m3fn).view(torch.uint8)
-    # [Mp, K] -> [G, Mp/8, 8, 4, 16] -> [G, Mp/8, 4 (k16), 8 (m%8), 16 (k%16)]
-    codes8 = byte.view(mp // 8, 8, g, 4, 16).permute(2, 0, 3, 1, 4).contiguous().view(g, mp, 64)
-    s = torch.zeros(mp, g, dtype=torch.float32, device=scales.device)
-    s[:m] = scales.float()
-    # position within 16: 8b + 2q + e -> 4q + 2b + e
-    s16 = s.t().reshape(g, mp // 16, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(g, mp)
-    return codes8, s16.contiguous()
+    _check_groups(codes.shape[1], "pack_act_fp8_tiles")
+    byte = codes.float().to(torch.float8_e4m3fn).view(torch.uint8)  # code 0 is byte 0: padding stays 0
+    return _byte_tiles(byte), _permute16(scales.float().t())
+
+
+def _tile_tokens(m: int) -> int:
+    """Mp: m rounded up to FP8_TILE_ROWS (at least one tile)."""
+    return max(FP8_TILE_ROWS, -(-m // FP8_TILE_ROWS) * FP8_TILE_ROWS)
+
+
+def _byte_tiles(byte: torch.Tensor) -> torch.Tensor:
+    """uint8 [M, K] -> the sm_90 activation tiles uint8 [K/64, Mp, 64] (8-token x 16-byte core matrices), rows
+    M .. Mp zero."""
+    m, k = byte.shape
+    g, mp = k // GROUP, _tile_tokens(m)
+    b = torch.zeros(mp, k, dtype=torch.uint8, device=byte.device)
+    b[:m] = byte
+    # [Mp, K] -> [Mp/8, 8, G, 4, 16] -> [G, Mp/8, 4 (k16), 8 (m%8), 16 (k%16)]
+    return b.view(mp // 8, 8, g, 4, 16).permute(2, 0, 3, 1, 4).contiguous().view(g, mp, 64)
+
+
+def _permute16(t: torch.Tensor) -> torch.Tensor:
+    """float32 [..., M] per-token values -> [..., Mp] in the GEMM epilogue's order (token 8b + 2q + e at
+    position 4q + 2b + e within every 16), rows M .. Mp zero."""
+    m, mp = t.shape[-1], _tile_tokens(t.shape[-1])
+    s = t.new_zeros(*t.shape[:-1], mp)
+    s[..., :m] = t
+    return s.reshape(*t.shape[:-1], mp // 16, 2, 4, 2).transpose(-3, -2).reshape(*t.shape[:-1], mp).contiguous()
 
 
 def pack_act_s8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,8 +307,7 @@ def pack_act_s8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
     so that codes[m, k] * scales[m, g] == byte * tscale[m] exactly. Raises ValueError when the scales are not
     of the power-of-two form.
     """
-    m, k = codes.shape
-    g = _check_groups(k, "pack_act_s8_tiles")
+    _check_groups(codes.shape[1], "pack_act_s8_tiles")
     s = scales.float()
     top = s.amax(dim=1, keepdim=True)
     safe = torch.where(top > 0, top, torch.ones_like(top))
@@ -304,13 +318,8 @@ def pack_act_s8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
                          "(quantize_act(..., pow2=True))")
     mult = torch.exp2(POW2_MAX_EXP - e).repeat_interleave(GROUP, dim=1)  # 2^(4 - e) per element
     vals = (codes.float() * mult).to(torch.int16)
-    mp = max(FP8_TILE_ROWS, -(-m // FP8_TILE_ROWS) * FP8_TILE_ROWS)
-    b = torch.zeros(mp, k, dtype=torch.uint8, device=codes.device)
-    b[:m] = (vals & 0xFF).to(torch.uint8)  # two's complement byte of signed values; unsigned as is
-    bytes8 = b.view(mp // 8, 8, g, 4, 16).permute(2, 0, 3, 1, 4).contiguous().view(g, mp, 64)
-    t = torch.zeros(mp, dtype=torch.float32, device=scales.device)
-    t[:m] = top[:, 0] / 2.0 ** POW2_MAX_EXP
-    return bytes8, t.view(mp // 16, 2, 4, 2).permute(0, 2, 1, 3).reshape(mp).contiguous()
+    byte = (vals & 0xFF).to(torch.uint8)  # two's complement byte of signed values; unsigned as is
+    return _byte_tiles(byte), _permute16(top[:, 0] / 2.0 ** POW2_MAX_EXP)
 
 
 WGMMA_TILE_ROWS = 128  # weight rows per CTA of the sm_90 GEMM (two warpgroups x 64)
