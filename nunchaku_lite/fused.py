@@ -263,8 +263,8 @@ def _gelu_quantize_target(prep, nxt: nn.Module | None, x: Tensor):
             and act_layout(x.device, prep) == "fp8_tiles"):
         return None
     nprep = _fused_lib().prepared_for(nxt, x.dtype)
-    ok = (act_layout(x.device, nprep) == "fp8_tiles" and not nprep.act_pow2 and prep.n % 128 == 0
-          and nprep.k == prep.n and nprep.rank <= 64
+    # the epilogue quantizes with plain scales: not for a power-of-two next layer
+    ok = (not nprep.act_pow2 and prep.n % 128 == 0 and nprep.k == prep.n and nprep.rank <= 64
           and all(t is None or t.dtype == x.dtype for t in (prep.lora_up, nprep.lora_down)))
     return nprep if ok else None
 

@@ -335,8 +335,10 @@ def _check_pow2_layout(kname: str, layout: str, pow2: bool) -> None:
 def _pow2_pass(src: torch.Tensor, m: int, k: int, smooth, shift: float, unsigned: bool, plain: torch.Tensor,
                layout: str):
     """nl_quantize_act_pow2 of src [M, K] (x, or the LayerNorm kernel's y) given its plain scales (the
-    NL_ACT_PACKED scales [K/64, lds] of the first pass) -> (codes, scales) in `layout`."""
+    NL_ACT_PACKED scales [K/64, lds] of the first pass) -> (codes, scales) in `layout` (zeros for M = 0)."""
     codes, scales, ldm, _ = _alloc_outputs(src, m, k, 0, layout)
+    if m == 0:
+        return codes.zero_(), scales.zero_()
     work = torch.empty(ldm, dtype=torch.float32, device=src.device)
     _call("nl_quantize_act_pow2", _ptr(src), _DTYPE_CODE[src.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
           int(bool(unsigned)), _ptr(plain, "float *"), plain.shape[1], ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
@@ -372,11 +374,8 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down:
         _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
               int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[first],
               _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _stream(x.device))
-        if pow2:
-            codes, scales = _pow2_pass(_aligned(x), m, k, smooth, shift, unsigned, scales, layout)
-    elif pow2:
-        codes, scales, _, _ = _alloc_outputs(x, m, k, 0, layout)
-        codes.zero_(), scales.zero_()
+    if pow2:
+        codes, scales = _pow2_pass(_aligned(x), m, k, smooth, shift, unsigned, scales, layout)
     return QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
 
 
@@ -445,11 +444,8 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
               float(eps), _ptr(smooth, "float *"), float(shift_const), int(bool(unsigned)),
               _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[first], _ptr(codes, "uint8_t *"),
               _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _ptr(y), _stream(x.device))
-        if pow2:
-            codes, scales = _pow2_pass(y, m, k, smooth, shift_const, unsigned, scales, layout)
-    elif pow2:
-        codes, scales, _, _ = _alloc_outputs(x, m, k, 0, layout)
-        codes.zero_(), scales.zero_()
+    if pow2:
+        codes, scales = _pow2_pass(y, m, k, smooth, shift_const, unsigned, scales, layout)
     act = QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
     return (act, y) if return_y else act
 
