@@ -33,6 +33,31 @@ static inline int nl_check_sm90(const char *k) {
   return NL_OK;
 }
 
+// The argument checks the sm_90 GEMM entries share: token count M, output features N, the activation
+// operand's padded rows mp, output dtype, epilogue, bias and the low-rank operands (K and the operand pointers
+// are each entry's own).
+static inline int nl_check_sm90_gemm(const char *k, int64_t M, int64_t N, int64_t mp, int out_dtype, int epilogue,
+                                     const float *bias, int rank, const float *lora_act, const void *lora_up,
+                                     int lora_dtype) {
+  NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
+  NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
+               (long long)N);
+  NL_CHECK_ARG(mp >= M && mp % 256 == 0 && mp < (1LL << 31),
+               "%s: activation rows mp=%lld must be M rounded up to a multiple of 256", k, (long long)mp);
+  NL_CHECK_ARG(out_dtype == NL_BF16 || out_dtype == NL_F16 || out_dtype == NL_F32, "%s: out dtype code %d", k,
+               out_dtype);
+  NL_CHECK_ARG(epilogue == NL_EPI_NONE || epilogue == NL_EPI_GELU_TANH, "%s: epilogue code %d", k, epilogue);
+  NL_CHECK_ARG(!bias || nl_aligned(bias, 4), "%s: bias must be 4-byte aligned", k);
+  NL_CHECK_ARG(rank >= 0 && rank % 16 == 0 && rank <= 1024, "%s: rank=%d must be a multiple of 16", k, rank);
+  if (rank > 0) {
+    NL_CHECK_ARG(lora_act && nl_aligned(lora_act, 16), "%s: lora_act must be non-null, 16-byte aligned", k);
+    NL_CHECK_ARG(lora_up && nl_aligned(lora_up, 16), "%s: lora_up must be non-null, 16-byte aligned", k);
+    NL_CHECK_ARG(lora_dtype == NL_BF16 || lora_dtype == NL_F16, "%s: lora_up dtype code %d is not bf16/fp16", k,
+                 lora_dtype);
+  }
+  return NL_OK;
+}
+
 // Raise kern's dynamic shared memory limit to `bytes`, once per device (done: the caller's static flags):
 // cudaFuncSetAttribute is not allowed inside CUDA-graph capture, so captured launches must not repeat it.
 template <typename F>

@@ -97,7 +97,6 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
   const int nb = p.raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
   const int m0 = mt * BT, n0 = nb * BN;
   const int G = p.K / 64;
-  const int act_rows = min(BT, p.M - m0);  // token rows of the tile that exist
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
@@ -214,7 +213,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
     }
   }
   if (p.rank > 0)
-    lowrank_into<BT, LT, LRC>(smem, f, p.lora_act + (int64_t)m0 * p.rank, act_rows,
+    lowrank_into<BT, LT, LRC>(smem, f, p.lora_act + (int64_t)m0 * p.rank, min(BT, p.M - m0),
                               static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ctid);
   consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
   store_tile<BT, BN, OUT_PAD>(smem, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rloc, q);
@@ -249,33 +248,19 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
                                const float *bias, void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N,
                                int64_t K, int epilogue, void *stream) {
   const char *k = "nl_w4a4_gemm_s8";
-  NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
-  NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
-               (long long)N);
+  if (int rc = nl_check_sm90_gemm(k, M, N, mp, out_dtype, epilogue, bias, rank, lora_act, lora_up, lora_dtype))
+    return rc;
   NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K <= MAX_K, "%s: K=%lld must be a positive multiple of 64, at most %d "
                "(int32 accumulator)", k, (long long)K, MAX_K);
-  NL_CHECK_ARG(mp >= M && mp % 256 == 0 && mp < (1LL << 31),
-               "%s: activation rows mp=%lld must be M rounded up to a multiple of 256", k, (long long)mp);
-  NL_CHECK_ARG(out_dtype == NL_BF16 || out_dtype == NL_F16 || out_dtype == NL_F32, "%s: out dtype code %d", k,
-               out_dtype);
   const int esz = out_dtype == NL_F32 ? 4 : 2;
   NL_CHECK_ARG(ldo >= N && (ldo * esz) % 16 == 0, "%s: out row stride %lld must be >= N and a multiple of 16 bytes",
                k, (long long)ldo);
-  NL_CHECK_ARG(epilogue == NL_EPI_NONE || epilogue == NL_EPI_GELU_TANH, "%s: epilogue code %d", k, epilogue);
-  NL_CHECK_ARG(rank >= 0 && rank % 16 == 0 && rank <= 1024, "%s: rank=%d must be a multiple of 16", k, rank);
   NL_CHECK_ARG(act_bytes8 && nl_aligned(act_bytes8, 16), "%s: act_bytes8 must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(act_tscale && nl_aligned(act_tscale, 16), "%s: act_tscale must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(w_packed && nl_aligned(w_packed, 16), "%s: w_packed must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(w_exp && nl_aligned(w_exp, 16), "%s: w_exp must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(w_chscale && nl_aligned(w_chscale, 4), "%s: w_chscale must be non-null and 4-byte aligned", k);
   NL_CHECK_ARG(out && nl_aligned(out, 16), "%s: out must be non-null and 16-byte aligned", k);
-  NL_CHECK_ARG(!bias || nl_aligned(bias, 4), "%s: bias must be 4-byte aligned", k);
-  if (rank > 0) {
-    NL_CHECK_ARG(lora_act && nl_aligned(lora_act, 16), "%s: lora_act must be non-null, 16-byte aligned", k);
-    NL_CHECK_ARG(lora_up && nl_aligned(lora_up, 16), "%s: lora_up must be non-null, 16-byte aligned", k);
-    NL_CHECK_ARG(lora_dtype == NL_BF16 || lora_dtype == NL_F16, "%s: lora_up dtype code %d is not bf16/fp16", k,
-                 lora_dtype);
-  }
   if (int rc = nl_check_sm90(k)) return rc;
   Params p{act_bytes8, act_tscale, mp, w_packed, w_exp, w_chscale, lora_act, lora_up, rank, bias, out, out_dtype,
            ldo, epilogue, (int)M, (int)N, (int)K, 1};

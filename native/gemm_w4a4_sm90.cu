@@ -616,15 +616,10 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
                     const float *lora_act, const void *lora_up, int lora_dtype, int rank, const float *bias,
                     void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K, int epilogue,
                     void *stream, const QuantOut *qo = nullptr) {
-  NL_CHECK_ARG(M >= 1 && M < (1LL << 31), "%s: M=%lld out of range", k, (long long)M);
-  NL_CHECK_ARG(N >= 128 && N % 128 == 0 && N < (1LL << 24), "%s: N=%lld must be a positive multiple of 128", k,
-               (long long)N);
+  if (int rc = nl_check_sm90_gemm(k, M, N, mp, out_dtype, epilogue, bias, rank, lora_act, lora_up, lora_dtype))
+    return rc;
   NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K < (1LL << 24), "%s: K=%lld must be a positive multiple of 64", k,
                (long long)K);
-  NL_CHECK_ARG(mp >= M && mp % 256 == 0 && mp < (1LL << 31),
-               "%s: activation rows mp=%lld must be M rounded up to a multiple of 256", k, (long long)mp);
-  NL_CHECK_ARG(out_dtype == NL_BF16 || out_dtype == NL_F16 || out_dtype == NL_F32, "%s: out dtype code %d", k,
-               out_dtype);
   const int esz = out_dtype == NL_F32 ? 4 : 2;
   if (qo) {
     NL_CHECK_ARG(out_dtype != NL_F32, "%s: the GELU output is rounded to bf16 or fp16, not float32", k);
@@ -640,8 +635,6 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
     NL_CHECK_ARG(ldo >= N && (ldo * esz) % 16 == 0,
                  "%s: out row stride %lld must be >= N and a multiple of 16 bytes", k, (long long)ldo);
   }
-  NL_CHECK_ARG(epilogue == NL_EPI_NONE || epilogue == NL_EPI_GELU_TANH, "%s: epilogue code %d", k, epilogue);
-  NL_CHECK_ARG(rank >= 0 && rank % 16 == 0 && rank <= 1024, "%s: rank=%d must be a multiple of 16", k, rank);
   NL_CHECK_ARG(act_codes8 && nl_aligned(act_codes8, 16), "%s: act_codes8 must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(act_scales8 && nl_aligned(act_scales8, 16), "%s: act_scales8 must be non-null and 16-byte aligned",
                k);
@@ -653,13 +646,6 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
     NL_CHECK_ARG(w_scales && nl_aligned(w_scales, 16), "%s: w_scales must be non-null and 16-byte aligned", k);
   }
   NL_CHECK_ARG(qo || (out && nl_aligned(out, 16)), "%s: out must be non-null and 16-byte aligned", k);
-  NL_CHECK_ARG(!bias || nl_aligned(bias, 4), "%s: bias must be 4-byte aligned", k);
-  if (rank > 0) {
-    NL_CHECK_ARG(lora_act && nl_aligned(lora_act, 16), "%s: lora_act must be non-null, 16-byte aligned", k);
-    NL_CHECK_ARG(lora_up && nl_aligned(lora_up, 16), "%s: lora_up must be non-null, 16-byte aligned", k);
-    NL_CHECK_ARG(lora_dtype == NL_BF16 || lora_dtype == NL_F16, "%s: lora_up dtype code %d is not bf16/fp16", k,
-                 lora_dtype);
-  }
   const int rc = nl_check_sm90(k);
   if (rc) return rc;
   Params p{act_codes8, act_scales8, mp, w_packed, w_scales, lora_act, lora_up, rank, bias, out, out_dtype, ldo,

@@ -18,7 +18,8 @@
 //                    permutation 8b+2q+e -> 4q+2b+e; rows >= M are 0 (ldm = Mp, a multiple of 256)
 // Two kernels: token_scale (one thread per token: s over the K/64 plain scales, coalesced across tokens) and
 // requantize (one thread per 16-element chunk of a token's group: one 16-byte store in the tile layout or 8
-// bytes of packed codes; rows is a multiple of 8). Memory-bound; it reads x a second time (from L2 for the sizes of a DiT layer).
+// bytes of packed codes; rows is a multiple of 8). Memory-bound; it reads x a second time (from L2 for the
+// sizes of a DiT layer).
 #include "common.cuh"
 #include <cuda_fp8.h>
 

@@ -129,6 +129,29 @@ def test_native_reference_layouts_and_errors():
         native.quantize_act(x, layout="s8_tiles")
 
 
+def test_entry_points_reject_bad_arguments():
+    """The new C entries check their arguments on the host, before any CUDA call (so this runs without a GPU)."""
+    if native.library_error() is not None:
+        pytest.skip(f"native library not loadable: {native.library_error()}")
+    _, ffi = native._lib()
+    null = ffi.NULL
+    gemm = lambda m, n, k, mp, rank=0: native._call(
+        "nl_w4a4_gemm_s8", null, null, mp, 0, null, null, null, null, null, 1, rank, null, null, 1, n, m, n, k, 0, null)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: K=65600 must be a positive multiple of 64, at most 65536"):
+        gemm(10, 128, 65600, 256)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: N=100"):
+        gemm(10, 100, 64, 256)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: activation rows mp=128"):
+        gemm(10, 128, 64, 128)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: lora_act must be non-null"):
+        gemm(10, 128, 64, 256, rank=16)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: act_bytes8 must be non-null"):
+        gemm(10, 128, 64, 256)
+    with pytest.raises(ValueError, match="nl_quantize_act_pow2: layout 3"):
+        native._call("nl_quantize_act_pow2", null, 1, 10, 64, 64, null, 0.0, 0, null, 16, 3, null, null, 256, null,
+                     null)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------
 
 
