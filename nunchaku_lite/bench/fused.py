@@ -3,6 +3,7 @@
 one fused step of each.
 
     python -m nunchaku_lite.bench.fused --arch flux-dev --size 1024 [--batch 1] [--steps 10] [--profile DIR]
+        [--pow2-scales [--pow2-act]]
 
 One process, one device: the 16-bit DiT is timed both ways, then quantized in place (bench.model.quick_w4a4_,
 mode "random": kernel time does not depend on the values) and timed both ways again. Medians over --steps
@@ -49,7 +50,7 @@ def _profile(fn, path: Path, label: str, log) -> None:
 
 
 def run(arch_name="flux-dev", size=1024, batch=1, steps=10, rank=32, profile_dir=None, log=print,
-        device="cuda") -> dict:
+        device="cuda", pow2=False, pow2_act=False) -> dict:
     device, dtype = torch.device(device), torch.bfloat16
     cuda = device.type == "cuda"
     arch, clock = Arch.named(arch_name), Clock(device)
@@ -63,7 +64,7 @@ def run(arch_name="flux-dev", size=1024, batch=1, steps=10, rank=32, profile_dir
     rows = []
     for kind in ("16bit", "w4a4"):
         if kind == "w4a4":
-            quick_w4a4_(dit, rank, "random")
+            quick_w4a4_(dit, rank, "random", pow2=pow2, pow2_act=pow2_act)
         outs = {}
         with torch.inference_mode():
             for path in ("plain", "fused", "fused+graph"):
@@ -95,7 +96,7 @@ def run(arch_name="flux-dev", size=1024, batch=1, steps=10, rank=32, profile_dir
                          f"{kind} fused", log)
         del outs
     return dict(arch=arch_name, size=size, batch=batch, tokens=tokens, device=name,
-                torch=torch.__version__, rows=rows)
+                torch=torch.__version__, pow2_scales=pow2, pow2_act=pow2_act, rows=rows)
 
 
 PROMPTS = ["a red circle on a blue background", "a large yellow star at the top left on a purple background",
@@ -137,6 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--pow2-scales", action="store_true", help="power-of-two W4A4 weight group scales (the "
+                    "folded sm_90 GEMM)")
+    ap.add_argument("--pow2-act", action="store_true", help="power-of-two activation scales too (with "
+                    "--pow2-scales: the sm_90 integer GEMM)")
     ap.add_argument("--profile", default=None, help="folder for the profiler tables of one fused step")
     ap.add_argument("--json", default=None)
     ap.add_argument("--fidelity", action="store_true", help="only the image PSNR of the fused path against the "
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
     result = run(args.arch, args.size, args.batch, args.steps, args.rank, args.profile,
-                 log=lambda s: print(s, flush=True))
+                 log=lambda s: print(s, flush=True), pow2=args.pow2_scales, pow2_act=args.pow2_act)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
