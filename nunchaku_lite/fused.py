@@ -328,9 +328,12 @@ def ln_linear(lin: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, tokens_pe
 def _row_split(lin: W4A4Linear, prep, parts) -> list:
     """PreparedW4A4 views of output-row ranges of a prepared layer (cached on the module): the tiled weight,
     lora_up and bias rows are views, the [K/64, N] weight scales are copied (small). Row bounds must be
-    multiples of 128 (the weight tile)."""
+    multiples of 128 (the weight tile). The cache is keyed on the prepared tensors' storage, not on the
+    PreparedW4A4 object, which a converted layer builds anew at every call (native.prepared_for)."""
     cached = getattr(lin, "_fused_row_split", None)
-    key = (id(prep), tuple((lo, hi) for lo, hi, _ in parts))
+    tensors = (prep.w_tiled, prep.w_scales, prep.w_exp, prep.w_chscale, prep.bias, prep.lora_up)
+    key = (tuple(None if t is None else (t.data_ptr(), t.shape) for t in tensors),
+           tuple((lo, hi) for lo, hi, _ in parts))
     if cached is not None and cached[0] == key:
         return cached[1]
     from dataclasses import replace

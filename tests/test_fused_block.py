@@ -410,6 +410,25 @@ def test_w4a4_kernel_branch_matches_modules(monkeypatch, pow2):
     assert _rel(got, want) < 3e-3
 
 
+def test_row_split_cache_follows_the_tensors_not_the_prepared_object():
+    """A converted layer builds a new PreparedW4A4 over the same buffers at every call: the row split (views
+    plus small copies) is reused as long as the tensors are the same, and rebuilt when the weight changes."""
+    from dataclasses import replace
+    from nunchaku_lite import native
+    k, n = 128, 384
+    lin = W4A4Linear(k, n, rank=16, bias=True)
+    prep = native.PreparedW4A4(w_tiled=torch.zeros(n, k // 2, dtype=torch.uint8), w_scales=torch.rand(k // 64, n),
+                               bias=torch.rand(n), smooth=None, lora_down=torch.rand(16, k), lora_up=torch.rand(n, 16),
+                               n=n, k=k, rank=16, act_unsigned=False, act_shift=0.0, fast_ok=True)
+    parts = [(0, 256, None), (256, n, "gelu")]
+    first = fused._row_split(lin, prep, parts)
+    assert [p.n for p in first] == [256, 128] and torch.equal(first[1].w_scales, prep.w_scales[:, 256:])
+    assert fused._row_split(lin, replace(prep), parts) is first  # a new object over the same tensors
+    moved = replace(prep, w_tiled=prep.w_tiled.clone())
+    again = fused._row_split(lin, moved, parts)
+    assert again is not first and again[0].w_tiled.data_ptr() == moved.w_tiled.data_ptr()
+
+
 def test_kernel_argument_errors():
     """The C entry points reject bad shapes with NL_ERR_ARGUMENT (checked on the host, no GPU needed)."""
     native = pytest.importorskip("nunchaku_lite.native")
