@@ -92,19 +92,11 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
   const uint32_t smem_base = smem_u32(smem);
   const uint32_t full_bar = smem_base + C::BAR_OFF, empty_bar = full_bar + C::STAGES * 8;
   const int wg = threadIdx.x >> 7, ctid = threadIdx.x & 127;
-  const int mtiles = (p.M + BT - 1) / BT, ntiles = p.N / BN;
-  const int mt = p.raster ? blockIdx.x / ntiles : blockIdx.x % mtiles;
-  const int nb = p.raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
-  const int m0 = mt * BT, n0 = nb * BN;
+  const CtaTile tile = cta_tile<BT, BN>(p.M, p.N, p.raster);
+  const int m0 = tile.m0, nb = tile.nb, n0 = tile.n0;
   const int G = p.K / 64;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(full_bar + s * 8, 1);
-      mbar_init(empty_bar + s * 8, 8);  // one arrival per consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  init_ring(full_bar, empty_bar, C::STAGES, 8);  // one release per consumer warp
   {  // table byte 16e + b: int8((b < 8 ? b : b - 16) << (4 - e)), the word order of nib8_lookup
     uint8_t *tab = smem + C::TAB_OFF;
     for (int i = threadIdx.x; i < 16 * (MAX_EXP + 1); i += THREADS) {

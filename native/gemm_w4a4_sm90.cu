@@ -282,21 +282,11 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
   const uint32_t smem_base = smem_u32(smem);
   const uint32_t full_bar = smem_base + C::BAR_OFF, empty_bar = full_bar + C::STAGES * 8;
   const int wg = threadIdx.x >> 7, ctid = threadIdx.x & 127;
-  // CTA order: token tile fastest (raster 0) or weight tile fastest (raster 1; the concurrently running CTAs
-  // then share few activation slabs)
-  const int mtiles = (p.M + BT - 1) / BT, ntiles = p.N / BN;
-  const int mt = p.raster ? blockIdx.x / ntiles : blockIdx.x % mtiles;
-  const int nb = p.raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
-  const int m0 = mt * BT, n0 = nb * BN;
+  const CtaTile tile = cta_tile<BT, BN>(p.M, p.N, p.raster);
+  const int m0 = tile.m0, nb = tile.nb, n0 = tile.n0;
   const int G = p.K / 64;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(full_bar + s * 8, 1);
-      mbar_init(empty_bar + s * 8, 8 * CL);  // one arrival per consumer warp of every CTA of the cluster
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  init_ring(full_bar, empty_bar, C::STAGES, 8 * CL);  // one release per consumer warp of every CTA of the cluster
   if constexpr (FOLD) {  // table byte 16e + b: e4m3((b < 8 ? b : b - 16) * 2^-e), the word order of POS/NEG
     uint8_t *tab = smem + C::TAB_OFF;
     for (int i = threadIdx.x; i < 16 * (FOLD_MAX_EXP + 1); i += THREADS) {

@@ -41,6 +41,31 @@ template <int N> __device__ __forceinline__ void reg_fence(int (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
+// The producer ring's barriers, initialized by thread 0: full barrier s (one producer arrival plus the stage's
+// bytes) and empty barrier s (`releases` consumer-warp arrivals) at full_bar + 8s and empty_bar + 8s.
+__device__ __forceinline__ void init_ring(uint32_t full_bar, uint32_t empty_bar, int stages, int releases) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(full_bar + s * 8, 1);
+      mbar_init(empty_bar + s * 8, releases);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+}
+
+// This CTA's first token m0 and weight tile nb (rows n0 = nb * BN) in launch order: raster 0 = token tile
+// fastest, 1 = weight tile fastest (the concurrently running CTAs then share few activation slabs).
+struct CtaTile {
+  int m0, nb, n0;
+};
+template <int BT, int BN>
+__device__ __forceinline__ CtaTile cta_tile(int M, int N, int raster) {
+  const int mtiles = (M + BT - 1) / BT, ntiles = N / BN;
+  const int mt = raster ? blockIdx.x / ntiles : blockIdx.x % mtiles;
+  const int nb = raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
+  return {mt * BT, nb, nb * BN};
+}
+
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
 // No-swizzle K-major shared-memory descriptor: start address, LBO (K-adjacent core matrices), SBO (next 8 rows).
