@@ -121,14 +121,11 @@ def _row_ok(t: Tensor, mult: int) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def act_layout(device, prep=None) -> str:
+def act_layout(device, prep) -> str:
     """The activation layout the W4A4 GEMM of `device` reads for the prepared layer `prep` (native.act_layout):
     "packed", "fp8_tiles" (sm_90 wgmma) or "s8_tiles" (sm_90, power-of-two scales on both operands)."""
     native = _fused_lib()
-    path = native.default_path(device)
-    if prep is None:
-        return "fp8_tiles" if path == "wgmma" else "packed"
-    return native.act_layout(prep, path)
+    return native.act_layout(prep, native.default_path(device))
 
 
 # ---------------------------------------------------------------------------------------------------------

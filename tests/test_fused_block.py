@@ -323,7 +323,7 @@ def test_fast_dit_matches_plain_on_cuda(quant, gelu_epilogue, gelu_quantize, mon
         model.set_fast(False)
         b = model.double_blocks[0](img, txt, vec, pe)
         assert _rel(a[0], b[0]) < tol and _rel(a[1], b[1]) < tol
-    if gelu_quantize and fused.act_layout(torch.device("cuda")) == "fp8_tiles":
+    if gelu_quantize and fused._fused_lib().default_path(torch.device("cuda")) == "wgmma":  # the fp8 operand
         assert calls, "the GELU -> quantize epilogue was not used"
 
 
