@@ -308,18 +308,15 @@ def pack_act_s8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
     of the power-of-two form.
     """
     _check_groups(codes.shape[1], "pack_act_s8_tiles")
-    s = scales.float()
-    top = s.amax(dim=1, keepdim=True)
-    safe = torch.where(top > 0, top, torch.ones_like(top))
-    ratio = torch.where(s > 0, s / safe, torch.ones_like(s))
-    e = torch.round(-torch.log2(ratio))
-    if ((e < 0) | (e > POW2_MAX_EXP)).any() or not torch.equal(torch.where(s > 0, safe * torch.exp2(-e), s), s):
+    split = pow2_split(scales)  # the token's largest scale plays the weight row's channel scale
+    if split is None or (split[1] > POW2_MAX_EXP).any():
         raise ValueError("pack_act_s8_tiles: the scales are not power-of-two activation scales "
                          "(quantize_act(..., pow2=True))")
-    mult = torch.exp2(POW2_MAX_EXP - e).repeat_interleave(GROUP, dim=1)  # 2^(4 - e) per element
+    top, e = split
+    mult = torch.exp2(POW2_MAX_EXP - e.float()).repeat_interleave(GROUP, dim=1)  # 2^(4 - e) per element
     vals = (codes.float() * mult).to(torch.int16)
     byte = (vals & 0xFF).to(torch.uint8)  # two's complement byte of signed values; unsigned as is
-    return _byte_tiles(byte), _permute16(top[:, 0] / 2.0 ** POW2_MAX_EXP)
+    return _byte_tiles(byte), _permute16(top / 2.0 ** POW2_MAX_EXP)
 
 
 WGMMA_TILE_ROWS = 128  # weight rows per CTA of the sm_90 GEMM (two warpgroups x 64)
