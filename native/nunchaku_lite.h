@@ -50,37 +50,40 @@ int nl_default_path(int device, int *path);
  * layout NL_ACT_PACKED: codes uint8 [M, K/2], scales float [K/64, ldm], ldm a multiple of 128 >= M.
  * layout NL_ACT_FP8_TILES (sm_90 GEMM operand, quant/ops.py pack_act_fp8_tiles): codes uint8 [K/64, ldm, 64]
  * (e4m3 bytes in 8x16-byte core matrices), scales float [K/64, ldm] (16-token permutation), ldm = Mp, a
- * multiple of 256 >= M; rows >= M are written as 0 in both layouts' scales and in the fp8 codes. */
+ * multiple of 256 >= M; rows >= M are written as 0 in both layouts' scales and in the fp8 codes.
+ * token_scale: NULL for plain group scales (amax / qmax), or float [M] from nl_act_stats of the same
+ * input for the power-of-two format (quant/ops.py quantize_act(pow2=True)): each group scale is s * 2^-e, the
+ * largest e <= 4 that still covers the plain scale, and the codes are computed with it. Only then layout
+ * NL_ACT_S8_TILES (operand of nl_w4a4_gemm_s8, quant/ops.py pack_act_s8_tiles) is allowed: codes uint8
+ * [K/64, ldm, 64] holding code << (4 - e) (int8, or uint8 for unsigned) in the NL_ACT_FP8_TILES order,
+ * scales float [ldm] = s / 16 (16-token permutation), ldm = M rounded up to 256, rows >= M zero. */
 int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
                     const float *smooth, float shift, int act_unsigned,
                     const void *lora_down, int rank, int layout,
-                    uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *stream);
+                    uint8_t *codes, float *scales, int64_t ldm, float *lora_act, const float *token_scale,
+                    void *stream);
 
 /* nl_quantize_act of y = (1 + mod_scale[b]) * LayerNorm(x) + mod_shift[b] (LayerNorm without affine over K,
  * eps; b = row / tokens_per_batch; mod_shift, mod_scale: [B, K] of x_dtype), each op rounded to x_dtype as
  * the unfused torch path (quant/ops.py layernorm_modulate); lora_act = y @ lora_down^T. y_out: [M, K] of
- * x_dtype receiving y, or NULL. */
+ * x_dtype receiving y, or NULL. row_stats: float [M, 2] (mean, rstd per row) from nl_act_stats of the same x
+ * and modulation (required); token_scale (power-of-two format) from the same call. */
 int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
                               const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch, float eps,
                               const float *smooth, float shift, int act_unsigned,
                               const void *lora_down, int rank, int layout,
                               uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *y_out,
-                              void *stream);
+                              const float *token_scale, const float *row_stats, void *stream);
 
-/* Power-of-two activation quantization (quant/ops.py quantize_act(pow2=True)), the pass after nl_quantize_act:
- * plain_scales float [K/64, lds] are nl_quantize_act's NL_ACT_PACKED scales of the same x (or of its y_out);
- * per token s = max plain scale, each group scale = s * 2^-e (largest e <= 4 that still covers the plain
- * scale), codes recomputed from x with it (IEEE divisions, bit-identical). layout NL_ACT_PACKED: codes uint8
- * [M, K/2], scales float [K/64, ldm] (ldm a multiple of 128 >= M). layout NL_ACT_FP8_TILES: as nl_quantize_act's
- * (the fp8 GEMMs' operand, ldm = M rounded up to 256). layout NL_ACT_S8_TILES (operand of
- * nl_w4a4_gemm_s8, quant/ops.py pack_act_s8_tiles): codes uint8 [K/64, ldm, 64] holding code << (4 - e)
- * (int8, or uint8 for unsigned) in the NL_ACT_FP8_TILES order, scales float [ldm] = s / 16 (16-token
- * permutation), ldm = M rounded up to 256, rows >= M zero. workspace: float [ldm]. x 16-byte aligned, ldx a
- * multiple of 8. */
-int nl_quantize_act_pow2(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
-                         const float *smooth, float shift, int act_unsigned, const float *plain_scales,
-                         int64_t lds, int layout, uint8_t *codes, float *scales, int64_t ldm,
-                         float *workspace, void *stream);
+/* Per-token statistics for the quantize kernels, one read of x. With mod_shift and mod_scale non-NULL: the
+ * LayerNorm row statistics (mean, rstd) of x into row_stats float [M, 2] (required), for
+ * nl_layernorm_quantize_act. token_scale float [M] or NULL: the power-of-two format's token scale
+ * max_k |xs[m, k]| / qmax (qmax 7, or 15 unsigned), xs as nl_quantize_act forms it (with LayerNorm: of
+ * nl_layernorm_quantize_act's y); required without LayerNorm. */
+int nl_act_stats(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
+                 const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch, float eps,
+                 const float *smooth, float shift, int act_unsigned, float *token_scale, float *row_stats,
+                 void *stream);
 
 /* Canonical packed weight [N, K/2] -> kernel tile order [N/128, K/64, 128, 32] (run once at load). */
 int nl_repack_weight(const uint8_t *qweight, int64_t N, int64_t K, uint8_t *tiled, void *stream);
@@ -135,7 +138,7 @@ int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_s
 
 /* Hopper (sm_90a) W4A4 GEMM for power-of-two scales on both operands (gemm_w4a4_s8_sm90.cu): one int8 wgmma
  * accumulation over all of K (no per-group promotion). act_bytes8 uint8 [K/64, mp, 64] and act_tscale float
- * [mp]: the NL_ACT_S8_TILES layout (nl_quantize_act_pow2; signed, or unsigned when act_unsigned); w_packed:
+ * [mp]: the NL_ACT_S8_TILES layout (nl_quantize_act with token_scale; signed, or unsigned when act_unsigned); w_packed:
  * nl_repack_weight_sm90 output; w_chscale float [N] and w_exp uint8 [K/64, N] with every exponent <= 4
  * (quant/ops.py pow2_split). out = float(int dot) * act_tscale[m] * w_chscale[n] / 16 + lora_act @ lora_up^T
  * + bias, then the epilogue. Other arguments as nl_w4a4_gemm_fp8; K <= 65536. */

@@ -5,12 +5,19 @@
 // Math, per token m and 64-wide group g (fp32, IEEE division, bit-identical codes and scales):
 //   a     = x                                         (nl_quantize_act)
 //   a     = (1 + mscale[b]) * LN(x) + mshift[b]       (nl_layernorm_quantize_act, b = m / tokens_per_batch;
-//            LN without affine over K; LN(x), 1 + mscale, the product and the sum each rounded to x's dtype,
-//            exactly the ops of the unfused torch path)
+//            LN without affine over K, its mean and rstd per row from stats_kernel; LN(x), 1 + mscale, the
+//            product and the sum each rounded to x's dtype, exactly the ops of the unfused torch path)
 //   xs    = (a + shift) / smooth                      (shift 0 for signed layers; smooth omitted when NULL)
 //   scale = max|xs| / 7,  codes = clamp(rint(xs / scale), -8, 7)        signed
 //   scale = max|xs| / 15, codes = clamp(rint(xs / scale),  0, 15)       unsigned;   scale == 0 -> codes 0
 //   lora_act[m, :] = a[m, :] @ lora_down^T            (16-bit operands on tensor cores, fp32 accumulation)
+// Power-of-two format (ops.quantize_act(pow2=True), when a token_scale array is given):
+//   s[m]  = max_k |xs[m, k]| / qmax  (= the largest plain group scale: IEEE division is monotone), computed
+//           before by stats_kernel (nl_act_stats: one warp per token, one read of x; with LayerNorm from the
+//           same row statistics it hands to the quantize kernel, so both see the same a)
+//   e     = the largest e in 0..4 with s * 2^-e >= scale (the plain group scale above);  gs = s * 2^-e (exact)
+//   codes = clamp(rint(xs / gs), ...) as above, with gs in the place of scale
+// so the codes are written in one pass (the earlier second pass over x, after the plain scales, is gone).
 // Divisions without division instructions (the kernel is instruction-bound; results stay bit-identical):
 //   xs / smooth: RN(1/smooth) once per channel and stage (__frcp_rn), then two Newton corrections with fma
 //     residuals (Markstein's theorem), exact for |inputs| >= 2^-100 and smooth in [2^-20, 2^20]; amax / qmax
@@ -27,7 +34,11 @@
 //   NL_ACT_FP8_TILES  codes uint8 [K/64, ldm, 64]: byte (g, m, k) at g*ldm*64 + ((m/8)*4 + k/16)*128
 //                     + (m%8)*16 + k%16 = e4m3 encoding of the code; scales float [K/64, ldm] with the
 //                     16-token permutation 8b+2q+e -> 4q+2b+e; rows >= M are 0 (ldm = Mp, multiple of 256)
-//   lora_act float [M, rank] in both.
+//   NL_ACT_S8_TILES   (power-of-two format only; operand of the integer GEMM, ops.pack_act_s8_tiles) bytes
+//                     uint8 [K/64, ldm, 64] in the NL_ACT_FP8_TILES order, each code << (4 - e) (int8 signed,
+//                     uint8 unsigned), scales float [ldm] = s / 16 in the same 16-token permutation
+//   lora_act float [M, rank] in all.
+//   The power-of-two format writes gs as the group scale of the other two layouts.
 //
 // Tiling: a token tile is BM tokens (16 by default; 32 for rank > 32); a CTA of NWARPS = 8 warps streams K
 // in stages of KC columns (256, or 128 for rank > 32) through a STAGES = 3 deep cp.async ring shared by all
@@ -40,18 +51,26 @@
 // Low-rank: warp w owns m-tile w % (BM/16) and every (NWARPS/(BM/16))-th k-step of the stage
 // (mma.m16n8k16, fp32 accumulators); the k-split partial sums are reduced through shared memory in a fixed
 // order at each tile end (deterministic).
-// Work split (BM 16, rank <= 32, the default): a persistent grid of min(tiles, resident CTAs) CTAs, CTA c
+// Work split (BM 16, rank <= 32, the default): a persistent grid of n = min(tiles, resident CTAs) CTAs, CTA c
 // taking units [c W / n, (c + 1) W / n) of the W = tiles x stages. Each run is at least one tile long, so a
 // tile is shared by at most two CTAs; their low-rank partial sums are atomically added onto a lora_act that
 // the launch zeroed (two addends onto 0: the same float sum in either order, still deterministic). Without
-// it, M = 4608 (288 tiles) on 132 SMs x 2 CTAs left a second wave of 24 CTAs as long as the first.
-// LayerNorm: at each tile start the CTA computes each row's mean and rstd (row chunks in registers, one load
-// for rows up to 3072) while the next stages are in flight; each landed stage is normalized and modulated in
-// place (a tile shared by two CTAs has its statistics computed by both).
-// Measured (H100 SXM, `python -m nunchaku_lite.bench kernels --quantize`, rank 32, copy ~2.4 TB/s):
-//   M=4608 K=3072: 32.3 us packed (47% of copy), 33.6 us fp8_tiles (54%), LayerNorm-fused 66-68 us;
-//   M=4608 K=12288 / 15360: 103 / 128 us packed (58%), 105 / 131 us fp8_tiles (68%); M=1536 (96 tiles, no
-//   split): 20-21 us. The single-wave grid before the split: 49 / 50 / 73 us, 180 / 220 us, 25 us.
+// it, M = 4608 (288 tiles) on 132 SMs x 2 CTAs left a second wave of 24 CTAs as long as the first. Small M
+// (2 x tiles resident at once, e.g. M <= 2112 on 132 SMs): n = 2 x tiles, so each run is exactly half a tile
+// (still two addends), instead of a few dozen CTAs each sweeping a whole K (M = 512: 32 of 132 SMs).
+// LayerNorm: at each tile start the CTA reads its rows' mean and rstd (stats_kernel's); each landed stage is
+// normalized and modulated in place. (Computing the statistics here, at each tile start while later stages
+// were in flight, cost 66-68 us at M=4608, K=3072 fp8_tiles, and 283-366 us at K=12288-15360, where the rows
+// no longer fit in registers; the separate pass was cheaper in the power-of-two format, which needs it anyway.)
+// Measured (H100 SXM, `python -m nunchaku_lite.bench kernels --quantize`, rank 32, copy ~2.4 TB/s; results
+// h100-2026-12-07c/quant_final.log):
+//   M=4608 K=3072: 32.7 us packed (46% of copy), 34.5 us fp8_tiles (52%), LayerNorm-fused 59.5 us (with the
+//   statistics kernel, 8.6 us); power-of-two s8_tiles 50.6 us (14.1 of it the token scales; the two-pass
+//   version it replaced: 65.6), LayerNorm-fused 77.0 (113.0);
+//   M=4608 K=12288 / 15360: 109 / 133 us packed, 115 / 142 us fp8_tiles (62-63%; 104 / 128 before the power-of-
+//   two mode's runtime branches were added), s8_tiles 181 / 221 us (223 / 287 two-pass);
+//   M=1536 K=3072 (two CTAs per tile): 17.3 us fp8_tiles (20.1 with one), s8_tiles 23.5 (34.3 two-pass).
+//   The single-wave grid before the split: 49 / 50 / 73 us, 180 / 220 us, 25 us.
 // ncu (M=4608, K=3072, packed): one wave of 264 CTAs at 124 registers (2 per SM), 0.61 warp instructions
 // issued per scheduler and cycle, ~36 warp instructions per 32 elements.
 // Tried and slower: lora_down B fragments read by each warp from L2 (no shared lora tile) with 512-column
@@ -66,6 +85,7 @@
 namespace {
 
 constexpr int NWARPS = 8;
+constexpr int POW2_MAX_EXP = 4;  // quant/ops.py POW2_MAX_EXP: code << (4 - e) fits 8 bits
 constexpr int NTHREADS = NWARPS * 32;
 constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23: t + MAGIC rounds t to an integer (ties to even)
 constexpr float BRACKET_LO = 1.f - 0x1p-20f, BRACKET_HI = 1.f + 0x1p-20f;  // see the fast rounding
@@ -132,6 +152,80 @@ __device__ __forceinline__ float div_rn_by(float a, float b, float y) {
   return fmaf(fmaf(-b, q1, a), y, q1);
 }
 
+// Mean and rstd of one row xr [K] (a whole warp; every lane gets both): the mean, then the centred sum of
+// squares (its second read of the row comes from L1/L2 beyond RCH * 256 elements), in fp32 as torch does;
+// rstd = rsqrt(var + eps), the approximate rsqrt. RCH = 6 keeps stats_kernel at 46 registers: 40 warps per
+// SM, one wave for M = 4608 rows on 132 SMs (RCH = 12, the whole 3072-wide row in registers, needs 64: two
+// waves). Each lane sums its elements in the same order for any RCH.
+template <typename T>
+__device__ __forceinline__ float2 warp_row_stats(const T *__restrict__ xr, int K, float eps, int lane) {
+  constexpr int RCH = 6;
+  uint4 buf[RCH];
+  float s = 0.f;
+  for (int k0 = 0; k0 < K; k0 += RCH * 256) {
+#pragma unroll
+    for (int i = 0; i < RCH; ++i) {
+      const int k = k0 + i * 256 + lane * 8;
+      buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < RCH; ++i) {
+      const uint32_t w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = unpack2<T>(w[j]);
+        s += f.x + f.y;
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  const float mean = s / (float)K;
+  float q = 0.f;
+  for (int k0 = 0; k0 < K; k0 += RCH * 256) {
+    if (K > RCH * 256) {  // long rows: reload (L1/L2 hits)
+#pragma unroll
+      for (int i = 0; i < RCH; ++i) {
+        const int k = k0 + i * 256 + lane * 8;
+        buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < RCH; ++i) {
+      if (k0 + i * 256 + lane * 8 < K) {
+        const uint32_t w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = unpack2<T>(w[j]);
+          const float a = f.x - mean, b = f.y - mean;
+          q = fmaf(a, a, q);
+          q = fmaf(b, b, q);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+  return make_float2(mean, rsqrtf(q / (float)K + eps));
+}
+
+// y = (1 + sc) * T(LN(x)) + sh for 8 elements (uint4 of T each), every op rounded to T like the torch path.
+template <typename T>
+__device__ __forceinline__ uint4 ln_modulate8(uint4 raw, uint4 rsc, uint4 rsh, float mean, float rstd) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w}, wsc[4] = {rsc.x, rsc.y, rsc.z, rsc.w},
+                 wsh[4] = {rsh.x, rsh.y, rsh.z, rsh.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = unpack2<T>(w[i]), sc = unpack2<T>(wsc[i]), sh = unpack2<T>(wsh[i]);
+    const float2 n = unpack2<T>(pack2<T>((v.x - mean) * rstd, (v.y - mean) * rstd));
+    const float2 s1 = unpack2<T>(pack2<T>(1.f + sc.x, 1.f + sc.y));
+    const float2 pr = unpack2<T>(pack2<T>(s1.x * n.x, s1.y * n.y));
+    o[i] = pack2<T>(pr.x + sh.x, pr.y + sh.y);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 struct Args {
   const void *x;
   int M, K;
@@ -152,6 +246,10 @@ struct Args {
   float eps;
   void *y_out;
   int exact_div;  // 1: IEEE division for every code (debug / verification of the fast rounding)
+  // power-of-two format: s[m] of nl_act_stats (NULL: plain group scales)
+  const float *tok_scale;
+  // LN kernels: (mean, rstd) per row from nl_act_stats
+  const float2 *row_stats;
   int nctas;      // CTAs sharing the real tiles (the launch sets it; more CTAs write the padding tiles)
 };
 
@@ -159,9 +257,13 @@ struct Args {
 template <typename C>
 __device__ void write_padding_tile(const Args &p, int m0) {
   const int G = p.K / 64;
-  for (int i = threadIdx.x; i < G * C::BM; i += NTHREADS)
-    p.scales[(int64_t)(i / C::BM) * p.ldm + m0 + i % C::BM] = 0.f;
-  if (p.layout == NL_ACT_FP8_TILES) {
+  if (p.layout == NL_ACT_S8_TILES) {  // one token scale per row
+    for (int i = threadIdx.x; i < C::BM; i += NTHREADS) p.scales[m0 + i] = 0.f;
+  } else {
+    for (int i = threadIdx.x; i < G * C::BM; i += NTHREADS)
+      p.scales[(int64_t)(i / C::BM) * p.ldm + m0 + i % C::BM] = 0.f;
+  }
+  if (p.layout != NL_ACT_PACKED) {
     // rows m0..m0+BM of every group slab are one contiguous run of BM*64 bytes (m0 is a multiple of 8)
     for (int i = threadIdx.x; i < G * C::BM * 4; i += NTHREADS) {
       const int g = i / (C::BM * 4), j = i % (C::BM * 4);
@@ -186,7 +288,7 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     return;
   }
   // this CTA's units [u0, u0 + nu) of the tile-major (tile, stage) sequence; nctas <= ntiles keeps every run
-  // at least one tile long, so a tile is shared by at most two CTAs
+  // at least one tile long, nctas == 2 ntiles makes each exactly half a tile: a tile is shared by at most two
   const int64_t W = (int64_t)ntiles * nst;
   const int64_t u0 = W * blockIdx.x / p.nctas;
   const int nu = (int)(W * (blockIdx.x + 1) / p.nctas - u0);
@@ -253,69 +355,14 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   smooth_stage(0, smooth_load(0));
   float smooth_next = smooth_load(1);
 
-  // Row statistics of the tile at m0 (at each tile start, while later stages land): mean, then the centred
-  // sum of squares (from registers for rows up to 3072), as torch does in fp32; rstd = rsqrt(var + eps), the
-  // same approximate rsqrt.
+  // Row statistics of the tile at m0 (at each tile start), computed before by stats_kernel.
   auto row_stats = [&](int m0) {
-    constexpr int RCH = 12;
-    for (int row = warp; row < C::BM; row += NWARPS) {
-      const int m = m0 + row;
-      float mean = 0.f, rstd = 0.f;
-      if (m < p.M) {
-        const T *xr = x + (int64_t)m * p.ldx;
-        uint4 buf[RCH];
-        float s = 0.f;
-        for (int k0 = 0; k0 < K; k0 += RCH * 256) {
-#pragma unroll
-          for (int i = 0; i < RCH; ++i) {
-            const int k = k0 + i * 256 + lane * 8;
-            buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
-          }
-#pragma unroll
-          for (int i = 0; i < RCH; ++i) {
-            const uint32_t w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float2 f = unpack2<T>(w[j]);
-              s += f.x + f.y;
-            }
-          }
-        }
-#pragma unroll
-        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        mean = s / (float)K;
-        float q = 0.f;
-        for (int k0 = 0; k0 < K; k0 += RCH * 256) {
-          if (K > RCH * 256) {  // long rows: reload (L1/L2 hits)
-#pragma unroll
-            for (int i = 0; i < RCH; ++i) {
-              const int k = k0 + i * 256 + lane * 8;
-              buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
-            }
-          }
-#pragma unroll
-          for (int i = 0; i < RCH; ++i) {
-            if (k0 + i * 256 + lane * 8 < K) {
-              const uint32_t w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
-#pragma unroll
-              for (int j = 0; j < 4; ++j) {
-                const float2 f = unpack2<T>(w[j]);
-                const float a = f.x - mean, b = f.y - mean;
-                q = fmaf(a, a, q);
-                q = fmaf(b, b, q);
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-        rstd = rsqrtf(q / (float)K + p.eps);
-      }
-      if (lane == 0) {
-        row_mean[row] = mean;
-        row_rstd[row] = rstd;
-        row_batch[row] = m < p.M ? (int)(m / p.tokens_per_batch) : 0;
-      }
+    if (tid < C::BM) {
+      const int m = m0 + tid;
+      const float2 v = m < p.M ? p.row_stats[m] : make_float2(0.f, 0.f);
+      row_mean[tid] = v.x;
+      row_rstd[tid] = v.y;
+      row_batch[tid] = m < p.M ? (int)(m / p.tokens_per_batch) : 0;
     }
   };
 
@@ -330,6 +377,7 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   const float rqmax = uns ? 1.f / 15.f : 1.f / 7.f;  // RN(1/qmax), folded by the compiler
   const float shift = p.shift;
   const bool has_smooth = p.smooth != nullptr;
+  const bool pow2 = p.tok_scale != nullptr;
   const int tok = lane & 7, ch = lane >> 3;  // quantizer: token within the 8-token unit, chunk pair (ch, ch+4)
   const int mt = warp % C::MTILES, ks = warp / C::MTILES;
 
@@ -366,22 +414,9 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         const int k = g0 * 64 + slot_c * 8;
         const int64_t b = row_batch[row];
         uint4 *ptr = reinterpret_cast<uint4 *>(xs + xoff[j]);
-        const uint4 raw = *ptr;
         const uint4 rsc = __ldg(reinterpret_cast<const uint4 *>(msc + b * K + k));
         const uint4 rsh = __ldg(reinterpret_cast<const uint4 *>(msh + b * K + k));
-        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w}, wsc[4] = {rsc.x, rsc.y, rsc.z, rsc.w},
-                       wsh[4] = {rsh.x, rsh.y, rsh.z, rsh.w};
-        const float mean = row_mean[row], rstd = row_rstd[row];
-        uint32_t o[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 v = unpack2<T>(w[i]), sc = unpack2<T>(wsc[i]), sh = unpack2<T>(wsh[i]);
-          const float2 n = unpack2<T>(pack2<T>((v.x - mean) * rstd, (v.y - mean) * rstd));
-          const float2 s1 = unpack2<T>(pack2<T>(1.f + sc.x, 1.f + sc.y));
-          const float2 pr = unpack2<T>(pack2<T>(s1.x * n.x, s1.y * n.y));
-          o[i] = pack2<T>(pr.x + sh.x, pr.y + sh.y);
-        }
-        const uint4 out = make_uint4(o[0], o[1], o[2], o[3]);
+        const uint4 out = ln_modulate8<T>(*ptr, rsc, rsh, row_mean[row], row_rstd[row]);
         *ptr = out;
         if (p.y_out) *reinterpret_cast<uint4 *>(static_cast<T *>(p.y_out) + (int64_t)m * K + k) = out;
       }
@@ -392,10 +427,13 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     const float *sm_s = s_smooth[it & 1], *sm_r = s_rcp[it & 1];
     uint32_t w[C::UPW][8];
     float f[C::UPW][16], scale[C::UPW];
+    float tsc[C::UPW];  // power-of-two format: the token's scale s (0 for rows >= M)
+    int ex[C::UPW] = {};  // and the group's exponent e
     bool ok = !p.exact_div;
 #pragma unroll
     for (int uu = 0; uu < C::UPW; ++uu) {
       const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok;
+      tsc[uu] = pow2 && m0 + row < p.M ? __ldg(p.tok_scale + m0 + row) : 0.f;
       const uint4 r0 = *reinterpret_cast<const uint4 *>(xs + swz(row, gg * 8 + ch, C::ROW_BYTES));
       const uint4 r1 = *reinterpret_cast<const uint4 *>(xs + swz(row, gg * 8 + ch + 4, C::ROW_BYTES));
       w[uu][0] = r0.x; w[uu][1] = r0.y; w[uu][2] = r0.z; w[uu][3] = r0.w;
@@ -404,6 +442,17 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     // rows >= M were zero-filled by the copy; their codes and scales must be 0 even with a shift. Units of
     // groups past K (partial last stage) compute garbage that is never stored.
     const bool tail_tile = m0 + C::BM > p.M;
+    // The scale the codes are computed with: the plain group scale, or in the power-of-two format the token's
+    // s * 2^-e for the largest e <= MAX_EXP with s * 2^-e >= the plain scale (monotone in e: count the hits).
+    auto coding_scale = [&](float plain, int uu) -> float {
+      if (!pow2) return plain;
+      const float s = tsc[uu];
+      int e = 0;
+#pragma unroll
+      for (int i = 1; i <= POW2_MAX_EXP; ++i) e += s * (1.f / (1 << i)) >= plain;
+      ex[uu] = e;
+      return s * (1.f / (1 << e));
+    };
     // exact = false: divisions by reciprocals with exactness checks; exact = true: IEEE divisions everywhere
     // (the reference's own sequence), taken by the whole warp when any check failed (amax is shared).
     // The `general` tag adds the shift and clamps unsigned codes at 0; signed layers without a shift (most
@@ -456,7 +505,7 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
         if (exact) {
-          const float sc = __fdiv_rn(amax, qmax);
+          const float sc = coding_scale(__fdiv_rn(amax, qmax), uu);
           scale[uu] = sc;
 #pragma unroll
           for (int j = 0; j < 16; ++j) {
@@ -473,7 +522,8 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
 #pragma unroll
         for (int j = 0; j < 8; ++j) any |= w[uu][j];
         ok &= (amax >= 0x1p-60f && amax <= 0x1p120f) || (amax == 0.f && (shift != 0.f || (any & 0x7fff7fffu) == 0u));
-        const float sc = div_rn_by(amax, qmax, rqmax);
+        const float sc = coding_scale(div_rn_by(amax, qmax, rqmax), uu);
+        ok &= !(sc > 0x1p120f);  // (a token scale from another group: keep __fdividef(1, sc) away from 0)
         scale[uu] = sc;
         // a normal scale bounds |xs / scale| by qmax (1 + 2^-23): only unsigned codes need a clamp (at 0).
         // rint(xs / scale) from two brackets: rc = rcp.approx(scale) is within 2^-22 of 1/scale, so
@@ -516,19 +566,35 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         }
         if (ch == 0) p.scales[(int64_t)g * p.ldm + m] = scale[uu];
       } else {
-        uint32_t e[8];
+        // 8 bytes per half: elements 0..7 are k = 8ch..8ch+7 (16-byte column ch/2, half ch%2); 8..15 are k + 32
+        uint32_t b[4];
+        if (pow2 && p.layout == NL_ACT_S8_TILES) {
+          // code << (4 - e) as a byte: MAGIC + code holds the code's two's complement in its low mantissa bits
+          const int sh = POW2_MAX_EXP - ex[uu];
+          uint32_t c[16];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) e[j] = e4m3x2(f[uu][2 * j] - MAGIC, f[uu][2 * j + 1] - MAGIC);
-        // elements 0..7 are k = 8ch..8ch+7 (16-byte column ch/2, half ch%2); 8..15 are k + 32
+          for (int j = 0; j < 16; ++j) c[j] = __float_as_uint(f[uu][j]) << sh;
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            b[j] = __byte_perm(__byte_perm(c[4 * j], c[4 * j + 1], 0x0040), __byte_perm(c[4 * j + 2], c[4 * j + 3], 0x0040),
+                               0x5410);
+        } else {
+          uint32_t e[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) e[j] = e4m3x2(f[uu][2 * j] - MAGIC, f[uu][2 * j + 1] - MAGIC);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) b[j] = __byte_perm(e[2 * j], e[2 * j + 1], 0x5410);
+        }
         uint8_t *cp = p.codes + (int64_t)g * p.ldm * 64 + (int64_t)(m >> 3) * 512 + (ch >> 1) * 128 +
                       (m & 7) * 16 + (ch & 1) * 8;
-        *reinterpret_cast<uint2 *>(cp) = make_uint2(__byte_perm(e[0], e[1], 0x5410), __byte_perm(e[2], e[3], 0x5410));
-        *reinterpret_cast<uint2 *>(cp + 256) =
-            make_uint2(__byte_perm(e[4], e[5], 0x5410), __byte_perm(e[6], e[7], 0x5410));
-        if (ch == 0) {
-          const int i = m & 15;  // 8b + 2q + e -> 4q + 2b + e
-          const int pos = ((i >> 1) & 3) * 4 + (i >> 3) * 2 + (i & 1);
-          p.scales[(int64_t)g * p.ldm + (m & ~15) + pos] = scale[uu];
+        *reinterpret_cast<uint2 *>(cp) = make_uint2(b[0], b[1]);
+        *reinterpret_cast<uint2 *>(cp + 256) = make_uint2(b[2], b[3]);
+        const int i = m & 15;  // 16-token permutation of the scales: 8b + 2q + e -> 4q + 2b + e
+        const int pos = (m & ~15) + ((i >> 1) & 3) * 4 + (i >> 3) * 2 + (i & 1);
+        if (pow2 && p.layout == NL_ACT_S8_TILES) {
+          if (ch == 0 && g == 0) p.scales[pos] = tsc[uu] * (1.f / (1 << POW2_MAX_EXP));  // s / 16
+        } else if (ch == 0) {
+          p.scales[(int64_t)g * p.ldm + pos] = scale[uu];
         }
       }
     }
@@ -601,13 +667,76 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   cp_async_wait<0>();
 }
 
-// CTAs of the persistent split: NUNCHAKU_LITE_QUANT_SPLIT=0 gives one CTA per token tile (benchmarks), =N caps
-// the CTAs at N (tests: shared tiles at small M); otherwise as many as are resident at once.
+// Per-token statistics before the quantize kernel (one warp per token, one read of x):
+//   LN:   the row's (mean, rstd) into stats (warp_row_stats: the mean, then the centred sum of squares, in fp32
+//         as torch does; rstd = rsqrt(var + eps)), which the LayerNorm quantize kernel then applies;
+//   tok:  the power-of-two format's token scale s[m] = max_k |xs[m, k]| / qmax, the largest plain group scale
+//         of the token (IEEE division is monotone), xs formed exactly as quantize_kernel forms it (LN: from y
+//         with these statistics). IEEE divisions: the pass is bound by reading x.
+template <typename T, bool LN>
+__global__ void __launch_bounds__(NTHREADS) stats_kernel(const Args p, int wpr, float *__restrict__ tok,
+                                                         float2 *__restrict__ stats) {
+  // wpr warps per row (1, 2, 4 or 8; always 1 with LN, whose sums keep one order): small M still fills the GPU
+  __shared__ float part[NWARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = warp % wpr;
+  const int m = blockIdx.x * (NWARPS / wpr) + warp / wpr;
+  const bool live = m < p.M;
+  const int K = p.K;
+  const T *xr = static_cast<const T *>(p.x) + (int64_t)(live ? m : 0) * p.ldx;
+  float2 st = make_float2(0.f, 0.f);
+  const T *msc = nullptr, *msh = nullptr;
+  if constexpr (LN) {
+    if (!live) return;  // (wpr == 1: no block-wide step follows)
+    st = warp_row_stats<T>(xr, K, p.eps, lane);
+    if (lane == 0) stats[m] = st;
+    const int64_t b = m / p.tokens_per_batch;
+    msc = static_cast<const T *>(p.mscale) + b * K;
+    msh = static_cast<const T *>(p.mshift) + b * K;
+  }
+  if (!tok) return;
+  float amax = 0.f;
+#pragma unroll 4
+  for (int k = (sub * 32 + lane) * 8; live && k < K; k += 256 * wpr) {
+    uint4 raw = __ldg(reinterpret_cast<const uint4 *>(xr + k));
+    if constexpr (LN)
+      raw = ln_modulate8<T>(raw, __ldg(reinterpret_cast<const uint4 *>(msc + k)),
+                            __ldg(reinterpret_cast<const uint4 *>(msh + k)), st.x, st.y);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = unpack2<T>(w[j]);
+      v[2 * j] = __fadd_rn(f.x, p.shift);
+      v[2 * j + 1] = __fadd_rn(f.y, p.shift);
+    }
+    if (p.smooth) {
+      const float4 a0 = __ldg(reinterpret_cast<const float4 *>(p.smooth + k));
+      const float4 a1 = __ldg(reinterpret_cast<const float4 *>(p.smooth + k + 4));
+      const float sv[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = __fdiv_rn(v[j], sv[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (wpr > 1) {  // (a maximum: the same for any order)
+    if (lane == 0) part[warp] = amax;
+    __syncthreads();
+    if (sub == 0)
+      for (int i = 1; i < wpr; ++i) amax = fmaxf(amax, part[warp + i]);
+  }
+  if (live && sub == 0 && lane == 0) tok[m] = __fdiv_rn(amax, p.act_unsigned ? 15.f : 7.f);
+}
+
+// CTAs of the persistent split: NUNCHAKU_LITE_QUANT_SPLIT=0 gives one CTA per token tile (benchmarks; returns
+// 0), =N caps the CTAs at N (tests: shared tiles at small M); otherwise as many as are resident at once.
 int split_ctas(int resident) {
   const char *env = getenv("NUNCHAKU_LITE_QUANT_SPLIT");
   if (!env || !env[0]) return resident;
   const int n = atoi(env);
-  return n <= 0 ? INT_MAX : min(n, resident);
+  return n <= 0 ? 0 : min(n, resident);
 }
 
 template <typename T, int BM, int MAXR, bool LN>
@@ -638,9 +767,14 @@ int launch(const Args &p0, cudaStream_t stream, const char *kname) {
   Args p = p0;
   const int ntiles = (p.M + BM - 1) / BM;
   // Persistent split: as many CTAs as fit at once (never more than tiles), each a contiguous equal share of
-  // the (tile, stage) units, so the last wave does not idle most SMs.
-  p.nctas = (C::SPLIT && dev < 64) ? min(ntiles, split_ctas(slots[dev])) : ntiles;
-  if (p.nctas < ntiles && p.rank > 0)  // shared tiles add two partial sums onto zeros
+  // the (tile, stage) units, so the last wave does not idle most SMs. Small M (twice the tiles fit at once):
+  // two CTAs per tile, each half of its stages, so that a few hundred tokens still use most SMs. Either way
+  // a tile is shared by at most two CTAs.
+  p.nctas = ntiles;
+  const int cap = (C::SPLIT && dev < 64) ? split_ctas(slots[dev]) : 0;
+  const int nst = (p.K / 64 + C::GS - 1) / C::GS;
+  if (cap > 0) p.nctas = 2 * ntiles <= cap && nst >= 2 ? 2 * ntiles : min(ntiles, cap);
+  if (p.nctas != ntiles && p.rank > 0)  // shared tiles add two partial sums onto zeros
     NL_CHECK_CUDA(cudaMemsetAsync(p.lora_act, 0, (size_t)p.M * p.rank * sizeof(float), stream), kname);
   const int blocks = p.nctas + (int)((p.ldm + BM - 1) / BM) - ntiles;  // + the padding tiles
   kern<<<blocks, NTHREADS, smem, stream>>>(p);
@@ -668,29 +802,51 @@ int dispatch(const Args &p, cudaStream_t s, const char *kname) {
   return launch<T, 32, 128, LN>(p, s, kname);
 }
 
-int check_common(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
-                 const void *lora_down, int rank, int layout, const uint8_t *codes, const float *scales, int64_t ldm,
-                 const float *lora_act) {
+int check_x(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
+            float shift) {
   NL_CHECK_ARG(x_dtype == NL_BF16 || x_dtype == NL_F16, "%s: x dtype code %d is not bf16/fp16", k, x_dtype);
   NL_CHECK_ARG(M >= 1 && M < (1LL << 31) - 256, "%s: M=%lld out of range", k, (long long)M);
   NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K < (1LL << 24), "%s: K=%lld must be a positive multiple of 64", k,
                (long long)K);
   NL_CHECK_ARG(ldx >= K && ldx % 8 == 0, "%s: x row stride %lld must be >= K and a multiple of 8", k,
                (long long)ldx);
-  NL_CHECK_ARG(layout == NL_ACT_PACKED || layout == NL_ACT_FP8_TILES, "%s: layout=%d is not NL_ACT_PACKED (0) or "
-               "NL_ACT_FP8_TILES (1)", k, layout);
+  NL_CHECK_ARG(x && nl_aligned(x, 16), "%s: x must be a non-null 16-byte aligned pointer", k);
+  NL_CHECK_ARG(!smooth || nl_aligned(smooth, 16), "%s: smooth must be 16-byte aligned", k);
+  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
+               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
+  return NL_OK;
+}
+
+int check_modulation(const char *k, const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch,
+                     float eps) {
+  NL_CHECK_ARG(tokens_per_batch >= 1, "%s: tokens_per_batch=%lld must be >= 1", k, (long long)tokens_per_batch);
+  NL_CHECK_ARG(mod_shift && nl_aligned(mod_shift, 16), "%s: mod_shift must be a non-null 16-byte aligned pointer",
+               k);
+  NL_CHECK_ARG(mod_scale && nl_aligned(mod_scale, 16), "%s: mod_scale must be a non-null 16-byte aligned pointer",
+               k);
+  NL_CHECK_ARG(eps >= 0.f, "%s: eps=%g must be >= 0", k, (double)eps);
+  return NL_OK;
+}
+
+int check_common(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
+                 float shift, const void *lora_down, int rank, int layout, const uint8_t *codes, const float *scales,
+                 int64_t ldm, const float *lora_act, const float *token_scale) {
+  if (int rc = check_x(k, x, x_dtype, M, K, ldx, smooth, shift)) return rc;
+  NL_CHECK_ARG(layout == NL_ACT_PACKED || layout == NL_ACT_FP8_TILES || layout == NL_ACT_S8_TILES,
+               "%s: layout=%d is not NL_ACT_PACKED (0), NL_ACT_FP8_TILES (1) or NL_ACT_S8_TILES (2)", k, layout);
+  NL_CHECK_ARG(layout != NL_ACT_S8_TILES || token_scale, "%s: NL_ACT_S8_TILES holds power-of-two scales only: "
+               "token_scale must be non-null", k);
+  NL_CHECK_ARG(!token_scale || nl_aligned(token_scale, 4), "%s: token_scale must be 4-byte aligned", k);
   if (layout == NL_ACT_PACKED)
     NL_CHECK_ARG(ldm >= M && ldm % 128 == 0, "%s: scales stride ldm=%lld must be >= M and a multiple of 128", k,
                  (long long)ldm);
   else
     NL_CHECK_ARG(ldm >= M && ldm % 256 == 0, "%s: padded rows ldm=%lld must be >= M and a multiple of 256 for "
-                 "the fp8 tile layout", k, (long long)ldm);
+                 "the tile layouts", k, (long long)ldm);
   NL_CHECK_ARG(rank >= 0 && rank <= 128 && rank % 16 == 0, "%s: rank=%d must be a multiple of 16 in [0, 128]", k,
                rank);
-  NL_CHECK_ARG(x && nl_aligned(x, 16), "%s: x must be a non-null 16-byte aligned pointer", k);
   NL_CHECK_ARG(codes && nl_aligned(codes, 16), "%s: codes must be a non-null 16-byte aligned pointer", k);
   NL_CHECK_ARG(scales && nl_aligned(scales, 16), "%s: scales must be a non-null 16-byte aligned pointer", k);
-  NL_CHECK_ARG(!smooth || nl_aligned(smooth, 16), "%s: smooth must be 16-byte aligned", k);
   NL_CHECK_ARG(rank == 0 || (lora_down && nl_aligned(lora_down, 16)),
                "%s: lora_down must be a non-null 16-byte aligned pointer when rank > 0", k);
   NL_CHECK_ARG(rank == 0 || lora_act, "%s: lora_act must be non-null when rank > 0", k);
@@ -706,14 +862,14 @@ int exact_div_requested() {
 
 extern "C" int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
                                float shift, int act_unsigned, const void *lora_down, int rank, int layout,
-                               uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *stream) {
+                               uint8_t *codes, float *scales, int64_t ldm, float *lora_act, const float *token_scale,
+                               void *stream) {
   const char *k = "nl_quantize_act";
-  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, lora_down, rank, layout, codes, scales, ldm, lora_act))
+  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, shift, lora_down, rank, layout, codes, scales, ldm,
+                            lora_act, token_scale))
     return rc;
-  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
-               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
   Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
-         lora_act, nullptr, nullptr, 1, 0.f, nullptr, exact_div_requested()};
+         lora_act, nullptr, nullptr, 1, 0.f, nullptr, exact_div_requested(), token_scale, nullptr};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return x_dtype == NL_BF16 ? dispatch<__nv_bfloat16, false>(p, s, k) : dispatch<__half, false>(p, s, k);
 }
@@ -722,21 +878,58 @@ extern "C" int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, 
                                          const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch,
                                          float eps, const float *smooth, float shift, int act_unsigned,
                                          const void *lora_down, int rank, int layout, uint8_t *codes,
-                                         float *scales, int64_t ldm, float *lora_act, void *y_out, void *stream) {
+                                         float *scales, int64_t ldm, float *lora_act, void *y_out,
+                                         const float *token_scale, const float *row_stats, void *stream) {
   const char *k = "nl_layernorm_quantize_act";
-  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, lora_down, rank, layout, codes, scales, ldm, lora_act))
+  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, shift, lora_down, rank, layout, codes, scales, ldm,
+                            lora_act, token_scale))
     return rc;
-  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
-               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
-  NL_CHECK_ARG(tokens_per_batch >= 1, "%s: tokens_per_batch=%lld must be >= 1", k, (long long)tokens_per_batch);
-  NL_CHECK_ARG(mod_shift && nl_aligned(mod_shift, 16), "%s: mod_shift must be a non-null 16-byte aligned pointer",
-               k);
-  NL_CHECK_ARG(mod_scale && nl_aligned(mod_scale, 16), "%s: mod_scale must be a non-null 16-byte aligned pointer",
-               k);
+  if (int rc = check_modulation(k, mod_shift, mod_scale, tokens_per_batch, eps)) return rc;
   NL_CHECK_ARG(!y_out || nl_aligned(y_out, 16), "%s: y_out must be 16-byte aligned", k);
-  NL_CHECK_ARG(eps >= 0.f, "%s: eps=%g must be >= 0", k, (double)eps);
+  NL_CHECK_ARG(row_stats && nl_aligned(row_stats, 8), "%s: row_stats must be a non-null 8-byte aligned pointer "
+               "(nl_act_stats)", k);
   Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
-         lora_act, mod_shift, mod_scale, tokens_per_batch, eps, y_out, exact_div_requested()};
+         lora_act, mod_shift, mod_scale, tokens_per_batch, eps, y_out, exact_div_requested(), token_scale,
+         reinterpret_cast<const float2 *>(row_stats)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return x_dtype == NL_BF16 ? dispatch<__nv_bfloat16, true>(p, s, k) : dispatch<__half, true>(p, s, k);
+}
+
+extern "C" int nl_act_stats(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void *mod_shift,
+                            const void *mod_scale, int64_t tokens_per_batch, float eps, const float *smooth,
+                            float shift, int act_unsigned, float *token_scale, float *row_stats, void *stream) {
+  const char *k = "nl_act_stats";
+  if (int rc = check_x(k, x, x_dtype, M, K, ldx, smooth, shift)) return rc;
+  const bool ln = mod_shift || mod_scale;
+  if (ln) {
+    if (int rc = check_modulation(k, mod_shift, mod_scale, tokens_per_batch, eps)) return rc;
+    NL_CHECK_ARG(row_stats && nl_aligned(row_stats, 8), "%s: row_stats must be a non-null 8-byte aligned pointer "
+                 "with LayerNorm", k);
+  } else {
+    NL_CHECK_ARG(!row_stats, "%s: row_stats without LayerNorm (mod_shift, mod_scale NULL)", k);
+    NL_CHECK_ARG(token_scale, "%s: token_scale must be non-null without LayerNorm", k);
+  }
+  Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, nullptr, 0, 0, nullptr, nullptr, 0,
+         nullptr, mod_shift, mod_scale, ln ? tokens_per_batch : 1, eps, nullptr, 0, nullptr, nullptr};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // warps per row without LayerNorm: the most (up to NWARPS) that keep every row's warps resident at once
+  static int resident_warps[64] = {};
+  int dev = 0, wpr = 1;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
+  if (dev < 64 && !resident_warps[dev]) {
+    int sms = 0, per_sm = 0;
+    NL_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), k);
+    NL_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, stats_kernel<__nv_bfloat16, false>, NTHREADS,
+                                                               0), k);
+    resident_warps[dev] = max(1, sms * per_sm * NWARPS);
+  }
+  if (!ln && dev < 64)
+    while (wpr < NWARPS && M * wpr * 2 <= resident_warps[dev]) wpr *= 2;
+  const unsigned blocks = (unsigned)((M + NWARPS / wpr - 1) / (NWARPS / wpr));
+  float2 *st = reinterpret_cast<float2 *>(row_stats);
+  auto kern = x_dtype == NL_BF16 ? (ln ? stats_kernel<__nv_bfloat16, true> : stats_kernel<__nv_bfloat16, false>)
+                                 : (ln ? stats_kernel<__half, true> : stats_kernel<__half, false>);
+  kern<<<blocks, NTHREADS, 0, s>>>(p, wpr, token_scale, st);
+  NL_CHECK_LAUNCH(k);
+  return NL_OK;
 }

@@ -4,7 +4,8 @@ models/dit.py stays the readable reference (and the CPU path); on CUDA, with the
 16-bit activations, its blocks and `Flux.forward` dispatch here. Same math, fewer passes over the activations:
 
   LayerNorm + modulation   one kernel (nl_layernorm_modulate) writing the 16-bit input of the next linear; for a
-                           W4A4 linear it is fused into the quantize kernel (`native.layernorm_quantize_act`)
+                           W4A4 linear it is fused into the quantize kernel (`native.layernorm_quantize_act`,
+                           after a row-statistics kernel)
   q/k RMSNorm + RoPE       one kernel (nl_qknorm_rope) reading the QKV projection output once and writing q, k,
                            v as [B, L, H, D] straight into the joint (txt + img) buffers: no split, no cat, and
                            SDPA (FlashAttention) reads them as .transpose(1, 2) views

@@ -332,18 +332,18 @@ def _check_pow2_layout(kname: str, layout: str, pow2: bool) -> None:
         raise ValueError(f"{kname}: layout 's8_tiles' holds power-of-two activation scales only (pass pow2=True)")
 
 
-def _pow2_pass(src: torch.Tensor, m: int, k: int, smooth, shift: float, unsigned: bool, plain: torch.Tensor,
-               layout: str):
-    """nl_quantize_act_pow2 of src [M, K] (x, or the LayerNorm kernel's y) given its plain scales (the
-    NL_ACT_PACKED scales [K/64, lds] of the first pass) -> (codes, scales) in `layout` (zeros for M = 0)."""
-    codes, scales, ldm, _ = _alloc_outputs(src, m, k, 0, layout)
-    if m == 0:
-        return codes.zero_(), scales.zero_()
-    work = torch.empty(ldm, dtype=torch.float32, device=src.device)
-    _call("nl_quantize_act_pow2", _ptr(src), _DTYPE_CODE[src.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
-          int(bool(unsigned)), _ptr(plain, "float *"), plain.shape[1], ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
-          _ptr(scales, "float *"), ldm, _ptr(work, "float *"), _stream(src.device))
-    return codes, scales
+def _act_stats(x: torch.Tensor, m: int, k: int, smooth, shift: float, unsigned: bool, pow2: bool,
+               modulation=None):
+    """nl_act_stats of x [M, K] -> (token_scale [M] or None, row_stats [M, 2] or None): the power-of-two format's
+    per-token scale (pow2) and, with modulation = (mod_shift, mod_scale, tokens_per_batch, eps), the LayerNorm
+    row statistics for nl_layernorm_quantize_act (the token scale then is of its y)."""
+    tok = torch.empty(m, dtype=torch.float32, device=x.device) if pow2 else None
+    stats = torch.empty(m, 2, dtype=torch.float32, device=x.device) if modulation else None
+    msh, msc, tpb, eps = modulation or (None, None, 1, 0.0)
+    _call("nl_act_stats", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(msh), _ptr(msc), tpb, float(eps),
+          _ptr(smooth, "float *"), float(shift), int(bool(unsigned)), _ptr(tok, "float *"), _ptr(stats, "float *"),
+          _stream(x.device))
+    return tok, stats
 
 
 @_needs_lib
@@ -355,8 +355,8 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down:
     x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None; lora_down [r, K] of x's dtype,
     r a multiple of 16 up to 128, or None; layout "packed", "fp8_tiles" or "s8_tiles" (see
     QuantizedActivation). pow2: power-of-two activation scales (ops.quantize_act(pow2=True); "s8_tiles" needs
-    them), a second kernel pass (nl_quantize_act_pow2) after the plain one, which gives the plain
-    scales and lora_act. A CPU x runs the PyTorch reference (same outputs).
+    them): a first kernel (nl_act_stats) reads x for each token's scale, then the quantize kernel
+    writes the codes in one pass. A CPU x runs the PyTorch reference (same outputs).
     """
     kname = "quantize_act"
     m, k, rank = _check_quantize_args(kname, x, smooth, lora_down, layout)
@@ -368,14 +368,17 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down:
         _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
     if rank:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
-    first = "packed" if pow2 else layout
-    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, first)
+    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
     if m:
+        x = _aligned(x)
+        tok = _act_stats(x, m, k, smooth, shift, unsigned, True)[0] if pow2 else None
         _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
-              int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[first],
-              _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _stream(x.device))
-    if pow2:
-        codes, scales = _pow2_pass(_aligned(x), m, k, smooth, shift, unsigned, scales, layout)
+              int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout],
+              _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"),
+              _ptr(tok, "float *"), _stream(x.device))
+    else:  # M = 0: the padded rows are zeros
+        codes.zero_()
+        scales.zero_()
     return QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
 
 
@@ -410,15 +413,16 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
                            tokens_per_batch: int | None = None, smooth: torch.Tensor | None = None,
                            lora_down: torch.Tensor | None = None, unsigned: bool = False, shift_const: float = 0.0,
                            layout: str = "packed", eps: float = 1e-6, return_y: bool = False, pow2: bool = False):
-    """quantize_act(ops.layernorm_modulate(x, shift, scale)) in one kernel: LayerNorm (no affine) + modulation
-    y = (1 + scale[b]) * LN(x) + shift[b] feeding the quantizer and the low-rank down projection.
+    """quantize_act(ops.layernorm_modulate(x, shift, scale)) without materializing y: LayerNorm (no affine) +
+    modulation y = (1 + scale[b]) * LN(x) + shift[b] feeding the quantizer and the low-rank down projection.
 
     x [M, K] (rows of batch b = row // tokens_per_batch) or [B, L, K]; shift, scale [B, K] or [B, 1, K] in x's
     dtype; shift_const is the quantizer's constant shift (unsigned layers). Returns a QuantizedActivation, or
     (QuantizedActivation, y [M, K]) with return_y. Codes match the unfused path up to LayerNorm's fp32
     reduction order (torch's own is not specified): a code may differ by 1 where LN(x) lies on a 16-bit
     rounding boundary (measured: far below 0.1% of the codes). pow2: power-of-two activation scales, as in
-    quantize_act (the second pass reads y, which the first kernel then writes).
+    quantize_act. Two kernels: nl_act_stats (the rows' mean and rstd, and with pow2 the token scales of y),
+    then the quantize kernel, which applies LayerNorm + modulation with those statistics.
     """
     kname = "layernorm_quantize_act"
     x, shift, scale, tpb = _modulation_rows(kname, x, shift, scale, tokens_per_batch)
@@ -436,16 +440,18 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
         _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
     if rank:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
-    first = "packed" if pow2 else layout
-    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, first)
-    y = torch.empty_like(x) if return_y or pow2 else None
+    codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
+    y = torch.empty_like(x) if return_y else None
     if m:
+        tok, stats = _act_stats(x, m, k, smooth, shift_const, unsigned, pow2, (shift, scale, tpb, eps))
         _call("nl_layernorm_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(shift), _ptr(scale), tpb,
               float(eps), _ptr(smooth, "float *"), float(shift_const), int(bool(unsigned)),
-              _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[first], _ptr(codes, "uint8_t *"),
-              _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _ptr(y), _stream(x.device))
-    if pow2:
-        codes, scales = _pow2_pass(y, m, k, smooth, shift_const, unsigned, scales, layout)
+              _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
+              _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _ptr(y), _ptr(tok, "float *"),
+              _ptr(stats, "float *"), _stream(x.device))
+    else:  # M = 0: the padded rows are zeros
+        codes.zero_()
+        scales.zero_()
     act = QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
     return (act, y) if return_y else act
 

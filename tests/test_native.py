@@ -33,7 +33,7 @@ def test_header_declares_the_documented_api():
     funcs = _declared_functions()
     assert {"nl_last_error", "nl_version", "nl_default_path", "nl_quantize_act", "nl_repack_weight",
             "nl_w4a4_gemm", "nl_w4a16_gemm", "nl_w4a4_gemm_fp8", "nl_w4a4_gemm_fp8_pow2",
-            "nl_w4a4_gemm_fp8_gelu_quantize", "nl_repack_weight_sm90", "nl_w4a4_gemm_s8", "nl_quantize_act_pow2",
+            "nl_w4a4_gemm_fp8_gelu_quantize", "nl_repack_weight_sm90", "nl_w4a4_gemm_s8", "nl_act_stats",
             "nl_layernorm_quantize_act"} <= funcs
     import cffi
     ffi = cffi.FFI()

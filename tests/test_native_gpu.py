@@ -211,5 +211,5 @@ def test_argument_errors_name_the_argument():
     # the C side reports too: a rank that is not a multiple of 16
     lib, ffi = native._lib()
     rc = lib.nl_quantize_act(ffi.cast("void *", x.data_ptr()), 1, 4, 128, 128, ffi.NULL, 0.0, 0, ffi.NULL, 8, 0,
-                             ffi.NULL, ffi.NULL, 128, ffi.NULL, ffi.NULL)
+                             ffi.NULL, ffi.NULL, 128, ffi.NULL, ffi.NULL, ffi.NULL)
     assert rc == 1 and b"rank=8" in ffi.string(lib.nl_last_error())

@@ -174,11 +174,12 @@ def test_every_tiling_and_the_exact_division_path(gpu_native, monkeypatch, tilin
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ctas", ["7", "2", "0"])
+@pytest.mark.parametrize("ctas", ["7", "2", "0", ""])
 def test_token_tiles_shared_by_two_ctas(gpu_native, monkeypatch, ctas):
     """The persistent split (rank <= 32, 16-token tiles): NUNCHAKU_LITE_QUANT_SPLIT=N runs N CTAs over the
     (tile, stage) units, so most tiles are shared by two CTAs whose low-rank partial sums meet in lora_act;
-    0 = one CTA per tile. Partial last stages (K = 1088), a partial last tile (M = 300), LayerNorm-fused too."""
+    0 = one CTA per tile; unset (""): the default, here (19 tiles, small M) two CTAs per tile, each half of
+    its stages. Partial last stages (K = 1088), a partial last tile (M = 300), LayerNorm-fused too."""
     monkeypatch.setenv("NUNCHAKU_LITE_QUANT_SPLIT", ctas)
     gen = torch.Generator().manual_seed(5)
     m, k = 300, 1088

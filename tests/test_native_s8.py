@@ -1,8 +1,8 @@
-"""Power-of-two activation scales and the sm_90 integer GEMM (native/gemm_w4a4_s8_sm90.cu,
-native/quantize_pow2.cu).
+"""Power-of-two activation scales and the sm_90 integer GEMM (native/gemm_w4a4_s8_sm90.cu; the power-of-two
+quantization in native/quantize.cu: token_scale_kernel, then quantize_kernel with the token scales).
 
 CPU: the format (ops.quantize_act(pow2=True), ops.pack_act_s8_tiles), the int8 tables of the kernel's nibble
-recipe (PTX prmt emulation), the layer flag. GPU (sm_90 only): the pow2 quantize pass bit for bit against the
+recipe (PTX prmt emulation), the layer flag. GPU: the pow2 quantization bit for bit against the
 reference, the integer GEMM against ops.w4a4_linear_f64 on the same codes (relative error < 1e-3), the layer's
 native path end to end.
 """
@@ -147,9 +147,28 @@ def test_entry_points_reject_bad_arguments():
         gemm(10, 128, 64, 256, rank=16)
     with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: act_bytes8 must be non-null"):
         gemm(10, 128, 64, 256)
-    with pytest.raises(ValueError, match="nl_quantize_act_pow2: layout 3"):
-        native._call("nl_quantize_act_pow2", null, 1, 10, 64, 64, null, 0.0, 0, null, 16, 3, null, null, 256, null,
-                     null)
+    x = ffi.cast("void *", 1 << 20)  # never dereferenced: the checks fail first
+    quant = lambda layout, tok=null: native._call(
+        "nl_quantize_act", x, 1, 10, 64, 64, null, 0.0, 0, null, 0, layout, x, x, 256, null, tok, null)
+    with pytest.raises(ValueError, match="nl_quantize_act: layout=3 is not"):
+        quant(3)
+    with pytest.raises(ValueError, match="nl_quantize_act: NL_ACT_S8_TILES holds power-of-two scales only"):
+        quant(2)
+    ln = lambda stats: native._call(
+        "nl_layernorm_quantize_act", x, 1, 10, 64, 64, x, x, 10, 1e-6, null, 0.0, 0, null, 0, 2, x, x, 256, null,
+        null, x, stats, null)
+    with pytest.raises(ValueError, match="nl_layernorm_quantize_act: row_stats must be a non-null"):
+        ln(null)
+    stats = lambda msh, tok, st, k=64: native._call(
+        "nl_act_stats", x, 1, 10, k, k, msh, msh, 10, 1e-6, null, 0.0, 0, tok, st, null)
+    with pytest.raises(ValueError, match="nl_act_stats: row_stats must be a non-null 8-byte aligned pointer with"):
+        stats(x, x, null)
+    with pytest.raises(ValueError, match="nl_act_stats: token_scale must be non-null without LayerNorm"):
+        stats(null, null, null)
+    with pytest.raises(ValueError, match="nl_act_stats: row_stats without LayerNorm"):
+        stats(null, x, x)
+    with pytest.raises(ValueError, match="nl_act_stats: K=100 must be a positive multiple of 64"):
+        stats(null, x, null, 100)
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
@@ -162,13 +181,19 @@ def cuda_lib():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 100, 300, 4608])
+@pytest.mark.parametrize("m,k", [(1, 3072), (100, 3072), (300, 3072), (1536, 3072), (3000, 3072), (4608, 3072),
+                                 (300, 15360)])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("layout", ["packed", "fp8_tiles", "s8_tiles"])
-def test_pow2_quantize_kernel_is_bit_exact(cuda_lib, m, unsigned, layout):
-    gen = torch.Generator().manual_seed(m)
-    k, rank = 3072, 32
-    x = _acts(m, k, gen, unsigned).to(DEV)
+def test_pow2_quantize_kernel_is_bit_exact(cuda_lib, m, k, unsigned, layout):
+    """Bytes against the reference; the M values give the token-scale kernel 8, 4, 2 and 1 warps per row (on
+    132 SMs) and the quantize kernel two CTAs per tile (small M) or the persistent split (M = 4608)."""
+    gen = torch.Generator().manual_seed(m + k)
+    rank = 32
+    x = _acts(m, k, gen, unsigned)
+    if m > 2:
+        x[2] = 0  # an all-zero token: scale 0, codes 0
+    x = x.to(DEV)
     smooth = (torch.rand(k, generator=gen) + 0.5).to(DEV)
     down = (torch.randn(rank, k, generator=gen) / k ** 0.5).to(torch.bfloat16).to(DEV)
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
@@ -179,17 +204,48 @@ def test_pow2_quantize_kernel_is_bit_exact(cuda_lib, m, unsigned, layout):
 
 
 @pytest.mark.gpu
-def test_pow2_layernorm_quantize(cuda_lib):
+@pytest.mark.parametrize("env", [{}, {"NUNCHAKU_LITE_QUANT_EXACT_DIV": "1"}, {"NUNCHAKU_LITE_QUANT_SPLIT": "3"},
+                                 {"NUNCHAKU_LITE_QUANT_SPLIT": "0"}])
+def test_pow2_quantize_kernel_modes(cuda_lib, env, monkeypatch):
+    """The IEEE-division path, tiles shared by two CTAs (3 CTAs for 19 tiles; by default at this M, 38 CTAs: two
+    per tile) and one CTA per tile give the same bytes; the token-scale kernel runs 8 warps per row here."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    gen = torch.Generator().manual_seed(8)
+    x = _acts(300, 1024, gen).to(DEV)
+    smooth = (torch.rand(1024, generator=gen) + 0.5).to(DEV)
+    down = (torch.randn(16, 1024, generator=gen) / 32).to(torch.bfloat16).to(DEV)
+    got = native.quantize_act(x, smooth, down, layout="s8_tiles", pow2=True)
+    want = native.quantize_act_reference(x, smooth, down, layout="s8_tiles", pow2=True)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert _rel(got.lora_act, want.lora_act) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["packed", "fp8_tiles", "s8_tiles"])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_pow2_layernorm_quantize(cuda_lib, layout, unsigned):
+    """The LayerNorm kernel with the token-scale kernel's statistics: its y (return_y) quantizes, by the
+    reference, to the same bytes; and without return_y the outputs are the same."""
     gen = torch.Generator().manual_seed(6)
-    b, L, k = 2, 150, 1024
+    b, L, k = 2, 150, 3072
     x = (torch.randn(b, L, k, generator=gen) * 2).to(torch.bfloat16).to(DEV)
     shift = (torch.randn(b, 1, k, generator=gen) * 0.1).to(torch.bfloat16).to(DEV)
     scale = (torch.randn(b, 1, k, generator=gen) * 0.1).to(torch.bfloat16).to(DEV)
     smooth = (torch.rand(k, generator=gen) + 0.5).to(DEV)
-    act, y = native.layernorm_quantize_act(x, shift, scale, None, smooth, None, layout="s8_tiles", pow2=True,
-                                           return_y=True)
-    want = native.quantize_act_reference(y, smooth, None, layout="s8_tiles", pow2=True)
+    down = (torch.randn(32, k, generator=gen) / 64).to(torch.bfloat16).to(DEV)
+    sc = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    act, y = native.layernorm_quantize_act(x, shift, scale, None, smooth, down, unsigned, sc, layout=layout,
+                                           pow2=True, return_y=True)
+    want = native.quantize_act_reference(y, smooth, down, unsigned, sc, layout=layout, pow2=True)
     assert torch.equal(act.codes, want.codes) and torch.equal(act.scales, want.scales)
+    assert _rel(act.lora_act, want.lora_act) < 1e-5
+    again = native.layernorm_quantize_act(x, shift, scale, None, smooth, down, unsigned, sc, layout=layout,
+                                          pow2=True)
+    assert torch.equal(again.codes, act.codes) and torch.equal(again.scales, act.scales)
+    # y does not depend on the format (the same statistics kernel)
+    _, y_plain = native.layernorm_quantize_act(x, shift, scale, None, smooth, None, layout="packed", return_y=True)
+    assert torch.equal(y, y_plain)
 
 
 def _s8_run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0):

@@ -201,7 +201,8 @@ def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False, sm90_kerne
     return r
 
 
-QUANT_SHAPES = [(4608, 3072), (1536, 3072), (4608, 12288), (4608, 15360)]  # (M, K)
+QUANT_SHAPES = [(4608, 3072), (1536, 3072), (512, 3072), (4608, 12288), (1536, 12288), (512, 12288),
+                (4608, 15360)]  # (M, K)
 
 
 def quantize_bytes(m, k, rank, layout):
@@ -216,7 +217,9 @@ def quantize_bytes(m, k, rank, layout):
 
 def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
     """The quantize + low-rank-down kernel, plain and LayerNorm-fused, both layouts, and the power-of-two
-    quantization into s8_tiles (quantize kernel + nl_quantize_act_pow2): GB/s and % of copy."""
+    quantization into s8_tiles (the statistics kernel nl_act_stats, then the quantize kernel; the statistics
+    kernel alone is its own row, bytes = the read of x): GB/s and % of copy. The LayerNorm-fused rows include
+    the statistics kernel (the rows' mean and rstd), also timed alone."""
     rows = []
     for m, k in QUANT_SHAPES:
         g = torch.Generator(device="cuda").manual_seed(m + k)
@@ -239,6 +242,14 @@ def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
                     rows.append(dict(M=m, K=k, rank=rank, tiling=int(tiling), layout=layout,
                                      kernel="layernorm+quantize" if fused else "quantize", us=ms * 1e3,
                                      gbps=gbps, pct_of_copy=100 * gbps / copy_gbps))
+                    if pow2 or fused:  # the statistics kernel alone (part of the row above)
+                        mod = (shift, scale, -(-m // 2), 1e-6) if fused else None
+                        ms = time_ms(lambda: native._act_stats(x, m, k, smooth, 0.0, False, pow2, mod), reps=20,
+                                     replays=25)
+                        gbps = (m * k * 2 + m * 4) / ms / 1e6
+                        name = ("LN stats+token" if pow2 else "LN stats") if fused else "token scale"
+                        rows.append(dict(M=m, K=k, rank=rank, tiling=int(tiling), layout=layout, kernel=name,
+                                         us=ms * 1e3, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps))
     os.environ.pop("NUNCHAKU_LITE_QUANT_BM", None)
     hdr = f"{'M':>5} {'K':>6} {'BM':>3} {'layout':>9} {'kernel':>18} | {'us':>7} {'GB/s':>6} {'%copy':>5}"
     print(f"\nquantize + low-rank down (rank {rank}, smooth; LN-fused: 2 batches), copy {copy_gbps:.0f} GB/s")
