@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     // groups past K (partial last stage) compute garbage that is never stored.
     const bool tail_tile = m0 + C::BM > p.M;
     // The scale the codes are computed with: the plain group scale, or in the power-of-two format the token's
-    // s * 2^-e for the largest e <= MAX_EXP with s * 2^-e >= the plain scale (monotone in e: count the hits).
+    // s * 2^-e for the largest e <= POW2_MAX_EXP with s * 2^-e >= the plain scale (monotone in e: count the hits).
     auto coding_scale = [&](float plain, int uu) -> float {
       if (!pow2) return plain;
       const float s = tsc[uu];
@@ -576,8 +576,8 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
           for (int j = 0; j < 16; ++j) c[j] = __float_as_uint(f[uu][j]) << sh;
 #pragma unroll
           for (int j = 0; j < 4; ++j)
-            b[j] = __byte_perm(__byte_perm(c[4 * j], c[4 * j + 1], 0x0040), __byte_perm(c[4 * j + 2], c[4 * j + 3], 0x0040),
-                               0x5410);
+            b[j] = __byte_perm(__byte_perm(c[4 * j], c[4 * j + 1], 0x0040),
+                               __byte_perm(c[4 * j + 2], c[4 * j + 3], 0x0040), 0x5410);
         } else {
           uint32_t e[8];
 #pragma unroll
