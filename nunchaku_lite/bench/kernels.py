@@ -5,16 +5,17 @@ On sm_90 the wgmma GEMM (native/gemm_w4a4_sm90.cu) gets its own columns: `wgmma`
 low-rank branch, rank 32) and `wg0` (same GEMM without low-rank), both timed alone on activations already in
 the fp8_tiles layout; then the same codes with power-of-two weight scales (`fold`, nl_w4a4_gemm_fp8_pow2) and
 with power-of-two weight and activation scales (`s8`, the integer GEMM nl_w4a4_gemm_s8 on s8_tiles input,
-whose `linear` column includes both quantize passes). The legacy mma.sync columns then use the s8 path (skip
+whose `linear` column includes the statistics and quantize kernels). The legacy mma.sync columns then use the s8 path (skip
 them with --no-legacy).
 
 Timing: each variant is captured in a CUDA graph of `--reps` back-to-back calls (so Python launch overhead
 is not measured) and the graph is replayed `--replays` times between CUDA events; the reported time is the
 median replay divided by reps. All variants of a shape run in one process, side by side.
 Tokens M: 4608 = 1024x1024 image (4096) + 512 text, 1536 = 512x512 (1024) + 512. Weight N x K.
-`--quantize` prints only the quantize-kernel table (quantize_table): both activation layouts, plain and
+`--quantize` prints only the quantize-kernel table (quantize_table): the three activation layouts, plain and
 LayerNorm-fused, GB/s counting x read + codes/scales/lora_act written, and % of the copy bandwidth measured in
-the same run.
+the same run; the statistics kernel (nl_act_stats) that precedes the LayerNorm-fused and power-of-two
+quantization has rows of its own.
 """
 import argparse
 import json
@@ -346,8 +347,8 @@ def main(argv=None):
               "quantize kernel + GEMM + low-rank)",
         fold="sm_90 folded GEMM (power-of-two weight group scales, nl_w4a4_gemm_fp8_pow2), same codes; columns as "
              "in the wgmma table",
-        s8="sm_90 integer GEMM (power-of-two weight and activation scales, nl_w4a4_gemm_s8; linear includes both "
-           "quantize passes), same codes; columns as in the wgmma table")
+        s8="sm_90 integer GEMM (power-of-two weight and activation scales, nl_w4a4_gemm_s8; linear includes the "
+           "statistics and quantize kernels), same codes; columns as in the wgmma table")
     for key in sm90 if wgmma else ():
         _print_wgmma_table(rows, key, titles[key])
     print("\nms per call (fused/nolora/unfused include the quantize kernel; gemm = GEMM kernel alone)")
