@@ -161,13 +161,16 @@ template <typename T>
 __device__ __forceinline__ float2 warp_row_stats(const T *__restrict__ xr, int K, float eps, int lane) {
   constexpr int RCH = 6;
   uint4 buf[RCH];
-  float s = 0.f;
-  for (int k0 = 0; k0 < K; k0 += RCH * 256) {
+  auto load = [&](int k0) {  // the lane's chunks k0 + 256 i + 8 lane, zeros past K
 #pragma unroll
     for (int i = 0; i < RCH; ++i) {
       const int k = k0 + i * 256 + lane * 8;
       buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
     }
+  };
+  float s = 0.f;
+  for (int k0 = 0; k0 < K; k0 += RCH * 256) {
+    load(k0);
 #pragma unroll
     for (int i = 0; i < RCH; ++i) {
       const uint32_t w[4] = {buf[i].x, buf[i].y, buf[i].z, buf[i].w};
@@ -183,13 +186,7 @@ __device__ __forceinline__ float2 warp_row_stats(const T *__restrict__ xr, int K
   const float mean = s / (float)K;
   float q = 0.f;
   for (int k0 = 0; k0 < K; k0 += RCH * 256) {
-    if (K > RCH * 256) {  // long rows: reload (L1/L2 hits)
-#pragma unroll
-      for (int i = 0; i < RCH; ++i) {
-        const int k = k0 + i * 256 + lane * 8;
-        buf[i] = k < K ? __ldg(reinterpret_cast<const uint4 *>(xr + k)) : make_uint4(0, 0, 0, 0);
-      }
-    }
+    if (K > RCH * 256) load(k0);  // long rows: reload (L1/L2 hits)
 #pragma unroll
     for (int i = 0; i < RCH; ++i) {
       if (k0 + i * 256 + lane * 8 < K) {
