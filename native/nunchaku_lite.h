@@ -138,10 +138,10 @@ int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_s
 
 /* Hopper (sm_90a) W4A4 GEMM for power-of-two scales on both operands (gemm_w4a4_s8_sm90.cu): one int8 wgmma
  * accumulation over all of K (no per-group promotion). act_bytes8 uint8 [K/64, mp, 64] and act_tscale float
- * [mp]: the NL_ACT_S8_TILES layout (nl_quantize_act with token_scale; signed, or unsigned when act_unsigned); w_packed:
- * nl_repack_weight_sm90 output; w_chscale float [N] and w_exp uint8 [K/64, N] with every exponent <= 4
- * (quant/ops.py pow2_split). out = float(int dot) * act_tscale[m] * w_chscale[n] / 16 + lora_act @ lora_up^T
- * + bias, then the epilogue. Other arguments as nl_w4a4_gemm_fp8; K <= 65536. */
+ * [mp]: the NL_ACT_S8_TILES layout (nl_quantize_act with token_scale; signed, or unsigned when
+ * act_unsigned); w_packed: nl_repack_weight_sm90 output; w_chscale float [N] and w_exp uint8 [K/64, N] with
+ * every exponent <= 4 (quant/ops.py pow2_split). out = float(int dot) * act_tscale[m] * w_chscale[n] / 16
+ * + lora_act @ lora_up^T + bias, then the epilogue. Other arguments as nl_w4a4_gemm_fp8; K <= 65536. */
 int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscale, int64_t mp, int act_unsigned,
                     const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
                     const float *lora_act, const void *lora_up, int lora_dtype, int rank,

@@ -13,8 +13,9 @@
 //   lora_act[m, :] = a[m, :] @ lora_down^T            (16-bit operands on tensor cores, fp32 accumulation)
 // Power-of-two format (ops.quantize_act(pow2=True), when a token_scale array is given):
 //   s[m]  = max_k |xs[m, k]| / qmax  (= the largest plain group scale: IEEE division is monotone), computed
-//           before by stats_kernel (nl_act_stats: one warp per token, one read of x; with LayerNorm from the
-//           same row statistics it hands to the quantize kernel, so both see the same a)
+//           before by stats_kernel (nl_act_stats: one read of x, one warp per token or up to NWARPS for small
+//           M; with LayerNorm from the same row statistics it hands to the quantize kernel, so both see the
+//           same a)
 //   e     = the largest e in 0..4 with s * 2^-e >= scale (the plain group scale above);  gs = s * 2^-e (exact)
 //   codes = clamp(rint(xs / gs), ...) as above, with gs in the place of scale
 // so the codes are written in one pass (the earlier second pass over x, after the plain scales, is gone).
@@ -664,7 +665,8 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   cp_async_wait<0>();
 }
 
-// Per-token statistics before the quantize kernel (one warp per token, one read of x):
+// Per-token statistics before the quantize kernel (one read of x; one warp per token, or wpr warps per token
+// for the token scale alone):
 //   LN:   the row's (mean, rstd) into stats (warp_row_stats: the mean, then the centred sum of squares, in fp32
 //         as torch does; rstd = rsqrt(var + eps)), which the LayerNorm quantize kernel then applies;
 //   tok:  the power-of-two format's token scale s[m] = max_k |xs[m, k]| / qmax, the largest plain group scale

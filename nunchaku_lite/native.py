@@ -315,6 +315,8 @@ def quantize_act_reference(x, smooth=None, lora_down=None, unsigned=False, shift
 
 
 def _alloc_outputs(x, m, k, rank, layout):
+    """codes, scales, ldm and lora_act for M tokens in `layout`; for M = 0 (no kernel runs) the padded codes and
+    scales are zeros."""
     g = k // GROUP
     if layout == "packed":
         ldm = padded_rows(m)
@@ -324,6 +326,9 @@ def _alloc_outputs(x, m, k, rank, layout):
         codes = torch.empty(g, ldm, GROUP, dtype=torch.uint8, device=x.device)
     scales = torch.empty(ldm if layout == "s8_tiles" else (g, ldm), dtype=torch.float32, device=x.device)
     lora_act = torch.empty(m, rank, dtype=torch.float32, device=x.device) if rank else None
+    if m == 0:
+        codes.zero_()
+        scales.zero_()
     return codes, scales, ldm, lora_act
 
 
@@ -370,15 +375,11 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
     codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
     if m:
-        x = _aligned(x)
         tok = _act_stats(x, m, k, smooth, shift, unsigned, True)[0] if pow2 else None
         _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
               int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout],
               _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"),
               _ptr(tok, "float *"), _stream(x.device))
-    else:  # M = 0: the padded rows are zeros
-        codes.zero_()
-        scales.zero_()
     return QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
 
 
@@ -449,9 +450,6 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
               _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
               _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _ptr(y), _ptr(tok, "float *"),
               _ptr(stats, "float *"), _stream(x.device))
-    else:  # M = 0: the padded rows are zeros
-        codes.zero_()
-        scales.zero_()
     act = QuantizedActivation(codes, scales, lora_act, bool(unsigned), layout, m)
     return (act, y) if return_y else act
 

@@ -248,6 +248,20 @@ def test_pow2_layernorm_quantize(cuda_lib, layout, unsigned):
     assert torch.equal(y, y_plain)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["packed", "fp8_tiles", "s8_tiles"])
+def test_quantize_no_tokens(cuda_lib, layout):
+    """M = 0: no kernel runs, the padded codes and scales are zeros, shaped as the reference's."""
+    x = torch.empty(0, 256, dtype=torch.bfloat16)
+    zero = torch.zeros(1, 256, dtype=torch.bfloat16)
+    pow2 = layout == "s8_tiles"
+    want = native.quantize_act_reference(x, layout=layout, pow2=pow2)
+    for got in (native.quantize_act(x.to(DEV), layout=layout, pow2=pow2),
+                native.layernorm_quantize_act(x.to(DEV), zero.to(DEV), zero.to(DEV), 1, layout=layout, pow2=pow2)):
+        assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scales.cpu(), want.scales)
+        assert not got.codes.any() and not got.scales.any()
+
+
 def _s8_run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0):
     gen = torch.Generator().manual_seed(seed + m + 7 * k + 13 * n + rank)
     qweight, _, lora_down, lora_up, bias, smooth = _layer(n, k, rank, gen, lora_dtype)

@@ -5,8 +5,8 @@ On sm_90 the wgmma GEMM (native/gemm_w4a4_sm90.cu) gets its own columns: `wgmma`
 low-rank branch, rank 32) and `wg0` (same GEMM without low-rank), both timed alone on activations already in
 the fp8_tiles layout; then the same codes with power-of-two weight scales (`fold`, nl_w4a4_gemm_fp8_pow2) and
 with power-of-two weight and activation scales (`s8`, the integer GEMM nl_w4a4_gemm_s8 on s8_tiles input,
-whose `linear` column includes the statistics and quantize kernels). The legacy mma.sync columns then use the s8 path (skip
-them with --no-legacy).
+whose `linear` column includes the statistics and quantize kernels). The legacy mma.sync columns then use the
+s8 path (skip them with --no-legacy).
 
 Timing: each variant is captured in a CUDA graph of `--reps` back-to-back calls (so Python launch overhead
 is not measured) and the graph is replayed `--replays` times between CUDA events; the reported time is the
@@ -217,7 +217,7 @@ def quantize_bytes(m, k, rank, layout):
 
 
 def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
-    """The quantize + low-rank-down kernel, plain and LayerNorm-fused, both layouts, and the power-of-two
+    """The quantize + low-rank-down kernel, plain and LayerNorm-fused, packed and fp8_tiles, and the power-of-two
     quantization into s8_tiles (the statistics kernel nl_act_stats, then the quantize kernel; the statistics
     kernel alone is its own row, bytes = the read of x): GB/s and % of copy. The LayerNorm-fused rows include
     the statistics kernel (the rows' mean and rstd), also timed alone."""
