@@ -1,5 +1,6 @@
 """Power-of-two activation scales and the sm_90 integer GEMM (native/gemm_w4a4_s8_sm90.cu; the power-of-two
-quantization in native/quantize.cu: token_scale_kernel, then quantize_kernel with the token scales).
+quantization in native/quantize.cu: stats_kernel (nl_act_stats), then quantize_kernel with the token
+scales).
 
 CPU: the format (ops.quantize_act(pow2=True), ops.pack_act_s8_tiles), the int8 tables of the kernel's nibble
 recipe (PTX prmt emulation), the layer flag. GPU: the pow2 quantization bit for bit against the
@@ -186,7 +187,7 @@ def cuda_lib():
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("layout", ["packed", "fp8_tiles", "s8_tiles"])
 def test_pow2_quantize_kernel_is_bit_exact(cuda_lib, m, k, unsigned, layout):
-    """Bytes against the reference; the M values give the token-scale kernel 8, 4, 2 and 1 warps per row (on
+    """Bytes against the reference; the M values give the statistics kernel 8, 4, 2 and 1 warps per row (on
     132 SMs) and the quantize kernel two CTAs per tile (small M) or the persistent split (M = 4608)."""
     gen = torch.Generator().manual_seed(m + k)
     rank = 32
@@ -208,7 +209,7 @@ def test_pow2_quantize_kernel_is_bit_exact(cuda_lib, m, k, unsigned, layout):
                                  {"NUNCHAKU_LITE_QUANT_SPLIT": "0"}])
 def test_pow2_quantize_kernel_modes(cuda_lib, env, monkeypatch):
     """The IEEE-division path, tiles shared by two CTAs (3 CTAs for 19 tiles; by default at this M, 38 CTAs: two
-    per tile) and one CTA per tile give the same bytes; the token-scale kernel runs 8 warps per row here."""
+    per tile) and one CTA per tile give the same bytes; the statistics kernel runs 8 warps per row here."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     gen = torch.Generator().manual_seed(8)
@@ -225,8 +226,8 @@ def test_pow2_quantize_kernel_modes(cuda_lib, env, monkeypatch):
 @pytest.mark.parametrize("layout", ["packed", "fp8_tiles", "s8_tiles"])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_pow2_layernorm_quantize(cuda_lib, layout, unsigned):
-    """The LayerNorm kernel with the token-scale kernel's statistics: its y (return_y) quantizes, by the
-    reference, to the same bytes; and without return_y the outputs are the same."""
+    """The LayerNorm kernel with the statistics kernel's row statistics and token scales: its y (return_y)
+    quantizes, by the reference, to the same bytes; and without return_y the outputs are the same."""
     gen = torch.Generator().manual_seed(6)
     b, L, k = 2, 150, 3072
     x = (torch.randn(b, L, k, generator=gen) * 2).to(torch.bfloat16).to(DEV)
