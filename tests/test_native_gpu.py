@@ -162,10 +162,12 @@ def test_repack_layout():
 
 
 @pytest.mark.parametrize("zeros", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 9, 100])  # 100 rows: the dequantize + cuBLAS path
-def test_w4a16(zeros, m):
+@pytest.mark.parametrize("m,k", [(1, 3072), (3, 3072), (9, 3072), (100, 3072), (2, 4160)])
+def test_w4a16(zeros, m, k):
+    """100 rows: the dequantize + cuBLAS path; K = 4160: 130 chunks of 32 codes per row, not a multiple of a
+    warp's 32 lanes (a partial last round of the kernel's loads)."""
     gen = torch.Generator().manual_seed(m)
-    n, k = 1000, 3072
+    n = 1000
     codes = torch.randint(0 if zeros else -8, 16 if zeros else 8, (n, k), generator=gen, dtype=torch.int16)
     qweight = ops.pack_int4(codes)
     wscales = (torch.rand(n, k // 64, generator=gen) * 0.02).to(torch.bfloat16)

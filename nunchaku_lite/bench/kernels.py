@@ -15,7 +15,8 @@ Tokens M: 4608 = 1024x1024 image (4096) + 512 text, 1536 = 512x512 (1024) + 512.
 `--quantize` prints only the quantize-kernel table (quantize_table): the three activation layouts, plain and
 LayerNorm-fused, GB/s counting x read + codes/scales/lora_act written, and % of the copy bandwidth measured in
 the same run; the statistics kernel (nl_act_stats) that precedes the LayerNorm-fused and power-of-two
-quantization has rows of its own.
+quantization has rows of its own. `--w4a16` prints only the W4A16 GEMV table (the modulation linears: one
+vector per image, 4-bit weights), GB/s counting the weight codes and scales read.
 """
 import argparse
 import json
@@ -262,6 +263,35 @@ def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
     return rows
 
 
+MODULATION_SHAPES = [(3072, 18432), (3072, 9216)]  # (K, N): double-block (x2 per block) and single-block
+
+
+def w4a16_main(args, dev):
+    """--w4a16: the W4A16 GEMV at the modulation shapes, batch 1 and 4 (and JSON)."""
+    copy_gbps = copy_bandwidth()
+    print(f"device: {dev}  torch {torch.__version__}\ndevice copy: {copy_gbps:.0f} GB/s (read + write)")
+    hdr = f"{'M':>3} {'K':>5} {'N':>6} | {'us':>7} {'GB/s':>6} {'%copy':>5}"
+    print(f"\nW4A16 GEMV (nl_w4a16_gemm, signed codes, bf16)\n{hdr}\n" + "-" * len(hdr))
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for k, n in MODULATION_SHAPES:
+        codes = torch.randint(-8, 8, (n, k), generator=g, device="cuda", dtype=torch.int8)
+        wscales = (torch.rand(n, k // 64, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        prep = native.prepare_w4a16(ops.pack_int4(codes), wscales, torch.zeros(n, device="cuda"))
+        for m in (1, 4):
+            x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+            ms = time_ms(lambda: native.w4a16_gemm(x, prep), reps=20, replays=25)
+            gbps = (n * k // 2 + n * (k // 64) * 4) / ms / 1e6
+            rows.append(dict(M=m, K=k, N=n, us=ms * 1e3, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps))
+            print(f"{m:>3} {k:>5} {n:>6} | {ms * 1e3:7.1f} {gbps:6.0f} {100 * gbps / copy_gbps:5.0f}")
+    path = args.json.replace(".json", "_w4a16.json") if args.json.endswith(".json") else args.json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=dev, torch=torch.__version__, copy_gbps=copy_gbps, rows=rows), f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
 def quantize_main(args, dev):
     """--quantize: only the quantize table (and JSON)."""
     copy_gbps = copy_bandwidth()
@@ -300,6 +330,7 @@ def main(argv=None):
     ap.add_argument("--block-m", choices=["64", "128"], help="GEMM block rows (sets NUNCHAKU_LITE_GEMM_BM)")
     ap.add_argument("--quantize", action="store_true", help="only the quantize-kernel table (both layouts, "
                     "plain and LayerNorm-fused)")
+    ap.add_argument("--w4a16", action="store_true", help="only the W4A16 GEMV table (modulation shapes)")
     ap.add_argument("--quant-bm", default="16", help="quantize CTA token tilings to time, e.g. 16,32")
     ap.add_argument("--sm90", default=",".join(SM90_KERNELS), help="sm_90 kernels to time, a subset of "
                     f"{','.join(SM90_KERNELS)} (default all)")
@@ -312,6 +343,8 @@ def main(argv=None):
     dev = torch.cuda.get_device_name()
     if args.quantize:
         return quantize_main(args, dev)
+    if args.w4a16:
+        return w4a16_main(args, dev)
     wgmma = torch.cuda.get_device_capability() == (9, 0) and native.has_wgmma()
     path = native.default_path() if args.path == "auto" else args.path
     if path == "wgmma":
