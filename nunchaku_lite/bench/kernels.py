@@ -263,6 +263,16 @@ def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
     return rows
 
 
+def _write_table_json(args, suffix, dev, copy_gbps, rows):
+    """The rows of a single-table mode (--quantize, --w4a16) into args.json with `suffix` before .json."""
+    path = args.json.replace(".json", f"_{suffix}.json") if args.json.endswith(".json") else args.json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=dev, torch=torch.__version__, copy_gbps=copy_gbps, rows=rows), f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
 MODULATION_SHAPES = [(3072, 18432), (3072, 9216)]  # (K, N): double-block (x2 per block) and single-block
 
 
@@ -284,12 +294,7 @@ def w4a16_main(args, dev):
             gbps = (n * k // 2 + n * (k // 64) * 4) / ms / 1e6
             rows.append(dict(M=m, K=k, N=n, us=ms * 1e3, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps))
             print(f"{m:>3} {k:>5} {n:>6} | {ms * 1e3:7.1f} {gbps:6.0f} {100 * gbps / copy_gbps:5.0f}")
-    path = args.json.replace(".json", "_w4a16.json") if args.json.endswith(".json") else args.json
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(device=dev, torch=torch.__version__, copy_gbps=copy_gbps, rows=rows), f, indent=1)
-    print(f"wrote {path}")
-    return 0
+    return _write_table_json(args, "w4a16", dev, copy_gbps, rows)
 
 
 def quantize_main(args, dev):
@@ -297,12 +302,7 @@ def quantize_main(args, dev):
     copy_gbps = copy_bandwidth()
     print(f"device: {dev}  torch {torch.__version__}\ndevice copy: {copy_gbps:.0f} GB/s (read + write)")
     rows = quantize_table(copy_gbps, tuple(args.quant_bm.split(",")))
-    path = args.json.replace(".json", "_quantize.json") if args.json.endswith(".json") else args.json
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(device=dev, torch=torch.__version__, copy_gbps=copy_gbps, rows=rows), f, indent=1)
-    print(f"wrote {path}")
-    return 0
+    return _write_table_json(args, "quantize", dev, copy_gbps, rows)
 
 
 def _print_wgmma_table(rows, key, title):
