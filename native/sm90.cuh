@@ -5,6 +5,8 @@
 #include "common.cuh"
 #include "wgmma.cuh"
 
+#include <type_traits>
+
 namespace sm90 {
 // ---- mbarriers, bulk copies, wgmma control ---------------------------------------------------------------
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -182,16 +184,33 @@ __device__ __forceinline__ void store_tile(uint8_t *smem, const float (&acc)[BT 
   const int esz = out_dtype == NL_F32 ? 4 : 2;
   const int srow = (BN + PAD) * esz;  // staging bytes per token row
   const float b0 = bias ? bias[n0 + rloc] : 0.f, b1 = bias ? bias[n0 + rloc + 8] : 0.f;
-  const bool gelu = epilogue == NL_EPI_GELU_TANH;
+  // one straight-line copy of the loop per (dtype, GELU) pair, written out rather than left to the compiler's
+  // loop unswitching, which gave up when a kernel's parameter struct grew past 128 bytes
+  auto stage = [&](auto dtype, auto gelu) {
+    constexpr int DT = decltype(dtype)::value;
+    constexpr int ES = DT == NL_F32 ? 4 : 2;
 #pragma unroll
-  for (int i = 0; i < BT / 2; ++i) {
-    const int j = i >> 2, t = 8 * j + 2 * q + (i & 1), r = rloc + ((i >> 1) & 1) * 8;
-    float v = acc[i] + ((i >> 1) & 1 ? b1 : b0);
-    if (gelu) v = gelu_epilogue(v, out_dtype);
-    uint8_t *dst = smem + t * srow + r * esz;
-    if (out_dtype == NL_BF16) *reinterpret_cast<__nv_bfloat16 *>(dst) = __float2bfloat16_rn(v);
-    else if (out_dtype == NL_F16) *reinterpret_cast<__half *>(dst) = __float2half_rn(v);
-    else *reinterpret_cast<float *>(dst) = v;
+    for (int i = 0; i < BT / 2; ++i) {
+      const int j = i >> 2, t = 8 * j + 2 * q + (i & 1), r = rloc + ((i >> 1) & 1) * 8;
+      float v = acc[i] + ((i >> 1) & 1 ? b1 : b0);
+      if (decltype(gelu)::value) v = gelu_epilogue(v, DT);
+      uint8_t *dst = smem + t * ((BN + PAD) * ES) + r * ES;
+      if (DT == NL_BF16) *reinterpret_cast<__nv_bfloat16 *>(dst) = __float2bfloat16_rn(v);
+      else if (DT == NL_F16) *reinterpret_cast<__half *>(dst) = __float2half_rn(v);
+      else *reinterpret_cast<float *>(dst) = v;
+    }
+  };
+  using bf16_t = std::integral_constant<int, NL_BF16>;
+  using f16_t = std::integral_constant<int, NL_F16>;
+  using f32_t = std::integral_constant<int, NL_F32>;
+  if (epilogue == NL_EPI_GELU_TANH) {
+    if (out_dtype == NL_BF16) stage(bf16_t{}, std::true_type{});
+    else if (out_dtype == NL_F16) stage(f16_t{}, std::true_type{});
+    else stage(f32_t{}, std::true_type{});
+  } else {
+    if (out_dtype == NL_BF16) stage(bf16_t{}, std::false_type{});
+    else if (out_dtype == NL_F16) stage(f16_t{}, std::false_type{});
+    else stage(f32_t{}, std::false_type{});
   }
   consumers_sync();
   const int chunks = BN * esz / 16, rows = min(BT, M - m0);
