@@ -58,6 +58,17 @@ static inline int nl_check_sm90_gemm(const char *k, int64_t M, int64_t N, int64_
   return NL_OK;
 }
 
+// The current device's SM count (cached per device and translation unit).
+static inline int nl_sm_count(const char *k, int *sms) {
+  static int cache[64] = {};
+  int dev = 0;
+  NL_CHECK_CUDA(cudaGetDevice(&dev), k);
+  if (dev < 64 && cache[dev]) return *sms = cache[dev], NL_OK;
+  NL_CHECK_CUDA(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev), k);
+  if (dev < 64) cache[dev] = *sms;
+  return NL_OK;
+}
+
 // Raise kern's dynamic shared memory limit to `bytes`, once per device (done: the caller's static flags):
 // cudaFuncSetAttribute is not allowed inside CUDA-graph capture, so captured launches must not repeat it.
 template <typename F>

@@ -35,8 +35,19 @@
 // Epilogue: int32 -> fp32 scaled in place, the low-rank wgmma accumulates into the same registers
 // (sm90.cuh lowrank_into), bias, GELU, conversion, transposed staging in shared memory, 16-byte row stores
 // (rows >= M never written).
+// Work split: one CTA per tile (the kernel above), or, where that leaves many SMs idle on a long K (a first
+// or second round of tiles that fills at most SK_FILL of the SMs, K >= 64 * SK_MIN_GROUPS: 48 or 144 tiles
+// on 132 SMs), stream-K (w4a4_s8_sk_kernel): a persistent grid of n <= SMs CTAs, one per SM, CTA c taking the
+// run [c U / n, (c + 1) U / n) of the U tile-major (tile, group) units. A tile is thereby split between
+// consecutive CTAs; the later ones hand their int32 partial sums (exact) to the first, which holds the
+// tile's first groups at the end of its run, through a workspace (flags, then one slot per CTA), and the
+// first adds them and runs the epilogue. Integer sums: split and whole-tile results are bit-identical. The
+// producer runs on into the next segment's stages while the consumers do an epilogue, so the epilogue has
+// shared memory of its own (7 stages instead of 8, 16-bit outputs only).
 // Shapes: N % 128 == 0, K % 64 == 0 and K <= 65536, M >= 1, Mp = M rounded up to 256, rank % 16 == 0.
 #include "common.cuh"
+#include <algorithm>
+#include <climits>
 #include <stdlib.h>
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -55,6 +66,15 @@ constexpr int MAX_K = 65536;      // int32 accumulator bound (see the math)
 constexpr int LRC = 64;           // rank chunk of the low-rank epilogue
 constexpr int OUT_PAD = 8;        // staging row padding (elements)
 constexpr int DEFAULT_BT = 256, DEFAULT_STAGES = 8;
+// stream-K (w4a4_s8_sk_kernel; measured on an H200, bench/results/h200-2026-12-07e: 1.45x at 144 tiles with
+// K = 12288 / 15360, slower at 144 tiles with K = 3072 and at 432 tiles)
+constexpr int SK_BT = 256, SK_STAGES = 7;
+constexpr int SK_LRC = 32;           // low-rank chunk (the epilogue memory is the staging tile's)
+constexpr float SK_FILL = 0.75f;     // split when whole tiles fill at most this much of the rounds' SM time,
+constexpr int SK_MAX_ROUNDS = 2;     // take at most this many rounds,
+constexpr int SK_MIN_GROUPS = 96;    // and K has at least this many groups
+constexpr int MIN_SK_UNITS = 8;      // (tile, group) units per CTA at least
+constexpr int SK_FLAGS = 1024;       // workspace: SK_FLAGS hand-over flags (zero), then the partial sums
 
 template <int BT, int NSTAGES>
 struct Cfg {
@@ -79,6 +99,22 @@ struct Params {
   const float *bias; void *out; int out_dtype; int64_t ldo; int epilogue;
   int M, N, K;
   int raster;  // CTA order: 0 = token tile fastest, 1 = weight tile fastest
+  int *ws;     // stream-K kernel: SK_FLAGS hand-over flags (zero between launches), then n slots of BT x BN int32
+};
+
+struct SkCfg {  // the stream-K kernel's shared memory: ring, epilogue staging, barriers, tables
+  static constexpr int ACT_BYTES = SK_BT * 64;
+  static constexpr int STAGE = ACT_BYTES + W_BYTES + EXP_BYTES;
+  static constexpr int STAGES = SK_STAGES;
+  static constexpr int PIPE = STAGES * STAGE;
+  static constexpr int EPI_OUT = SK_BT * (BN + OUT_PAD) * 2;  // 16-bit staging
+  static constexpr int EPI_LR = 2 * SK_BT * SK_LRC * 2;       // hi + lo 16-bit
+  static constexpr int EPI_OFF = PIPE;
+  static constexpr int BAR_OFF = EPI_OFF + (EPI_OUT > EPI_LR ? EPI_OUT : EPI_LR);
+  static constexpr int TAB_OFF = BAR_OFF + 2 * STAGES * 8;
+  static constexpr int SMEM = TAB_OFF + 16 * (MAX_EXP + 1) + 128;
+  static_assert(SMEM <= 227 * 1024, "shared memory per block");
+  static_assert(STAGE % 128 == 0 && EPI_OFF % 128 == 0, "stage alignment");
 };
 
 template <int BT, typename LT, bool UNS, int NSTAGES>
@@ -214,6 +250,222 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
 #endif
 }
 
+// Stream-K hand-over flags (gpu scope).
+__device__ __forceinline__ int ld_acquire(const int *p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release(int *p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+// This CTA's run [c U / n, (c + 1) U / n) of the U tile-major (tile, group) units, segment by segment: tile t,
+// groups g0 .. g0 + ng - 1 (the host keeps U below 2^31).
+struct Run {
+  int v, end, G;
+  __device__ Run(int G_, int64_t U) : G(G_) {
+    v = (int)((int64_t)blockIdx.x * U / gridDim.x);
+    end = (int)(((int64_t)blockIdx.x + 1) * U / gridDim.x);
+  }
+  __device__ bool next(int &t, int &g0, int &ng) {
+    if (v >= end) return false;
+    t = v / G, g0 = v % G, ng = min(G - g0, end - v);
+    v += ng;
+    return true;
+  }
+};
+
+// The stream-K form of w4a4_s8_kernel (see the header): the same main loop and epilogue per segment, the ring
+// carried from segment to segment (group g0 + i of a segment is ring use u0 + i), the epilogue in memory of
+// its own. A split tile's CTAs c0 < c1 <= ... hold consecutive segments: c0 its first groups, at the end of
+// its run; the others later groups at the start of theirs. Those hand their partial sums over through their
+// slot and flag; c0 waits for the flags (raised early: a CTA's first segment), adds the parts and runs the
+// epilogue. A CTA waits only on later CTAs, which hand over before they wait on anything: no cycle.
+template <typename LT, bool UNS>
+__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p) {
+#ifdef NL_SM90A
+  using namespace sm90;
+  using C = SkCfg;
+  constexpr int BT = SK_BT;
+  constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
+  constexpr int ND = BT / 2;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t full_bar = smem_base + C::BAR_OFF, empty_bar = full_bar + C::STAGES * 8;
+  const int wg = threadIdx.x >> 7, ctid = threadIdx.x & 127;
+  const int G = p.K / 64;
+  const int64_t U = (int64_t)((p.M + BT - 1) / BT) * (p.N / BN) * G;
+
+  init_ring(full_bar, empty_bar, C::STAGES, 8);
+  {
+    uint8_t *tab = smem + C::TAB_OFF;
+    for (int i = threadIdx.x; i < 16 * (MAX_EXP + 1); i += THREADS) {
+      const int b = i & 15, code = b < 8 ? b : b - 16;
+      tab[i] = (uint8_t)(code * (1 << (MAX_EXP - (i >> 4))));
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------- producer ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+    if (ctid == 0) {
+      uint32_t u = 0;  // ring use: slot u % STAGES, phase (u / STAGES) & 1
+      Run run(G, U);
+      for (int t, g0, ng; run.next(t, g0, ng);) {
+        const CtaTile tile = cta_tile<BT, BN>(p.M, p.N, p.raster, t);
+        const int rows = (int)(p.mp - tile.m0 < BT ? p.mp - tile.m0 : BT);
+        const uint32_t act_bytes = rows * 64, bytes = act_bytes + W_BYTES + EXP_BYTES;
+        for (int g = g0; g < g0 + ng; ++g, ++u) {
+          const int s = u % C::STAGES;
+          const uint32_t st = smem_base + s * C::STAGE, fb = full_bar + s * 8;
+          if (u >= C::STAGES) mbar_wait(empty_bar + s * 8, ((u / C::STAGES) & 1) ^ 1);
+          mbar_expect_tx(fb, bytes);
+          bulk_g2s(st, p.act + ((int64_t)g * p.mp + tile.m0) * 64, act_bytes, fb);
+          bulk_g2s(st + C::ACT_BYTES, p.w + ((int64_t)tile.nb * G + g) * W_BYTES, W_BYTES, fb);
+          bulk_g2s(st + C::ACT_BYTES + W_BYTES, p.wexp + (int64_t)g * p.N + tile.n0, EXP_BYTES, fb);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+  const int c = wg - 1, w = ctid >> 5, l = ctid & 31, q = l & 3;
+  const int rloc = c * 64 + 16 * w + (l >> 2);
+  const int tid = threadIdx.x - 128;  // both consumer warpgroups
+  const uint4 *tab = reinterpret_cast<const uint4 *>(smem + C::TAB_OFF);
+  int *flags = p.ws;  // at a fixed place: launches of other grid sizes leave their partial sums behind
+  int4 *slots = reinterpret_cast<int4 *>(p.ws + SK_FLAGS);
+  uint32_t u0 = 0;  // ring use of the current segment's first group
+  Run run(G, U);
+#pragma unroll 1
+  for (int t, g0, ng; run.next(t, g0, ng);) {
+    const CtaTile tile = cta_tile<BT, BN>(p.M, p.N, p.raster, t);
+    const int m0 = tile.m0, n0 = tile.n0;
+    int acc[ND];
+#pragma unroll
+    for (int i = 0; i < ND; ++i) acc[i] = 0;
+
+    auto load_a = [&](int g, uint32_t (&a)[8]) {
+      const uint32_t u = u0 + g;
+      const int s = u % C::STAGES;
+      mbar_wait(full_bar + s * 8, (u / C::STAGES) & 1);
+      const uint8_t *st = smem + s * C::STAGE;
+      const uint4 wv = *reinterpret_cast<const uint4 *>(st + C::ACT_BYTES + c * 2048 + ctid * 16);
+      const uint8_t *ex = st + C::ACT_BYTES + W_BYTES;
+      const uint4 t0 = tab[ex[rloc]], t1 = tab[ex[rloc + 8]];
+      nib8_lookup(wv.x, t0, t1, a[0], a[1]);
+      nib8_lookup(wv.y, t0, t1, a[2], a[3]);
+      nib8_lookup(wv.z, t0, t1, a[4], a[5]);
+      nib8_lookup(wv.w, t0, t1, a[6], a[7]);
+    };
+    auto issue = [&](int g, const uint32_t (&a)[8]) {
+      const uint32_t base = smem_base + ((u0 + g) % C::STAGES) * C::STAGE;
+      wg_fence();
+      wgmma::S8<BT, UNS>::mma(acc, a, make_desc(base, 128, 512));
+      wgmma::S8<BT, UNS>::mma(acc, a + 4, make_desc(base + 256, 128, 512));
+      wg_commit();
+    };
+    auto release = [&](int g) {
+      __syncwarp();
+      if (l == 0) mbar_arrive(empty_bar + ((u0 + g) % C::STAGES) * 8);
+    };
+    // (local group indices 0 .. ng - 1 of the segment)
+    uint32_t a0[8], a1[8];
+    load_a(0, a0);
+    issue(0, a0);
+    int g = 1;
+    for (; g + 1 < ng; g += 2) {
+      load_a(g, a1);
+      issue(g, a1);
+      wg_wait<1>();
+      release(g - 1);
+      load_a(g + 1, a0);
+      issue(g + 1, a0);
+      wg_wait<1>();
+      release(g);
+    }
+    if (g < ng) {
+      load_a(g, a1);
+      issue(g, a1);
+      wg_wait<1>();
+      release(g - 1);
+      ++g;
+    }
+    wg_wait<0>();
+    reg_fence(acc);
+    release(ng - 1);
+    u0 += ng;
+
+    if (ng < G) {  // a split tile
+      if (g0 != 0) {  // a later part: hand the partial sums over
+        int4 *slot = slots + (int64_t)blockIdx.x * (BT * BN / 4);
+#pragma unroll
+        for (int i = 0; i < ND / 4; ++i)
+          __stcg(slot + i * 256 + tid, make_int4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+        __threadfence();
+        consumers_sync();
+        if (tid == 0) st_release(flags + blockIdx.x, 1);
+        continue;
+      }
+      const int last = (int)((((int64_t)t * G + G) * gridDim.x - 1) / U);  // the CTA holding group G - 1
+      for (int c2 = blockIdx.x + 1; c2 <= last; ++c2) {
+        if (tid == 0)
+          while (!ld_acquire(flags + c2)) __nanosleep(64);
+        consumers_sync();
+        __threadfence();
+        const int4 *slot = slots + (int64_t)c2 * (BT * BN / 4);
+#pragma unroll
+        for (int i = 0; i < ND / 4; ++i) {
+          const int4 v = __ldcg(slot + i * 256 + tid);
+          acc[4 * i] += v.x;
+          acc[4 * i + 1] += v.y;
+          acc[4 * i + 2] += v.z;
+          acc[4 * i + 3] += v.w;
+        }
+        consumers_sync();  // every thread has read the slot: the flag goes back to 0 for the next launch
+        if (tid == 0) flags[c2] = 0;
+      }
+    }
+
+    // ---------------- epilogue (as w4a4_s8_kernel's) ----------------
+    float f[ND];
+    {
+      const float w0 = p.wch[n0 + rloc] * (1.f / 16), w1 = p.wch[n0 + rloc + 8] * (1.f / 16);
+      const float4 *ts = reinterpret_cast<const float4 *>(p.tscale + m0) + q;
+#pragma unroll
+      for (int j = 0; j < BT / 16; ++j) {
+        const float4 v = ts[4 * j];  // (256-token tiles: always inside Mp)
+        const int *A = acc + 8 * j;
+        float *F = f + 8 * j;
+        F[0] = (float)A[0] * (v.x * w0);
+        F[1] = (float)A[1] * (v.y * w0);
+        F[2] = (float)A[2] * (v.x * w1);
+        F[3] = (float)A[3] * (v.y * w1);
+        F[4] = (float)A[4] * (v.z * w0);
+        F[5] = (float)A[5] * (v.w * w0);
+        F[6] = (float)A[6] * (v.z * w1);
+        F[7] = (float)A[7] * (v.w * w1);
+      }
+    }
+    // Opaque per-segment copies: otherwise the compiler hoists the epilogue's segment-invariant shared-memory
+    // offsets (over a hundred, runtime output dtype) out of the loop, where they would hold registers.
+    uint8_t *epi = smem + C::EPI_OFF;
+    int rl = rloc, qq = q, ct = ctid;
+    asm volatile("" : "+l"(epi), "+r"(rl), "+r"(qq), "+r"(ct));
+    if (p.rank > 0)
+      lowrank_into<BT, LT, SK_LRC>(epi, f, p.lora_act + (int64_t)m0 * p.rank, min(BT, p.M - m0),
+                                   static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ct);
+    consumers_sync();  // the low-rank wgmma and the previous segment's staging reads are done
+    store_tile<BT, BN, OUT_PAD>(epi, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rl, qq);
+  }
+#else
+  __trap();
+#endif
+}
+
 template <int BT, typename LT, bool UNS, int NSTAGES>
 int launch(const Params &p, cudaStream_t stream) {
   auto kern = w4a4_s8_kernel<BT, LT, UNS, NSTAGES>;
@@ -232,13 +484,42 @@ int dispatch(const Params &p, int lora_dtype, bool uns, cudaStream_t s) {
   return uns ? launch<BT, __nv_bfloat16, true, NSTAGES>(p, s) : launch<BT, __nv_bfloat16, false, NSTAGES>(p, s);
 }
 
+template <typename LT, bool UNS>
+int launch_sk(const Params &p, int grid, cudaStream_t stream) {
+  auto kern = w4a4_s8_sk_kernel<LT, UNS>;
+  static bool attr_set[64] = {};
+  if (int rc = nl_smem_once(kern, SkCfg::SMEM, attr_set, "nl_w4a4_gemm_s8")) return rc;
+  kern<<<grid, THREADS, SkCfg::SMEM, stream>>>(p);
+  NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
+  return NL_OK;
+}
+
+// The stream-K grid for this call, or 0 for one CTA per tile: where whole tiles fill at most SK_FILL of their
+// rounds' SM time, in at most SK_MAX_ROUNDS rounds, over K >= 64 * SK_MIN_GROUPS (NUNCHAKU_LITE_S8_SK = 0 | 1
+// forces the choice), given a workspace that holds the grid's slots, 16-bit outputs and 256-token tiles.
+int sk_grid(const Params &p, int bt, int64_t ws_bytes, int *grid) {
+  *grid = 0;
+  const char *env = getenv("NUNCHAKU_LITE_S8_SK");
+  if (!p.ws || p.out_dtype == NL_F32 || bt != SK_BT || (env && atoi(env) == 0)) return NL_OK;
+  int sms = 0;
+  if (int rc = nl_sm_count("nl_w4a4_gemm_s8", &sms)) return rc;
+  const int G = p.K / 64, ntiles = ((p.M + SK_BT - 1) / SK_BT) * (p.N / BN);
+  const int rounds = (ntiles + sms - 1) / sms;
+  const int64_t units = (int64_t)ntiles * G;
+  const int n = (int)std::max<int64_t>(1, std::min<int64_t>(sms, units / MIN_SK_UNITS));
+  const bool want = env ? true : rounds <= SK_MAX_ROUNDS && ntiles <= SK_FILL * rounds * sms && G >= SK_MIN_GROUPS;
+  if (want && units < INT_MAX && n <= SK_FLAGS && ws_bytes >= (SK_FLAGS + (int64_t)n * SK_BT * BN) * 4) *grid = n;
+  return NL_OK;
+}
+
 }  // namespace
 
 extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscale, int64_t mp, int act_unsigned,
                                const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
                                const float *lora_act, const void *lora_up, int lora_dtype, int rank,
                                const float *bias, void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N,
-                               int64_t K, int epilogue, void *stream) {
+                               int64_t K, int epilogue, int *workspace, int64_t workspace_bytes,
+                               void *stream) {
   const char *k = "nl_w4a4_gemm_s8";
   if (int rc = nl_check_sm90_gemm(k, M, N, mp, out_dtype, epilogue, bias, rank, lora_act, lora_up, lora_dtype))
     return rc;
@@ -253,16 +534,25 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
   NL_CHECK_ARG(w_exp && nl_aligned(w_exp, 16), "%s: w_exp must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(w_chscale && nl_aligned(w_chscale, 4), "%s: w_chscale must be non-null and 4-byte aligned", k);
   NL_CHECK_ARG(out && nl_aligned(out, 16), "%s: out must be non-null and 16-byte aligned", k);
+  NL_CHECK_ARG(!workspace || (nl_aligned(workspace, 16) && workspace_bytes >= 0),
+               "%s: workspace must be 16-byte aligned with a size >= 0", k);
   if (int rc = nl_check_sm90(k)) return rc;
   Params p{act_bytes8, act_tscale, mp, w_packed, w_exp, w_chscale, lora_act, lora_up, rank, bias, out, out_dtype,
-           ldo, epilogue, (int)M, (int)N, (int)K, 1};
+           ldo, epilogue, (int)M, (int)N, (int)K, 1, workspace};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // Variants (read at every call, for benchmarks): NUNCHAKU_LITE_S8_BT = tokens per CTA (128, 192, 256),
-  // NUNCHAKU_LITE_S8_RASTER = 0 | 1 (CTA order).
+  // NUNCHAKU_LITE_S8_RASTER = 0 | 1 (CTA order), NUNCHAKU_LITE_S8_SK = 0 | 1 (stream-K off / wherever possible).
   const char *env_bt = getenv("NUNCHAKU_LITE_S8_BT"), *env_r = getenv("NUNCHAKU_LITE_S8_RASTER");
   const int bt = env_bt ? atoi(env_bt) : DEFAULT_BT;
   if (env_r) p.raster = atoi(env_r) != 0;
   const bool uns = act_unsigned != 0;
+  int grid = 0;
+  if (int rc = sk_grid(p, bt, workspace_bytes, &grid)) return rc;
+  if (grid) {
+    if (lora_dtype == NL_F16)
+      return uns ? launch_sk<__half, true>(p, grid, s) : launch_sk<__half, false>(p, grid, s);
+    return uns ? launch_sk<__nv_bfloat16, true>(p, grid, s) : launch_sk<__nv_bfloat16, false>(p, grid, s);
+  }
   if (bt == 128) return dispatch<128, 12>(p, lora_dtype, uns, s);
   if (bt == 192) return dispatch<192, 10>(p, lora_dtype, uns, s);
   return dispatch<256, DEFAULT_STAGES>(p, lora_dtype, uns, s);

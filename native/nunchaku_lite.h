@@ -141,12 +141,18 @@ int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_s
  * [mp]: the NL_ACT_S8_TILES layout (nl_quantize_act with token_scale; signed, or unsigned when
  * act_unsigned); w_packed: nl_repack_weight_sm90 output; w_chscale float [N] and w_exp uint8 [K/64, N] with
  * every exponent <= 4 (quant/ops.py pow2_split). out = float(int dot) * act_tscale[m] * w_chscale[n] / 16
- * + lora_act @ lora_up^T + bias, then the epilogue. Other arguments as nl_w4a4_gemm_fp8; K <= 65536. */
+ * + lora_act @ lora_up^T + bias, then the epilogue. Other arguments as nl_w4a4_gemm_fp8; K <= 65536.
+ * workspace: NULL, or int32 memory of workspace_bytes that lets 16-bit outputs split tiles across CTAs
+ * (stream-K) where one CTA per tile would leave many SMs idle on a long K: 1024 hand-over flags, which must
+ * be zero (allocate it zero-filled; every call leaves them zero), then (number of SMs) x 256 x 128 partial
+ * sums. Less than (1024 + SMs x 256 x 128) x 4 bytes disables the split. Calls sharing a workspace must not
+ * run concurrently. */
 int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscale, int64_t mp, int act_unsigned,
                     const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
                     const float *lora_act, const void *lora_up, int lora_dtype, int rank,
                     const float *bias, void *out, int out_dtype, int64_t ldo,
-                    int64_t M, int64_t N, int64_t K, int epilogue, void *stream);
+                    int64_t M, int64_t N, int64_t K, int epilogue, int *workspace, int64_t workspace_bytes,
+                    void *stream);
 
 /* Canonical packed weight [N, K/2] -> the sm_90 GEMM's order [N/128, K/64, 2, 128, 16] (each thread's A
  * fragments of one group as 16 bytes; quant/ops.py pack_weight_wgmma). Runs on any device. */

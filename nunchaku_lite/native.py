@@ -736,6 +736,23 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None
     return out
 
 
+_S8_WORKSPACE: dict = {}  # device index -> zero-filled int32 workspace of nl_w4a4_gemm_s8 (stream-K)
+
+
+def _s8_workspace(dev: torch.device) -> torch.Tensor | None:
+    """The device's stream-K workspace of the integer GEMM: 1024 int32 hand-over flags (zero-filled here;
+    every call leaves them zero), then (SMs) x (256 x 128) int32 partial sums (~17 MiB on 132 SMs). Allocated
+    once, outside graph capture (inside one, None: no tile splitting); calls use it in stream order (one
+    stream per device, as this package's forward does)."""
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    ws = _S8_WORKSPACE.get(key)
+    if ws is None and not torch.cuda.is_current_stream_capturing():
+        sms = torch.cuda.get_device_properties(key).multi_processor_count
+        with torch.inference_mode(False):  # a normal tensor even when first called under inference_mode
+            ws = _S8_WORKSPACE[key] = torch.zeros(1024 + sms * 256 * 128, dtype=torch.int32, device=dev)
+    return ws
+
+
 def _w4a4_gemm_s8(act, prep, out_dtype, epilogue, use_lora, out, m):
     """The sm_90 integer GEMM (nl_w4a4_gemm_s8) of "s8_tiles" activations; see w4a4_gemm."""
     kname = "w4a4_gemm(s8)"
@@ -753,12 +770,13 @@ def _w4a4_gemm_s8(act, prep, out_dtype, epilogue, use_lora, out, m):
         raise ValueError(f"{kname}: token count m={m} does not fit the s8_tiles operand with Mp={mp}")
     npad, rank, out = _gemm_outputs(kname, prep, m, out_dtype, epilogue, use_lora, lora_act, out, dev, 16)
     if m:
+        ws = _s8_workspace(dev)
         _call("nl_w4a4_gemm_s8", _ptr(codes, "uint8_t *"), _ptr(tscale, "float *"), mp, int(act.unsigned),
               _ptr(weight_for(prep, "wgmma"), "uint8_t *"), _ptr(prep.w_chscale, "float *"),
               _ptr(prep.w_exp, "uint8_t *"), _ptr(lora_act if rank else None, "float *"),
               _ptr(prep.lora_up if rank else None), _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank,
               _ptr(prep.bias, "float *"), _ptr(out), _DTYPE_CODE[out_dtype], npad, m, npad, prep.k,
-              _EPILOGUES[epilogue], _stream(dev))
+              _EPILOGUES[epilogue], _ptr(ws, "int *"), 0 if ws is None else ws.numel() * 4, _stream(dev))
     return out
 
 

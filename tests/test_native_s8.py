@@ -136,8 +136,9 @@ def test_entry_points_reject_bad_arguments():
         pytest.skip(f"native library not loadable: {native.library_error()}")
     _, ffi = native._lib()
     null = ffi.NULL
-    gemm = lambda m, n, k, mp, rank=0: native._call(
-        "nl_w4a4_gemm_s8", null, null, mp, 0, null, null, null, null, null, 1, rank, null, null, 1, n, m, n, k, 0, null)
+    gemm = lambda m, n, k, mp, rank=0, ws=null: native._call(
+        "nl_w4a4_gemm_s8", null, null, mp, 0, null, null, null, null, null, 1, rank, null, null, 1, n, m, n, k, 0, ws,
+        1 << 20, null)
     with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: K=65600 must be a positive multiple of 64, at most 65536"):
         gemm(10, 128, 65600, 256)
     with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: N=100"):
@@ -148,6 +149,10 @@ def test_entry_points_reject_bad_arguments():
         gemm(10, 128, 64, 256, rank=16)
     with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: act_bytes8 must be non-null"):
         gemm(10, 128, 64, 256)
+    a, odd = ffi.cast("void *", 1 << 20), ffi.cast("int *", (1 << 20) + 4)  # never dereferenced
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: workspace must be 16-byte aligned"):
+        native._call("nl_w4a4_gemm_s8", a, a, 256, 0, a, a, a, null, null, 1, 0, null, a, 1, 128, 10, 128, 64, 0,
+                     odd, 1 << 20, null)
     x = ffi.cast("void *", 1 << 20)  # never dereferenced: the checks fail first
     quant = lambda layout, tok=null: native._call(
         "nl_quantize_act", x, 1, 10, 64, 64, null, 0.0, 0, null, 0, layout, x, x, 256, null, tok, null)
@@ -307,6 +312,38 @@ def test_s8_gemm_tiles_and_ranks(sm90, bt, rank, monkeypatch):
         out, ref = _s8_run(m, k, n, rank, m == 257, True, torch.float32)
         assert torch.isfinite(out).all()
         assert _rel(out, ref) < 1e-3
+
+
+S8_MODES = {"auto": {}, "stream-k": {"NUNCHAKU_LITE_S8_SK": "1"}, "one-tile-per-cta": {"NUNCHAKU_LITE_S8_SK": "0"}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [0, 48, 128])
+def test_s8_gemm_stream_k(sm90, rank, monkeypatch):
+    """Stream-K (w4a4_s8_sk_kernel: a persistent grid taking equal runs of (tile, group) units, tiles split
+    across CTAs, int32 partial sums handed over through the workspace) against one CTA per tile. Cases: more
+    tiles than SMs, token tails, tiles split in two and in up to twelve parts, a shape the default picks
+    stream-K for (16 tiles, K = 6144), low-rank in several chunks, both epilogues, signed and unsigned. The
+    split and whole-tile results are bit-identical (integer partial sums); the flags are left at zero."""
+    for m, k, n, epilogue, unsigned in ((1000, 256, 5120, "none", False), (4608, 320, 3072, "gelu_tanh", True),
+                                        (257, 128, 128, "none", False), (300, 3072, 256, "none", False),
+                                        (512, 6144, 1024, "gelu_tanh", False)):
+        outs = {}
+        for mode, env in S8_MODES.items():
+            ws = native._S8_WORKSPACE.get(torch.cuda.current_device())
+            if ws is not None:  # stale partial sums of the last launch must not be what an early read finds
+                ws[1024:].fill_(0x55555555)
+            with monkeypatch.context() as mp:
+                for key, value in env.items():
+                    mp.setenv(key, value)
+                out, ref = _s8_run(m, k, n, rank, unsigned, True, torch.bfloat16, epilogue)
+            assert torch.isfinite(out.float()).all(), (mode, m, k, n)
+            assert _rel(out.float(), ref.to(torch.bfloat16).float()) < 5e-3, (mode, m, k, n)
+            outs[mode] = out
+        assert torch.equal(outs["stream-k"], outs["one-tile-per-cta"]), (m, k, n)
+        assert torch.equal(outs["auto"], outs["one-tile-per-cta"]), (m, k, n)
+    ws = native._S8_WORKSPACE[torch.cuda.current_device()]
+    assert not ws[:1024].any()  # every call leaves the hand-over flags zero
 
 
 @pytest.mark.gpu
