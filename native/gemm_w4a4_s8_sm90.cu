@@ -99,8 +99,11 @@ struct Params {
   const float *bias; void *out; int out_dtype; int64_t ldo; int epilogue;
   int M, N, K;
   int raster;  // CTA order: 0 = token tile fastest, 1 = weight tile fastest
-  int *ws;     // stream-K kernel: SK_FLAGS hand-over flags (zero between launches), then n slots of BT x BN int32
 };
+// (Params stays at 128 bytes: one more field (136) made nvcc compile the epilogue's per-dtype store loop
+// without unswitching it (PTX: 1471 branches instead of 455) and the one-tile kernel 15-35% slower (H100 and
+// H200, 2026-12-07). The stream-K workspace is therefore a kernel argument of its own.)
+static_assert(sizeof(Params) <= 128, "see above");
 
 struct SkCfg {  // the stream-K kernel's shared memory: ring, epilogue staging, barriers, tables
   static constexpr int ACT_BYTES = SK_BT * 64;
@@ -283,7 +286,7 @@ struct Run {
 // slot and flag; c0 waits for the flags (raised early: a CTA's first segment), adds the parts and runs the
 // epilogue. A CTA waits only on later CTAs, which hand over before they wait on anything: no cycle.
 template <typename LT, bool UNS>
-__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p) {
+__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, int *ws) {
 #ifdef NL_SM90A
   using namespace sm90;
   using C = SkCfg;
@@ -336,8 +339,8 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p) 
   const int rloc = c * 64 + 16 * w + (l >> 2);
   const int tid = threadIdx.x - 128;  // both consumer warpgroups
   const uint4 *tab = reinterpret_cast<const uint4 *>(smem + C::TAB_OFF);
-  int *flags = p.ws;  // at a fixed place: launches of other grid sizes leave their partial sums behind
-  int4 *slots = reinterpret_cast<int4 *>(p.ws + SK_FLAGS);
+  int *flags = ws;  // SK_FLAGS hand-over flags (zero between launches), at a fixed place: launches of other
+  int4 *slots = reinterpret_cast<int4 *>(ws + SK_FLAGS);  // grid sizes leave their partial sums behind
   uint32_t u0 = 0;  // ring use of the current segment's first group
   Run run(G, U);
 #pragma unroll 1
@@ -485,11 +488,11 @@ int dispatch(const Params &p, int lora_dtype, bool uns, cudaStream_t s) {
 }
 
 template <typename LT, bool UNS>
-int launch_sk(const Params &p, int grid, cudaStream_t stream) {
+int launch_sk(const Params &p, int *ws, int grid, cudaStream_t stream) {
   auto kern = w4a4_s8_sk_kernel<LT, UNS>;
   static bool attr_set[64] = {};
   if (int rc = nl_smem_once(kern, SkCfg::SMEM, attr_set, "nl_w4a4_gemm_s8")) return rc;
-  kern<<<grid, THREADS, SkCfg::SMEM, stream>>>(p);
+  kern<<<grid, THREADS, SkCfg::SMEM, stream>>>(p, ws);
   NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
   return NL_OK;
 }
@@ -497,10 +500,10 @@ int launch_sk(const Params &p, int grid, cudaStream_t stream) {
 // The stream-K grid for this call, or 0 for one CTA per tile: where whole tiles fill at most SK_FILL of their
 // rounds' SM time, in at most SK_MAX_ROUNDS rounds, over K >= 64 * SK_MIN_GROUPS (NUNCHAKU_LITE_S8_SK = 0 | 1
 // forces the choice), given a workspace that holds the grid's slots, 16-bit outputs and 256-token tiles.
-int sk_grid(const Params &p, int bt, int64_t ws_bytes, int *grid) {
+int sk_grid(const Params &p, const int *ws, int bt, int64_t ws_bytes, int *grid) {
   *grid = 0;
   const char *env = getenv("NUNCHAKU_LITE_S8_SK");
-  if (!p.ws || p.out_dtype == NL_F32 || bt != SK_BT || (env && atoi(env) == 0)) return NL_OK;
+  if (!ws || p.out_dtype == NL_F32 || bt != SK_BT || (env && atoi(env) == 0)) return NL_OK;
   int sms = 0;
   if (int rc = nl_sm_count("nl_w4a4_gemm_s8", &sms)) return rc;
   const int G = p.K / 64, ntiles = ((p.M + SK_BT - 1) / SK_BT) * (p.N / BN);
@@ -538,7 +541,7 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
                "%s: workspace must be 16-byte aligned with a size >= 0", k);
   if (int rc = nl_check_sm90(k)) return rc;
   Params p{act_bytes8, act_tscale, mp, w_packed, w_exp, w_chscale, lora_act, lora_up, rank, bias, out, out_dtype,
-           ldo, epilogue, (int)M, (int)N, (int)K, 1, workspace};
+           ldo, epilogue, (int)M, (int)N, (int)K, 1};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // Variants (read at every call, for benchmarks): NUNCHAKU_LITE_S8_BT = tokens per CTA (128, 192, 256),
   // NUNCHAKU_LITE_S8_RASTER = 0 | 1 (CTA order), NUNCHAKU_LITE_S8_SK = 0 | 1 (stream-K off / wherever possible).
@@ -547,11 +550,12 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
   if (env_r) p.raster = atoi(env_r) != 0;
   const bool uns = act_unsigned != 0;
   int grid = 0;
-  if (int rc = sk_grid(p, bt, workspace_bytes, &grid)) return rc;
+  if (int rc = sk_grid(p, workspace, bt, workspace_bytes, &grid)) return rc;
   if (grid) {
     if (lora_dtype == NL_F16)
-      return uns ? launch_sk<__half, true>(p, grid, s) : launch_sk<__half, false>(p, grid, s);
-    return uns ? launch_sk<__nv_bfloat16, true>(p, grid, s) : launch_sk<__nv_bfloat16, false>(p, grid, s);
+      return uns ? launch_sk<__half, true>(p, workspace, grid, s) : launch_sk<__half, false>(p, workspace, grid, s);
+    return uns ? launch_sk<__nv_bfloat16, true>(p, workspace, grid, s)
+               : launch_sk<__nv_bfloat16, false>(p, workspace, grid, s);
   }
   if (bt == 128) return dispatch<128, 12>(p, lora_dtype, uns, s);
   if (bt == 192) return dispatch<192, 10>(p, lora_dtype, uns, s);

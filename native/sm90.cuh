@@ -61,15 +61,18 @@ struct CtaTile {
   int m0, nb, n0;
 };
 template <int BT, int BN>
-__device__ __forceinline__ CtaTile cta_tile(int M, int N, int raster, int t) {  // tile t of the launch order
+__device__ __forceinline__ CtaTile cta_tile(int M, int N, int raster) {
+  const int mtiles = (M + BT - 1) / BT, ntiles = N / BN;
+  const int mt = raster ? blockIdx.x / ntiles : blockIdx.x % mtiles;
+  const int nb = raster ? blockIdx.x % ntiles : blockIdx.x / mtiles;
+  return {mt * BT, nb, nb * BN};
+}
+template <int BT, int BN>
+__device__ __forceinline__ CtaTile cta_tile(int M, int N, int raster, int t) {  // tile t of the same order
   const int mtiles = (M + BT - 1) / BT, ntiles = N / BN;
   const int mt = raster ? t / ntiles : t % mtiles;
   const int nb = raster ? t % ntiles : t / mtiles;
   return {mt * BT, nb, nb * BN};
-}
-template <int BT, int BN>
-__device__ __forceinline__ CtaTile cta_tile(int M, int N, int raster) {
-  return cta_tile<BT, BN>(M, N, raster, blockIdx.x);
 }
 
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
