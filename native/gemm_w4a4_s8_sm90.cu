@@ -120,6 +120,106 @@ struct SkCfg {  // the stream-K kernel's shared memory: ring, epilogue staging, 
   static_assert(STAGE % 128 == 0 && EPI_OFF % 128 == 0, "stage alignment");
 };
 
+#ifdef NL_SM90A
+// The ring's mbarriers (one release per consumer warp) and the nibble tables: byte 16e + b =
+// int8((b < 8 ? b : b - 16) << (4 - e)), the word order of nib8_lookup; then a CTA barrier.
+template <typename C>
+__device__ __forceinline__ void setup_ring_and_tables(uint8_t *smem, uint32_t full_bar, uint32_t empty_bar) {
+  sm90::init_ring(full_bar, empty_bar, C::STAGES, 8);
+  uint8_t *tab = smem + C::TAB_OFF;
+  for (int i = threadIdx.x; i < 16 * (MAX_EXP + 1); i += THREADS) {
+    const int b = i & 15, code = b < 8 ? b : b - 16;
+    tab[i] = (uint8_t)(code * (1 << (MAX_EXP - (i >> 4))));
+  }
+  __syncthreads();
+}
+
+// Consumer main loop over groups 0 .. ng - 1 of a tile (or of a stream-K segment), which are ring uses u0 ..
+// u0 + ng - 1: per group wait for the stage, one 16-byte shared load of weight nibbles -> int8 A fragments by
+// the rows' tables (two register sets, alternating), two wgmma into acc, commit. Group g is issued while g - 1
+// still runs (g - 2, which read the same register set, has retired); each stage is released once its wgmma
+// are done.
+template <typename C, int BT, bool UNS, typename RingUse>
+__device__ __forceinline__ void consume_groups(int (&acc)[BT / 2], int ng, RingUse u0, const uint8_t *smem,
+                                               uint32_t smem_base, uint32_t full_bar, uint32_t empty_bar,
+                                               const uint4 *tab, int c, int ctid, int rloc) {
+  using namespace sm90;
+  const int l = ctid & 31;
+  auto load_a = [&](int g, uint32_t (&a)[8]) {
+    const RingUse u = u0 + g;
+    const int s = u % C::STAGES;
+    mbar_wait(full_bar + s * 8, (u / C::STAGES) & 1);
+    const uint8_t *st = smem + s * C::STAGE;
+    const uint4 wv = *reinterpret_cast<const uint4 *>(st + C::ACT_BYTES + c * 2048 + ctid * 16);
+    const uint8_t *ex = st + C::ACT_BYTES + W_BYTES;
+    const uint4 t0 = tab[ex[rloc]], t1 = tab[ex[rloc + 8]];
+    nib8_lookup(wv.x, t0, t1, a[0], a[1]);
+    nib8_lookup(wv.y, t0, t1, a[2], a[3]);
+    nib8_lookup(wv.z, t0, t1, a[4], a[5]);
+    nib8_lookup(wv.w, t0, t1, a[6], a[7]);
+  };
+  auto issue = [&](int g, const uint32_t (&a)[8]) {
+    const uint32_t base = smem_base + ((u0 + g) % C::STAGES) * C::STAGE;
+    wg_fence();
+    wgmma::S8<BT, UNS>::mma(acc, a, make_desc(base, 128, 512));
+    wgmma::S8<BT, UNS>::mma(acc, a + 4, make_desc(base + 256, 128, 512));
+    wg_commit();
+  };
+  auto release = [&](int g) {
+    __syncwarp();
+    if (l == 0) mbar_arrive(empty_bar + ((u0 + g) % C::STAGES) * 8);
+  };
+  uint32_t a0[8], a1[8];
+  load_a(0, a0);
+  issue(0, a0);
+  int g = 1;
+  for (; g + 1 < ng; g += 2) {
+    load_a(g, a1);
+    issue(g, a1);
+    wg_wait<1>();
+    release(g - 1);
+    load_a(g + 1, a0);
+    issue(g + 1, a0);
+    wg_wait<1>();
+    release(g);
+  }
+  if (g < ng) {
+    load_a(g, a1);
+    issue(g, a1);
+    wg_wait<1>();
+    release(g - 1);
+    ++g;
+  }
+  wg_wait<0>();
+  reg_fence(acc);
+  release(ng - 1);
+}
+
+// int32 sums -> fp32, scaled by tscale[m] * wch[n] / 16 (accumulator layout: tokens 16j + {2q, 2q+1} in
+// (x, y) and 16j + 8 + {2q, 2q+1} in (z, w) of the thread's float4 of 16-token block j).
+template <int BT>
+__device__ __forceinline__ void scale_sums(float (&f)[BT / 2], const int (&acc)[BT / 2], const Params &p, int m0,
+                                           int n0, int rloc, int q) {
+  const float w0 = p.wch[n0 + rloc] * (1.f / 16), w1 = p.wch[n0 + rloc + 8] * (1.f / 16);
+  const float4 *ts = reinterpret_cast<const float4 *>(p.tscale + m0) + q;
+#pragma unroll
+  for (int j = 0; j < BT / 16; ++j) {
+    // tscale holds Mp (a multiple of 256) tokens; a 192-token tile may reach past it (tokens never stored)
+    const float4 v = m0 + 16 * j < p.mp ? ts[4 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
+    const int *A = acc + 8 * j;
+    float *F = f + 8 * j;
+    F[0] = (float)A[0] * (v.x * w0);
+    F[1] = (float)A[1] * (v.y * w0);
+    F[2] = (float)A[2] * (v.x * w1);
+    F[3] = (float)A[3] * (v.y * w1);
+    F[4] = (float)A[4] * (v.z * w0);
+    F[5] = (float)A[5] * (v.w * w0);
+    F[6] = (float)A[6] * (v.z * w1);
+    F[7] = (float)A[7] * (v.w * w1);
+  }
+}
+#endif
+
 template <int BT, typename LT, bool UNS, int NSTAGES>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
 #ifdef NL_SM90A
@@ -135,15 +235,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
   const int m0 = tile.m0, nb = tile.nb, n0 = tile.n0;
   const int G = p.K / 64;
 
-  init_ring(full_bar, empty_bar, C::STAGES, 8);  // one release per consumer warp
-  {  // table byte 16e + b: int8((b < 8 ? b : b - 16) << (4 - e)), the word order of nib8_lookup
-    uint8_t *tab = smem + C::TAB_OFF;
-    for (int i = threadIdx.x; i < 16 * (MAX_EXP + 1); i += THREADS) {
-      const int b = i & 15, code = b < 8 ? b : b - 16;
-      tab[i] = (uint8_t)(code * (1 << (MAX_EXP - (i >> 4))));
-    }
-  }
-  __syncthreads();
+  setup_ring_and_tables<C>(smem, full_bar, empty_bar);
 
   if (wg == 0) {  // ---------------- producer ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
@@ -172,77 +264,11 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
 #pragma unroll
   for (int i = 0; i < ND; ++i) acc[i] = 0;
 
-  // group g's A fragments: wait for the stage, one 16-byte shared load, nibbles -> int8 by the rows' tables
-  auto load_a = [&](int g, uint32_t (&a)[8]) {
-    const int s = g % C::STAGES;
-    mbar_wait(full_bar + s * 8, (g / C::STAGES) & 1);
-    const uint8_t *st = smem + s * C::STAGE;
-    const uint4 wv = *reinterpret_cast<const uint4 *>(st + C::ACT_BYTES + c * 2048 + ctid * 16);
-    const uint8_t *ex = st + C::ACT_BYTES + W_BYTES;
-    const uint4 t0 = tab[ex[rloc]], t1 = tab[ex[rloc + 8]];
-    nib8_lookup(wv.x, t0, t1, a[0], a[1]);
-    nib8_lookup(wv.y, t0, t1, a[2], a[3]);
-    nib8_lookup(wv.z, t0, t1, a[4], a[5]);
-    nib8_lookup(wv.w, t0, t1, a[6], a[7]);
-  };
-  auto issue = [&](int g, const uint32_t (&a)[8]) {
-    const uint32_t base = smem_base + (g % C::STAGES) * C::STAGE;
-    wg_fence();
-    wgmma::S8<BT, UNS>::mma(acc, a, make_desc(base, 128, 512));
-    wgmma::S8<BT, UNS>::mma(acc, a + 4, make_desc(base + 256, 128, 512));
-    wg_commit();
-  };
-  auto release = [&](int g) {
-    __syncwarp();
-    if (l == 0) mbar_arrive(empty_bar + (g % C::STAGES) * 8);
-  };
-  // Group g is issued while g - 1 still runs; g - 2 (which read the same register set) has retired.
-  uint32_t a0[8], a1[8];
-  load_a(0, a0);
-  issue(0, a0);
-  int g = 1;
-  for (; g + 1 < G; g += 2) {
-    load_a(g, a1);
-    issue(g, a1);
-    wg_wait<1>();
-    release(g - 1);
-    load_a(g + 1, a0);
-    issue(g + 1, a0);
-    wg_wait<1>();
-    release(g);
-  }
-  if (g < G) {
-    load_a(g, a1);
-    issue(g, a1);
-    wg_wait<1>();
-    release(g - 1);
-    ++g;
-  }
-  wg_wait<0>();
-  reg_fence(acc);
-  release(G - 1);
+  consume_groups<C, BT, UNS>(acc, G, 0, smem, smem_base, full_bar, empty_bar, tab, c, ctid, rloc);
 
   // ---------------- epilogue ----------------
   float f[ND];
-  {
-    const float w0 = p.wch[n0 + rloc] * (1.f / 16), w1 = p.wch[n0 + rloc + 8] * (1.f / 16);
-    const float4 *ts = reinterpret_cast<const float4 *>(p.tscale + m0) + q;
-#pragma unroll
-    for (int j = 0; j < BT / 16; ++j) {  // tokens 16j + {2q, 2q+1} (x, y) and 16j + 8 + {2q, 2q+1} (z, w)
-      // tscale holds Mp (a multiple of 256) tokens; a 192-token tile may reach past it (tokens never stored)
-      const float4 v = m0 + 16 * j < p.mp ? ts[4 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
-      const int *A = acc + 8 * j;
-      float *F = f + 8 * j;
-      F[0] = (float)A[0] * (v.x * w0);
-      F[1] = (float)A[1] * (v.y * w0);
-      F[2] = (float)A[2] * (v.x * w1);
-      F[3] = (float)A[3] * (v.y * w1);
-      F[4] = (float)A[4] * (v.z * w0);
-      F[5] = (float)A[5] * (v.w * w0);
-      F[6] = (float)A[6] * (v.z * w1);
-      F[7] = (float)A[7] * (v.w * w1);
-    }
-  }
+  scale_sums<BT>(f, acc, p, m0, n0, rloc, q);
   if (p.rank > 0)
     lowrank_into<BT, LT, LRC>(smem, f, p.lora_act + (int64_t)m0 * p.rank, min(BT, p.M - m0),
                               static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ctid);
@@ -300,15 +326,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, 
   const int G = p.K / 64;
   const int64_t U = (int64_t)((p.M + BT - 1) / BT) * (p.N / BN) * G;
 
-  init_ring(full_bar, empty_bar, C::STAGES, 8);
-  {
-    uint8_t *tab = smem + C::TAB_OFF;
-    for (int i = threadIdx.x; i < 16 * (MAX_EXP + 1); i += THREADS) {
-      const int b = i & 15, code = b < 8 ? b : b - 16;
-      tab[i] = (uint8_t)(code * (1 << (MAX_EXP - (i >> 4))));
-    }
-  }
-  __syncthreads();
+  setup_ring_and_tables<C>(smem, full_bar, empty_bar);
 
   if (wg == 0) {  // ---------------- producer ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
@@ -351,55 +369,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, 
 #pragma unroll
     for (int i = 0; i < ND; ++i) acc[i] = 0;
 
-    auto load_a = [&](int g, uint32_t (&a)[8]) {
-      const uint32_t u = u0 + g;
-      const int s = u % C::STAGES;
-      mbar_wait(full_bar + s * 8, (u / C::STAGES) & 1);
-      const uint8_t *st = smem + s * C::STAGE;
-      const uint4 wv = *reinterpret_cast<const uint4 *>(st + C::ACT_BYTES + c * 2048 + ctid * 16);
-      const uint8_t *ex = st + C::ACT_BYTES + W_BYTES;
-      const uint4 t0 = tab[ex[rloc]], t1 = tab[ex[rloc + 8]];
-      nib8_lookup(wv.x, t0, t1, a[0], a[1]);
-      nib8_lookup(wv.y, t0, t1, a[2], a[3]);
-      nib8_lookup(wv.z, t0, t1, a[4], a[5]);
-      nib8_lookup(wv.w, t0, t1, a[6], a[7]);
-    };
-    auto issue = [&](int g, const uint32_t (&a)[8]) {
-      const uint32_t base = smem_base + ((u0 + g) % C::STAGES) * C::STAGE;
-      wg_fence();
-      wgmma::S8<BT, UNS>::mma(acc, a, make_desc(base, 128, 512));
-      wgmma::S8<BT, UNS>::mma(acc, a + 4, make_desc(base + 256, 128, 512));
-      wg_commit();
-    };
-    auto release = [&](int g) {
-      __syncwarp();
-      if (l == 0) mbar_arrive(empty_bar + ((u0 + g) % C::STAGES) * 8);
-    };
-    // (local group indices 0 .. ng - 1 of the segment)
-    uint32_t a0[8], a1[8];
-    load_a(0, a0);
-    issue(0, a0);
-    int g = 1;
-    for (; g + 1 < ng; g += 2) {
-      load_a(g, a1);
-      issue(g, a1);
-      wg_wait<1>();
-      release(g - 1);
-      load_a(g + 1, a0);
-      issue(g + 1, a0);
-      wg_wait<1>();
-      release(g);
-    }
-    if (g < ng) {
-      load_a(g, a1);
-      issue(g, a1);
-      wg_wait<1>();
-      release(g - 1);
-      ++g;
-    }
-    wg_wait<0>();
-    reg_fence(acc);
-    release(ng - 1);
+    consume_groups<C, BT, UNS>(acc, ng, u0, smem, smem_base, full_bar, empty_bar, tab, c, ctid, rloc);
     u0 += ng;
 
     if (ng < G) {  // a split tile
@@ -435,24 +405,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, 
 
     // ---------------- epilogue (as w4a4_s8_kernel's) ----------------
     float f[ND];
-    {
-      const float w0 = p.wch[n0 + rloc] * (1.f / 16), w1 = p.wch[n0 + rloc + 8] * (1.f / 16);
-      const float4 *ts = reinterpret_cast<const float4 *>(p.tscale + m0) + q;
-#pragma unroll
-      for (int j = 0; j < BT / 16; ++j) {
-        const float4 v = ts[4 * j];  // (256-token tiles: always inside Mp)
-        const int *A = acc + 8 * j;
-        float *F = f + 8 * j;
-        F[0] = (float)A[0] * (v.x * w0);
-        F[1] = (float)A[1] * (v.y * w0);
-        F[2] = (float)A[2] * (v.x * w1);
-        F[3] = (float)A[3] * (v.y * w1);
-        F[4] = (float)A[4] * (v.z * w0);
-        F[5] = (float)A[5] * (v.w * w0);
-        F[6] = (float)A[6] * (v.z * w1);
-        F[7] = (float)A[7] * (v.w * w1);
-      }
-    }
+    scale_sums<BT>(f, acc, p, m0, n0, rloc, q);
     // Opaque per-segment copies: otherwise the compiler hoists the epilogue's segment-invariant shared-memory
     // offsets (over a hundred, runtime output dtype) out of the loop, where they would hold registers.
     uint8_t *epi = smem + C::EPI_OFF;
