@@ -142,38 +142,61 @@ template <> struct LrOp<__half> {
 template <int BT, typename T, int LRC = 64>
 __device__ __forceinline__ void lowrank_into(uint8_t *smem, float (&d)[BT / 2], const float *act, int act_rows,
                                              const void *lora_up, int rank, int ctid) {
-  const int w = ctid >> 5, l = ctid & 31;
+  constexpr int QPR = LRC / 4;             // float4 quads per token row of a chunk
+  constexpr int PER = BT * QPR / 256;      // quads per consumer thread and chunk
+  constexpr int BATCH = PER % 8 == 0 ? 8 : PER % 4 == 0 ? 4 : PER % 2 == 0 ? 2 : 1;  // (registers: d is live)
+  static_assert(BT * QPR % 256 == 0 && PER % BATCH == 0 && LRC % 16 == 0, "low-rank chunk shape");
+  const int w = ctid >> 5, l = ctid & 31, tid = threadIdx.x - 128;  // tid: both consumer warpgroups
   uint8_t *hi = smem, *lo = smem + BT * LRC * 2;
   const T *up = static_cast<const T *>(lora_up);
   const int row0 = 16 * w + (l >> 2);
   for (int r0 = 0; r0 < rank; r0 += LRC) {
     const int len = min(LRC, rank - r0);
-    consumers_sync();  // the previous chunk's wgmma (or the main loop's stages) are done with this memory
-    // token t, ranks 4i..4i+3 of the chunk -> core matrix (t/8, k/8) of a [BT x LRC] K-major 16-bit tile
-    for (int i = threadIdx.x - 128; i < BT * (len / 4); i += 256) {  // both consumer warpgroups
-      const int t = i / (len / 4), k = (i % (len / 4)) * 4;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (t < act_rows) v = *reinterpret_cast<const float4 *>(act + (int64_t)t * rank + r0 + k);
-      const uint32_t h0 = pack2<T>(v.x, v.y), h1 = pack2<T>(v.z, v.w);
-      const float2 f0 = unpack2<T>(h0), f1 = unpack2<T>(h1);
-      const uint32_t l0 = pack2<T>(v.x - f0.x, v.y - f0.y), l1 = pack2<T>(v.z - f1.x, v.w - f1.y);
-      const int off = ((t >> 3) * (LRC / 8) + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2;
-      *reinterpret_cast<uint2 *>(hi + off) = make_uint2(h0, h1);
-      *reinterpret_cast<uint2 *>(lo + off) = make_uint2(l0, l1);
+    // lora_up A fragments of the chunk, issued first: their latency overlaps the lora_act loads below
+    uint32_t a[LRC / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < LRC / 16; ++kk) {
+      const int k = r0 + kk * 16 + 2 * (l & 3);
+      if (kk * 16 < len) {
+        a[kk][0] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * rank + k);
+        a[kk][1] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * rank + k);
+        a[kk][2] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * rank + k + 8);
+        a[kk][3] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * rank + k + 8);
+      }
+    }
+    consumers_sync();  // the previous chunk's wgmma (or the main loop's stages / the last tile's staging) are done
+    // token t, ranks 4i..4i+3 of the chunk -> core matrix (t/8, k/8) of a [BT x LRC] K-major 16-bit tile, BATCH
+    // loads in flight per thread (the loop over a runtime count had one)
+#pragma unroll 1
+    for (int b0 = 0; b0 < PER; b0 += BATCH) {
+      float4 v[BATCH];
+#pragma unroll
+      for (int j = 0; j < BATCH; ++j) {
+        const int i = tid + (b0 + j) * 256, t = i / QPR, k = (i % QPR) * 4;
+        v[j] = t < act_rows && k < len ? *reinterpret_cast<const float4 *>(act + (int64_t)t * rank + r0 + k)
+                                       : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int j = 0; j < BATCH; ++j) {
+        const int i = tid + (b0 + j) * 256, t = i / QPR, k = (i % QPR) * 4;
+        const uint32_t h0 = pack2<T>(v[j].x, v[j].y), h1 = pack2<T>(v[j].z, v[j].w);
+        const float2 f0 = unpack2<T>(h0), f1 = unpack2<T>(h1);
+        const uint32_t l0 = pack2<T>(v[j].x - f0.x, v[j].y - f0.y), l1 = pack2<T>(v[j].z - f1.x, v[j].w - f1.y);
+        const int off = ((t >> 3) * (LRC / 8) + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2;
+        *reinterpret_cast<uint2 *>(hi + off) = make_uint2(h0, h1);
+        *reinterpret_cast<uint2 *>(lo + off) = make_uint2(l0, l1);
+      }
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
     consumers_sync();
     wg_fence();
-    for (int kk = 0; kk < len / 16; ++kk) {
-      const int k = r0 + kk * 16 + 2 * (l & 3);
-      uint32_t a[4];
-      a[0] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * rank + k);
-      a[1] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * rank + k);
-      a[2] = *reinterpret_cast<const uint32_t *>(up + (int64_t)row0 * rank + k + 8);
-      a[3] = *reinterpret_cast<const uint32_t *>(up + (int64_t)(row0 + 8) * rank + k + 8);
-      const uint32_t off = kk * 256;  // two core matrices along K per k16 step
-      LrOp<T>::template mma<BT>(d, a, make_desc(smem_u32(hi) + off, 128, LRC * 16));
-      LrOp<T>::template mma<BT>(d, a, make_desc(smem_u32(lo) + off, 128, LRC * 16));
+#pragma unroll
+    for (int kk = 0; kk < LRC / 16; ++kk) {
+      if (kk * 16 < len) {
+        const uint32_t off = kk * 256;  // two core matrices along K per k16 step
+        LrOp<T>::template mma<BT>(d, a[kk], make_desc(smem_u32(hi) + off, 128, LRC * 16));
+        LrOp<T>::template mma<BT>(d, a[kk], make_desc(smem_u32(lo) + off, 128, LRC * 16));
+      }
     }
     wg_commit();
     wg_wait<0>();
