@@ -279,6 +279,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
 #endif
 }
 
+#ifdef NL_SM90A
 // Stream-K hand-over flags (gpu scope).
 __device__ __forceinline__ int ld_acquire(const int *p) {
   int v;
@@ -304,6 +305,7 @@ struct Run {
     return true;
   }
 };
+#endif
 
 // The stream-K form of w4a4_s8_kernel (see the header): the same main loop and epilogue per segment, the ring
 // carried from segment to segment (group g0 + i of a segment is ring use u0 + i), the epilogue in memory of
@@ -407,10 +409,13 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, 
     float f[ND];
     scale_sums<BT>(f, acc, p, m0, n0, rloc, q);
     // Opaque per-segment copies: otherwise the compiler hoists the epilogue's segment-invariant shared-memory
-    // offsets (over a hundred, runtime output dtype) out of the loop, where they would hold registers.
-    uint8_t *epi = smem + C::EPI_OFF;
+    // offsets (over a hundred, runtime output dtype) out of the loop, where they would hold registers. (The
+    // offset, not the pointer, goes through the asm: an opaque pointer loses its shared address space and
+    // every staging access becomes a generic ld/st.)
+    uint32_t epi_off = C::EPI_OFF;
     int rl = rloc, qq = q, ct = ctid;
-    asm volatile("" : "+l"(epi), "+r"(rl), "+r"(qq), "+r"(ct));
+    asm volatile("" : "+r"(epi_off), "+r"(rl), "+r"(qq), "+r"(ct));
+    uint8_t *epi = smem + epi_off;
     if (p.rank > 0)
       lowrank_into<BT, LT, SK_LRC>(epi, f, p.lora_act + (int64_t)m0 * p.rank, min(BT, p.M - m0),
                                    static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ct);
@@ -459,9 +464,10 @@ int sk_grid(const Params &p, const int *ws, int bt, int64_t ws_bytes, int *grid)
   if (!ws || p.out_dtype == NL_F32 || bt != SK_BT || (env && atoi(env) == 0)) return NL_OK;
   int sms = 0;
   if (int rc = nl_sm_count("nl_w4a4_gemm_s8", &sms)) return rc;
-  const int G = p.K / 64, ntiles = ((p.M + SK_BT - 1) / SK_BT) * (p.N / BN);
-  const int rounds = (ntiles + sms - 1) / sms;
-  const int64_t units = (int64_t)ntiles * G;
+  const int G = p.K / 64;
+  const int64_t ntiles = (int64_t)((p.M + SK_BT - 1) / SK_BT) * (p.N / BN);
+  const int64_t rounds = (ntiles + sms - 1) / sms;
+  const int64_t units = ntiles * G;
   const int n = (int)std::max<int64_t>(1, std::min<int64_t>(sms, units / MIN_SK_UNITS));
   const bool want = env ? true : rounds <= SK_MAX_ROUNDS && ntiles <= SK_FILL * rounds * sms && G >= SK_MIN_GROUPS;
   if (want && units < INT_MAX && n <= SK_FLAGS && ws_bytes >= (SK_FLAGS + (int64_t)n * SK_BT * BN) * 4) *grid = n;

@@ -144,9 +144,10 @@ int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_s
  * + lora_act @ lora_up^T + bias, then the epilogue. Other arguments as nl_w4a4_gemm_fp8; K <= 65536.
  * workspace: NULL, or int32 memory of workspace_bytes that lets 16-bit outputs split tiles across CTAs
  * (stream-K) where one CTA per tile would leave many SMs idle on a long K: 1024 hand-over flags, which must
- * be zero (allocate it zero-filled; every call leaves them zero), then (number of SMs) x 256 x 128 partial
- * sums. Less than (1024 + SMs x 256 x 128) x 4 bytes disables the split. Calls sharing a workspace must not
- * run concurrently. */
+ * be zero (allocate it zero-filled; every call leaves them zero), then 256 x 128 partial sums per CTA of the
+ * split grid (at most one CTA per SM): (1024 + SMs x 256 x 128) x 4 bytes suffice for any call; a call whose
+ * grid would need more than workspace_bytes runs unsplit. Calls sharing a workspace must not run
+ * concurrently. */
 int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscale, int64_t mp, int act_unsigned,
                     const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
                     const float *lora_act, const void *lora_up, int lora_dtype, int rank,

@@ -736,18 +736,24 @@ def _w4a4_gemm_wgmma(act, prep, out_dtype, epilogue, use_lora, out, m, fold=None
     return out
 
 
-_S8_WORKSPACE: dict = {}  # device index -> zero-filled int32 workspace of nl_w4a4_gemm_s8 (stream-K)
+_S8_WORKSPACE: dict = {}  # _s8_workspace_key -> zero-filled int32 workspace of nl_w4a4_gemm_s8 (stream-K)
+
+
+def _s8_workspace_key(dev: torch.device) -> tuple[int, int]:
+    return (dev.index if dev.index is not None else torch.cuda.current_device(), threading.get_ident())
 
 
 def _s8_workspace(dev: torch.device) -> torch.Tensor | None:
-    """The device's stream-K workspace of the integer GEMM: 1024 int32 hand-over flags (zero-filled here;
-    every call leaves them zero), then (SMs) x (256 x 128) int32 partial sums (~17 MiB on 132 SMs). Allocated
-    once, outside graph capture (inside one, None: no tile splitting); calls use it in stream order (one
-    stream per device, as this package's forward does)."""
-    key = dev.index if dev.index is not None else torch.cuda.current_device()
+    """The stream-K workspace of the integer GEMM: 1024 int32 hand-over flags (zero-filled here; every call
+    leaves them zero), then (SMs) x (256 x 128) int32 partial sums (~17 MiB on 132 SMs). One per (device, host
+    thread): two launches that share one must not run at the same time, and threads are where this package's
+    users run GEMMs concurrently (each on its own stream); one thread's calls are ordered (its stream, or its
+    side streams joined as fused.graphed_forward does, graph replays included). Allocated on the thread's first
+    call outside graph capture (inside one, None: no tile splitting)."""
+    key = _s8_workspace_key(dev)
     ws = _S8_WORKSPACE.get(key)
     if ws is None and not torch.cuda.is_current_stream_capturing():
-        sms = torch.cuda.get_device_properties(key).multi_processor_count
+        sms = torch.cuda.get_device_properties(key[0]).multi_processor_count
         with torch.inference_mode(False):  # a normal tensor even when first called under inference_mode
             ws = _S8_WORKSPACE[key] = torch.zeros(1024 + sms * 256 * 128, dtype=torch.int32, device=dev)
     return ws

@@ -321,28 +321,37 @@ S8_MODES = {"auto": {}, "stream-k": {"NUNCHAKU_LITE_S8_SK": "1"}, "one-tile-per-
 @pytest.mark.parametrize("rank", [0, 48, 128])
 def test_s8_gemm_stream_k(sm90, rank, monkeypatch):
     """Stream-K (w4a4_s8_sk_kernel: a persistent grid taking equal runs of (tile, group) units, tiles split
-    across CTAs, int32 partial sums handed over through the workspace) against one CTA per tile. Cases: more
-    tiles than SMs, token tails, tiles split in two and in up to twelve parts, a shape the default picks
-    stream-K for (16 tiles, K = 6144), low-rank in several chunks, both epilogues, signed and unsigned. The
-    split and whole-tile results are bit-identical (integer partial sums); the flags are left at zero."""
-    for m, k, n, epilogue, unsigned in ((1000, 256, 5120, "none", False), (4608, 320, 3072, "gelu_tanh", True),
-                                        (257, 128, 128, "none", False), (300, 3072, 256, "none", False),
-                                        (512, 6144, 1024, "gelu_tanh", False)):
+    across CTAs, int32 partial sums handed over through the workspace) against one CTA per tile. Cases (132
+    SMs): whole tiles per CTA (1000 x 256 x 5120; one CTA for 257 x 128 x 128), tiles split in 2
+    (4608 x 320 x 3072), 6 (300 x 3072 x 256, fp16 output) and 9 parts (a shape the default picks stream-K
+    for: 16 tiles, K = 6144), token tails, low-rank in several chunks, both epilogues, signed and unsigned.
+    The split and whole-tile results are bit-identical (integer partial sums); where tiles split, partial sums
+    went through the workspace; the flags are left at zero."""
+    dev = torch.device(DEV)
+    for m, k, n, epilogue, unsigned, dtype, splits in (
+            (1000, 256, 5120, "none", False, torch.bfloat16, False),
+            (4608, 320, 3072, "gelu_tanh", True, torch.bfloat16, True),
+            (257, 128, 128, "none", False, torch.bfloat16, False),
+            (300, 3072, 256, "none", False, torch.float16, True),
+            (512, 6144, 1024, "gelu_tanh", False, torch.bfloat16, True)):
         outs = {}
         for mode, env in S8_MODES.items():
-            ws = native._S8_WORKSPACE.get(torch.cuda.current_device())
+            ws = native._S8_WORKSPACE.get(native._s8_workspace_key(dev))
             if ws is not None:  # stale partial sums of the last launch must not be what an early read finds
                 ws[1024:].fill_(0x55555555)
             with monkeypatch.context() as mp:
                 for key, value in env.items():
                     mp.setenv(key, value)
-                out, ref = _s8_run(m, k, n, rank, unsigned, True, torch.bfloat16, epilogue)
+                out, ref = _s8_run(m, k, n, rank, unsigned, True, dtype, epilogue)
             assert torch.isfinite(out.float()).all(), (mode, m, k, n)
-            assert _rel(out.float(), ref.to(torch.bfloat16).float()) < 5e-3, (mode, m, k, n)
+            assert _rel(out.float(), ref.to(dtype).float()) < 5e-3, (mode, m, k, n)
             outs[mode] = out
+            if mode == "stream-k" and splits:  # the split really ran: partial sums were handed over
+                ws = native._S8_WORKSPACE[native._s8_workspace_key(dev)]
+                assert (ws[1024:] != 0x55555555).any(), (m, k, n)
         assert torch.equal(outs["stream-k"], outs["one-tile-per-cta"]), (m, k, n)
         assert torch.equal(outs["auto"], outs["one-tile-per-cta"]), (m, k, n)
-    ws = native._S8_WORKSPACE[torch.cuda.current_device()]
+    ws = native._S8_WORKSPACE[native._s8_workspace_key(dev)]
     assert not ws[:1024].any()  # every call leaves the hand-over flags zero
 
 
