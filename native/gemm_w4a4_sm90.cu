@@ -52,7 +52,8 @@
 // GELU output, each consumer warpgroup quantizes its 64 outputs x 128 tokens (one group of the next layer's K)
 // for the next layer and writes that layer's fp8_tiles operand plus low-rank down partial sums; see
 // gelu_quantize. Correct (bit-identical to GEMM + quantize kernel) but slower at M = 4608 on the H100 (its
-// IEEE divisions add ~40% to the fc1 GEMM's instructions), so the fused forward leaves it off by default.
+// IEEE divisions added ~40% to the fc1 GEMM's instructions; they are multiplications by reciprocals since the
+// 2026-12 semantics, not re-timed), so the fused forward leaves it off by default.
 // Epilogue: low-rank chunks (64 ranks) staged in the freed pipeline memory, bias, GELU, conversion, the
 // transposed tile staged in shared memory and written row by row (16-byte stores, rows >= M never written).
 // Shapes: N % 128 == 0, K % 64 == 0, M >= 1, Mp = M rounded up to 256, rank % 16 == 0 (<= 1024).
@@ -107,7 +108,7 @@ struct Params {
   const uint8_t *wexp;
   // GELU -> quantize epilogue (QUANT): the next layer's activation operand instead of `out`
   uint8_t *q_codes; float *q_scales; int64_t q_mp;   // NL_ACT_FP8_TILES of the GELU output (K' = N)
-  const float *q_smooth; float q_shift; int q_unsigned;
+  const float *q_inv_smooth; float q_shift; int q_unsigned;
   const void *q_down; int q_rank; float *q_part;     // low-rank down partial sums [N/128, M, q_rank]
 };
 
@@ -157,11 +158,11 @@ __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&
 
 // GELU -> quantize epilogue: v = the GELU output rounded to the 16-bit out dtype (exactly what the plain GELU
 // epilogue stores), then the next layer's activation quantization of v (quant/ops.py quantize_act: xs =
-// (v + shift) / smooth, group amax over the 64 outputs of this consumer warpgroup, scale = amax / qmax, codes =
-// clamp(rint(xs / scale)), IEEE divisions, so bit-identical to the quantize kernel on the stored v) written in
-// the NL_ACT_FP8_TILES layout (group g' = n0/64 + c is one 8 KB slab of the CTA's 128 tokens), and the partial
-// low-rank down v @ q_down[:, n0:n0+128]^T of these 128 outputs into q_part[nb] (summed over nb by the caller,
-// in a fixed order). Shared memory (the pipeline's): the v tile for the low-rank wgmma (bf16/fp16, K-major core
+// (v + shift) * inv_smooth, group amax over the 64 outputs of this consumer warpgroup, scale = amax / qmax, codes
+// = clamp(rint(xs * RN(1/scale))), each op rounded alone, so bit-identical to the quantize kernel on the stored v)
+// written in the NL_ACT_FP8_TILES layout (group g' = n0/64 + c is one 8 KB slab of the CTA's 128 tokens), and
+// the partial low-rank down v @ q_down[:, n0:n0+128]^T of these 128 outputs into q_part[nb] (summed over nb by
+// the caller, in a fixed order). Shared memory (the pipeline's): the v tile for the low-rank wgmma (bf16/fp16, K-major core
 // matrices, 32 KB), two code slabs (16 KB), the cross-warp amax (4 KB) and the scales (1 KB).
 template <int BT, typename T>
 __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, float (&acc)[BT / 2], int m0, int n0,
@@ -174,11 +175,12 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
   uint8_t *vt = smem;                                   // [BT tokens x 128] 16-bit, core matrices
   uint8_t *slab = smem + 32768 + c * 8192;              // [BT tokens x 64] e4m3 codes of group g'
   float *red = reinterpret_cast<float *>(smem + 49152); // [2 warpgroups][4 warps][BT]
-  float *ssc = reinterpret_cast<float *>(smem + 53248); // [2 warpgroups][BT] scales
+  float *ssc = reinterpret_cast<float *>(smem + 53248); // [2 warpgroups][BT] reciprocal scales
   const uint32_t bar = 2 + c;                           // named barrier of this warpgroup
   auto wg_sync = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory"); };
   const float b0 = p.bias ? p.bias[n0 + rloc] : 0.f, b1 = p.bias ? p.bias[n0 + rloc + 8] : 0.f;
-  const float sm0 = p.q_smooth ? p.q_smooth[n0 + rloc] : 1.f, sm1 = p.q_smooth ? p.q_smooth[n0 + rloc + 8] : 1.f;
+  const float sm0 = p.q_inv_smooth ? p.q_inv_smooth[n0 + rloc] : 1.f;
+  const float sm1 = p.q_inv_smooth ? p.q_inv_smooth[n0 + rloc + 8] : 1.f;
   const bool uns = p.q_unsigned;
   const float qmax = uns ? 15.f : 7.f, lo = uns ? 0.f : -8.f, hi = uns ? 15.f : 7.f;
   // v in place of acc; tokens >= M give v = 0 (their codes, scales and low-rank rows are 0)
@@ -191,7 +193,7 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
   auto xs_of = [&](int i) {  // 0 for tokens >= M, whose shifted value would not be 0
     if (m0 + 8 * (i >> 2) + 2 * q + (i & 1) >= p.M) return 0.f;
     const float a = p.q_shift != 0.f ? acc[i] + p.q_shift : acc[i];
-    return p.q_smooth ? __fdiv_rn(a, (i >> 1) & 1 ? sm1 : sm0) : a;
+    return p.q_inv_smooth ? __fmul_rn(a, (i >> 1) & 1 ? sm1 : sm0) : a;
   };
   // group amax per token: the thread's two rows, the 8 lanes of its column set, then the 4 warps
   float am[ND / 2];
@@ -214,7 +216,7 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
     const float *r = red + c * 4 * BT + ctid;
     const float amax = fmaxf(fmaxf(r[0], r[BT]), fmaxf(r[2 * BT], r[3 * BT]));
     const float scale = __fdiv_rn(amax, qmax);
-    ssc[c * BT + ctid] = scale;
+    ssc[c * BT + ctid] = scale > 0.f ? __frcp_rn(scale) : 0.f;
     const int tt = ctid & 15, pos = (ctid & ~15) + 4 * ((tt & 7) >> 1) + 2 * (tt >> 3) + (tt & 1);
     p.q_scales[(int64_t)(n0 / 64 + c) * p.q_mp + m0 + pos] = scale;  // 0 for tokens >= M (v = 0)
   }
@@ -223,9 +225,9 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
 #pragma unroll
   for (int i = 0; i < ND; ++i) {
     const int t = 8 * (i >> 2) + 2 * q + (i & 1), k = kl + ((i >> 1) & 1) * 8;
-    const float scale = ssc[c * BT + t];
+    const float rscale = ssc[c * BT + t];  // RN(1 / scale), 0 for scale 0
     // + 0: -0 -> +0 (the e4m3 byte of code 0 is 0x00, as in the reference layout)
-    const float code = scale > 0.f ? fminf(fmaxf(rintf(__fdiv_rn(xs_of(i), scale)), lo), hi) + 0.f : 0.f;
+    const float code = fminf(fmaxf(rintf(__fmul_rn(xs_of(i), rscale)), lo), hi) + 0.f;
     slab[((t >> 3) * 4 + (k >> 4)) * 128 + (t & 7) * 16 + (k & 15)] = (uint8_t)e4m3_byte(code);
   }
   wg_sync();
@@ -595,7 +597,7 @@ extern "C" int nl_repack_weight_sm90(const uint8_t *qweight, int64_t N, int64_t 
 // The next layer's operand written by the GELU -> quantize epilogue (see gelu_quantize).
 struct QuantOut {
   uint8_t *codes8; float *scales8; int64_t mp;
-  const float *smooth; float shift; int act_unsigned;
+  const float *inv_smooth; float shift; int act_unsigned;
   const void *lora_down; int rank; float *lora_part;
 };
 
@@ -642,7 +644,7 @@ static int gemm_fp8(const char *k, const uint8_t *act_codes8, const float *act_s
            epilogue, (int)M, (int)N, (int)K, 0, w_chscale, w_exp};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (qo) {  // the default tile only (the epilogue is written for 128 tokens x 128 rows)
-    p.q_codes = qo->codes8; p.q_scales = qo->scales8; p.q_mp = qo->mp; p.q_smooth = qo->smooth;
+    p.q_codes = qo->codes8; p.q_scales = qo->scales8; p.q_mp = qo->mp; p.q_inv_smooth = qo->inv_smooth;
     p.q_shift = qo->shift; p.q_unsigned = qo->act_unsigned; p.q_down = qo->lora_down; p.q_rank = qo->rank;
     p.q_part = qo->lora_part; p.epilogue = NL_EPI_GELU_TANH; p.raster = DEFAULT_RASTER;
     return w_exp ? dispatch_lora<128, 64, 10, 1, true, false, true>(p, lora_dtype, s)
@@ -701,14 +703,15 @@ extern "C" int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const f
                                               const uint8_t *w_packed, const float *w_scales, const float *w_chscale,
                                               const uint8_t *w_exp, const float *lora_act, const void *lora_up,
                                               int rank, const float *bias, int dtype, int64_t M, int64_t N,
-                                              int64_t K, const float *next_smooth, float next_shift,
+                                              int64_t K, const float *next_inv_smooth, float next_shift,
                                               int next_unsigned, const void *next_lora_down, int next_rank,
                                               uint8_t *next_codes8, float *next_scales8, int64_t next_mp,
                                               float *next_lora_part, void *stream) {
   const char *k = "nl_w4a4_gemm_fp8_gelu_quantize";
   NL_CHECK_ARG(dtype == NL_BF16 || dtype == NL_F16, "%s: dtype code %d is not bf16/fp16", k, dtype);
-  NL_CHECK_ARG(!next_smooth || nl_aligned(next_smooth, 4), "%s: next_smooth must be 4-byte aligned", k);
-  const QuantOut qo{next_codes8, next_scales8, next_mp, next_smooth, next_shift, next_unsigned, next_lora_down,
+  NL_CHECK_ARG(!next_inv_smooth || nl_aligned(next_inv_smooth, 4), "%s: next_inv_smooth must be 4-byte aligned",
+               k);
+  const QuantOut qo{next_codes8, next_scales8, next_mp, next_inv_smooth, next_shift, next_unsigned, next_lora_down,
                     next_rank, next_lora_part};
   return gemm_fp8(k, act_codes8, act_scales8, mp, w_packed, w_exp ? nullptr : w_scales, w_chscale, w_exp,
                   lora_act, lora_up, dtype, rank, bias, nullptr, dtype, N, M, N, K, NL_EPI_GELU_TANH, stream, &qo);

@@ -44,9 +44,11 @@ int nl_version(void);
 /* Compute path chosen for `device` by NL_PATH_AUTO: NL_PATH_S8 on sm_90, NL_PATH_S4 on sm_80..sm_89. */
 int nl_default_path(int device, int *path);
 
-/* INT4 quantization of x/smooth (or (x+shift)/smooth, unsigned) per token and 64-group, plus the low-rank
+/* INT4 quantization of xs = x * inv_smooth (or (x + shift) * inv_smooth, unsigned) per token and 64-group
+ * (quant/ops.py quantize_act: codes = rint(xs * (1 / scale)), every op rounded separately), plus the low-rank
  * down projection lora_act = x @ lora_down^T in fp32. x: [M, K] of x_dtype with row stride ldx (elements);
- * smooth: float [K] or NULL; lora_down: [rank, K] of x_dtype or NULL (rank 0); rank a multiple of 16, <= 128.
+ * inv_smooth: float [K] = 1 / smooth correctly rounded (quant/ops.py smooth_reciprocal), or NULL;
+ * lora_down: [rank, K] of x_dtype or NULL (rank 0); rank a multiple of 16, <= 128.
  * layout NL_ACT_PACKED: codes uint8 [M, K/2], scales float [K/64, ldm], ldm a multiple of 128 >= M.
  * layout NL_ACT_FP8_TILES (sm_90 GEMM operand, quant/ops.py pack_act_fp8_tiles): codes uint8 [K/64, ldm, 64]
  * (e4m3 bytes in 8x16-byte core matrices), scales float [K/64, ldm] (16-token permutation), ldm = Mp, a
@@ -58,7 +60,7 @@ int nl_default_path(int device, int *path);
  * [K/64, ldm, 64] holding code << (4 - e) (int8, or uint8 for unsigned) in the NL_ACT_FP8_TILES order,
  * scales float [ldm] = s / 16 (16-token permutation), ldm = M rounded up to 256, rows >= M zero. */
 int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
-                    const float *smooth, float shift, int act_unsigned,
+                    const float *inv_smooth, float shift, int act_unsigned,
                     const void *lora_down, int rank, int layout,
                     uint8_t *codes, float *scales, int64_t ldm, float *lora_act, const float *token_scale,
                     void *stream);
@@ -70,7 +72,7 @@ int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ld
  * and modulation (required); token_scale (power-of-two format) from the same call. */
 int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
                               const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch, float eps,
-                              const float *smooth, float shift, int act_unsigned,
+                              const float *inv_smooth, float shift, int act_unsigned,
                               const void *lora_down, int rank, int layout,
                               uint8_t *codes, float *scales, int64_t ldm, float *lora_act, void *y_out,
                               const float *token_scale, const float *row_stats, void *stream);
@@ -82,7 +84,7 @@ int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, 
  * nl_layernorm_quantize_act's y); required without LayerNorm. */
 int nl_act_stats(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
                  const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch, float eps,
-                 const float *smooth, float shift, int act_unsigned, float *token_scale, float *row_stats,
+                 const float *inv_smooth, float shift, int act_unsigned, float *token_scale, float *row_stats,
                  void *stream);
 
 /* Canonical packed weight [N, K/2] -> kernel tile order [N/128, K/64, 128, 32] (run once at load). */
@@ -122,7 +124,7 @@ int nl_w4a4_gemm_fp8_pow2(const uint8_t *act_codes8, const float *act_scales8, i
 
 /* The sm_90 GEMM (plain scales, or folded when w_exp != NULL) with the GELU -> quantize epilogue: instead of
  * writing GELU(x W^T + low-rank + bias) (rounded to dtype, bf16/fp16), it quantizes that output for the next
- * layer (next_smooth float [N] or NULL, next_shift, next_unsigned: quant/ops.py quantize_act, codes and scales
+ * layer (next_inv_smooth float [N] or NULL, next_shift, next_unsigned: quant/ops.py quantize_act, codes and scales
  * bit-identical) into the NL_ACT_FP8_TILES operand next_codes8 uint8 [N/64, next_mp, 64] / next_scales8 float
  * [N/64, next_mp] (rows M .. 128*ceil(M/128) written as 0; the caller zeroes rows beyond), and writes the
  * next layer's low-rank down partial sums over each 128-column block, next_lora_part float [N/128, M, next_rank]
@@ -132,7 +134,7 @@ int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_s
                                    const uint8_t *w_packed, const float *w_scales, const float *w_chscale,
                                    const uint8_t *w_exp, const float *lora_act, const void *lora_up, int rank,
                                    const float *bias, int dtype, int64_t M, int64_t N, int64_t K,
-                                   const float *next_smooth, float next_shift, int next_unsigned,
+                                   const float *next_inv_smooth, float next_shift, int next_unsigned,
                                    const void *next_lora_down, int next_rank, uint8_t *next_codes8,
                                    float *next_scales8, int64_t next_mp, float *next_lora_part, void *stream);
 

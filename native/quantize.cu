@@ -2,14 +2,16 @@
 // References: quant/ops.py quantize_act (codes, scales), pack_act_fp8_tiles (the sm_90 layout),
 // layernorm_modulate (the fused prologue) and x @ lora_down^T (the low-rank half of the SVDQuant branch).
 //
-// Math, per token m and 64-wide group g (fp32, IEEE division, bit-identical codes and scales):
+// Math, per token m and 64-wide group g (fp32, every op correctly rounded; bit-identical codes and scales):
 //   a     = x                                         (nl_quantize_act)
 //   a     = (1 + mscale[b]) * LN(x) + mshift[b]       (nl_layernorm_quantize_act, b = m / tokens_per_batch;
 //            LN without affine over K, its mean and rstd per row from stats_kernel; LN(x), 1 + mscale, the
 //            product and the sum each rounded to x's dtype, exactly the ops of the unfused torch path)
-//   xs    = (a + shift) / smooth                      (shift 0 for signed layers; smooth omitted when NULL)
-//   scale = max|xs| / 7,  codes = clamp(rint(xs / scale), -8, 7)        signed
-//   scale = max|xs| / 15, codes = clamp(rint(xs / scale),  0, 15)       unsigned;   scale == 0 -> codes 0
+//   xs    = (a + shift) * inv_smooth                  (shift 0 for signed layers; inv_smooth = RN(1/smooth),
+//                                                      given by the caller; omitted when NULL)
+//   scale = max|xs| / 7,  codes = clamp(rint(xs * RN(1/scale)), -8, 7)  signed
+//   scale = max|xs| / 15, codes = clamp(rint(xs * RN(1/scale)),  0, 15)  unsigned;   scale == 0 -> codes 0
+//   (each op rounded to fp32 on its own: __fadd_rn, __fmul_rn, __fdiv_rn, __frcp_rn; no contraction to fma)
 //   lora_act[m, :] = a[m, :] @ lora_down^T            (16-bit operands on tensor cores, fp32 accumulation)
 // Power-of-two format (ops.quantize_act(pow2=True), when a token_scale array is given):
 //   s[m]  = max_k |xs[m, k]| / qmax  (= the largest plain group scale: IEEE division is monotone), computed
@@ -17,18 +19,12 @@
 //           M; with LayerNorm from the same row statistics it hands to the quantize kernel, so both see the
 //           same a)
 //   e     = the largest e in 0..4 with s * 2^-e >= scale (the plain group scale above);  gs = s * 2^-e (exact)
-//   codes = clamp(rint(xs / gs), ...) as above, with gs in the place of scale
+//   codes = clamp(rint(xs * RN(1/gs)), ...) as above, with gs in the place of scale
 // so the codes are written in one pass (the earlier second pass over x, after the plain scales, is gone).
-// Divisions without division instructions (the kernel is instruction-bound; results stay bit-identical):
-//   xs / smooth: RN(1/smooth) once per channel and stage (__frcp_rn), then two Newton corrections with fma
-//     residuals (Markstein's theorem), exact for |inputs| >= 2^-100 and smooth in [2^-20, 2^20]; amax / qmax
-//     likewise with the constant RN(1/qmax);
-//   rint(xs / scale) from two brackets: with rc = rcp.approx(scale) (within 2^-22 of 1/scale), xs * rc *
-//     (1 - 2^-20) and xs * rc * (1 + 2^-20) enclose both xs / scale and RN(xs / scale); fma(xs, bracket,
-//     1.5 * 2^23) rounds each product to an integer, and where the two agree every value between them,
-//     RN(xs / scale) included, has that rint. Where they differ (a quotient within ~2^-20 relative of x.5),
-//     or a group is tiny or huge (amax outside [2^-60, 2^120]), or a smooth value is out of range, the whole
-//     warp redoes its units with IEEE divisions in the reference's order (rare on random data).
+// Per element that is one multiplication for the smoothing and a multiplication and an addition of 1.5 * 2^23
+// (round to an integer, ties to even) for the code; divisions happen once per group. (Until 2026-12 the
+// reference divided by smooth and by the scale, and the kernel reproduced the IEEE quotients with Newton
+// corrections and bracketed roundings, plus a per-warp fallback: about twice the instructions per element.)
 //
 // Layouts written (`layout`):
 //   NL_ACT_PACKED     codes uint8 [M, K/2] (low nibble = even k), scales float [K/64, ldm] (rows >= M: 0)
@@ -91,7 +87,6 @@ constexpr int NWARPS = 8;
 constexpr int POW2_MAX_EXP = 4;  // quant/ops.py POW2_MAX_EXP: code << (4 - e) fits 8 bits
 constexpr int NTHREADS = NWARPS * 32;
 constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23: t + MAGIC rounds t to an integer (ties to even)
-constexpr float BRACKET_LO = 1.f - 0x1p-20f, BRACKET_HI = 1.f + 0x1p-20f;  // see the fast rounding
 
 template <int BM_, int MAXR_>
 struct Cfg {
@@ -143,16 +138,6 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
   };
   return one(lo) | (one(hi) << 8);
 #endif
-}
-
-// a / b correctly rounded without a division instruction, given y = RN(1/b): two Newton corrections with
-// exact fma residuals (the second is Markstein's theorem: y within half an ulp of 1/b and a first quotient
-// within one ulp give RN(a/b)). Valid without underflow or overflow in the residuals: |a| >= 2^-100 or
-// a == 0, and 2^-20 <= |b| <= 2^20 (callers check the cases that matter and take the IEEE path otherwise).
-__device__ __forceinline__ float div_rn_by(float a, float b, float y) {
-  const float q0 = a * y;
-  const float q1 = fmaf(fmaf(-b, q0, a), y, q0);
-  return fmaf(fmaf(-b, q1, a), y, q1);
 }
 
 // Mean and rstd of one row xr [K] (a whole warp; every lane gets both): the mean, then the centred sum of
@@ -230,7 +215,7 @@ struct Args {
   const void *x;
   int M, K;
   int64_t ldx;
-  const float *smooth;
+  const float *inv_smooth;  // RN(1/smooth) [K] or NULL
   float shift;
   int act_unsigned;
   const void *lora_down;
@@ -245,7 +230,6 @@ struct Args {
   int64_t tokens_per_batch;
   float eps;
   void *y_out;
-  int exact_div;  // 1: IEEE division for every code (debug / verification of the fast rounding)
   // power-of-two format: s[m] of nl_act_stats (NULL: plain group scales)
   const float *tok_scale;
   // LN kernels: (mean, rstd) per row from nl_act_stats
@@ -279,8 +263,8 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ float row_mean[C::BM], row_rstd[C::BM];
   __shared__ int row_batch[C::BM];
-  // smooth and RN(1/smooth) of the stage's channels, double-buffered (NaN reciprocal: use IEEE division)
-  __shared__ __align__(16) float s_smooth[2][C::KC], s_rcp[2][C::KC];
+  // inv_smooth of the stage's channels, double-buffered
+  __shared__ __align__(16) float s_inv[2][C::KC];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
   const int K = p.K, G = K / 64, rank = p.rank;
   const int nst = (G + C::GS - 1) / C::GS;  // stages per token tile
@@ -332,20 +316,16 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
       ++ltile;
     }
   };
-  // smooth of iteration i's stage, one channel per thread (KC <= NTHREADS), loaded one iteration ahead of
-  // its use so the global load's latency is not waited for inside the stage loop
+  // inv_smooth of iteration i's stage, one channel per thread (KC <= NTHREADS), loaded one iteration ahead
+  // of its use so the global load's latency is not waited for inside the stage loop
   int sst = st0;  // stage (within its tile) of the next smooth_load, which is called in unit order
   auto smooth_load = [&](int i) -> float {
     const int k = sst * C::KC + tid;
     if (++sst == nst) sst = 0;
-    return (p.smooth && tid < C::KC && i < nu && k < K) ? __ldg(p.smooth + k) : 1.f;
+    return (p.inv_smooth && tid < C::KC && i < nu && k < K) ? __ldg(p.inv_smooth + k) : 1.f;
   };
   auto smooth_stage = [&](int s, float v) {
-    if (p.smooth && tid < C::KC) {
-      const bool ok = fabsf(v) >= 0x1p-20f && fabsf(v) <= 0x1p20f;
-      s_smooth[s & 1][tid] = v;
-      s_rcp[s & 1][tid] = ok ? __frcp_rn(v) : __int_as_float(0x7fffffff);
-    }
+    if (p.inv_smooth && tid < C::KC) s_inv[s & 1][tid] = v;
   };
   static_assert(C::KC <= NTHREADS && NTHREADS % CPR == 0, "one smooth channel per thread");
 
@@ -375,10 +355,9 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     for (int c = 0; c < 4; ++c) acc[b][c] = 0.f;
 
   const bool uns = p.act_unsigned;
-  const float qmax = uns ? 15.f : 7.f, flo = MAGIC + (uns ? 0.f : -8.f), fhi = MAGIC + (uns ? 15.f : 7.f);
-  const float rqmax = uns ? 1.f / 15.f : 1.f / 7.f;  // RN(1/qmax), folded by the compiler
+  const float qmax = uns ? 15.f : 7.f, lo = uns ? 0.f : -8.f, hi = uns ? 15.f : 7.f, flo = MAGIC + lo;
   const float shift = p.shift;
-  const bool has_smooth = p.smooth != nullptr;
+  const bool has_smooth = p.inv_smooth != nullptr;
   constexpr bool pow2 = POW2;
   const int tok = lane & 7, ch = lane >> 3;  // quantizer: token within the 8-token unit, chunk pair (ch, ch+4)
   const int mt = warp % C::MTILES, ks = warp / C::MTILES;
@@ -426,12 +405,11 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     }
 
     // ---- quantization: UPW units of (8 tokens, one group) per warp, all computed before any store (ILP)
-    const float *sm_s = s_smooth[it & 1], *sm_r = s_rcp[it & 1];
+    const float *sm_r = s_inv[it & 1];
     uint32_t w[C::UPW][8];
     float f[C::UPW][16], scale[C::UPW];
     float tsc[C::UPW];  // power-of-two format: the token's scale s (0 for rows >= M)
     int ex[C::UPW] = {};  // and the group's exponent e
-    bool ok = !p.exact_div;
 #pragma unroll
     for (int uu = 0; uu < C::UPW; ++uu) {
       const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok;
@@ -455,11 +433,10 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
       ex[uu] = e;
       return s * (1.f / (1 << e));
     };
-    // exact = false: divisions by reciprocals with exactness checks; exact = true: IEEE divisions everywhere
-    // (the reference's own sequence), taken by the whole warp when any check failed (amax is shared).
-    // The `general` tag adds the shift and clamps unsigned codes at 0; signed layers without a shift (most
-    // of them) skip both (separate code, no per-element cost).
-    auto quantize = [&](bool exact, auto general) {
+    // The `general` tag adds the shift and clamps unsigned codes at 0; signed layers without a shift (most of
+    // them) skip both (separate code, no per-element cost). Signed codes need no clamp: |xs| <= amax makes
+    // |xs * RN(1/scale)| at most qmax (1 + 2^-22), which rounds to qmax.
+    auto quantize = [&](auto general) {
 #pragma unroll
       for (int uu = 0; uu < C::UPW; ++uu) {
         const int u = warp + uu * NWARPS, gg = u % C::GS, row = (u / C::GS) * 8 + tok;
@@ -478,23 +455,15 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         if (has_smooth) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float4 a0 = *reinterpret_cast<const float4 *>(sm_s + kc0 + 32 * h);
-            const float4 a1 = *reinterpret_cast<const float4 *>(sm_s + kc0 + 32 * h + 4);
-            const float sv[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-            if (exact) {
+            const float4 b0 = *reinterpret_cast<const float4 *>(sm_r + kc0 + 32 * h);
+            const float4 b1 = *reinterpret_cast<const float4 *>(sm_r + kc0 + 32 * h + 4);
+            const float yv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-              for (int j = 0; j < 8; ++j) v[8 * h + j] = __fdiv_rn(v[8 * h + j], sv[j]);
-            } else {
-              const float4 b0 = *reinterpret_cast<const float4 *>(sm_r + kc0 + 32 * h);
-              const float4 b1 = *reinterpret_cast<const float4 *>(sm_r + kc0 + 32 * h + 4);
-              const float yv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-              for (int j = 0; j < 8; ++j) v[8 * h + j] = div_rn_by(v[8 * h + j], sv[j], yv[j]);
-            }
+            for (int j = 0; j < 8; ++j) v[8 * h + j] = __fmul_rn(v[8 * h + j], yv[j]);
           }
         }
-        // (without a shift, the zero-filled rows give zeros on the fast path already)
-        if ((exact || decltype(general)::value) && tail_tile && m0 + row >= p.M) {
+        // (without a shift, the zero-filled rows give zeros already)
+        if (decltype(general)::value && tail_tile && m0 + row >= p.M) {
 #pragma unroll
           for (int j = 0; j < 16; ++j) v[j] = 0.f;
         }
@@ -506,49 +475,28 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         float amax = fmaxf(fmaxf(am[0], am[2]), fmaxf(am[1], am[3]));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 8));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
-        if (exact) {
-          const float sc = coding_scale(__fdiv_rn(amax, qmax), uu);
-          scale[uu] = sc;
+        const float sc = coding_scale(__fdiv_rn(amax, qmax), uu);
+        scale[uu] = sc;
+        const float rc = sc > 0.f ? __frcp_rn(sc) : 0.f;
+        if (rc <= 0x1p126f) {
 #pragma unroll
           for (int j = 0; j < 16; ++j) {
-            // a NaN quotient (inf / inf: x / smooth overflowed) becomes code 0, as torch's float -> int8
-            const float q = sc > 0.f ? rintf(__fdiv_rn(v[j], sc)) : 0.f;
-            f[uu][j] = q != q ? MAGIC : fminf(fmaxf(q + MAGIC, flo), fhi);
+            const float fj = __fadd_rn(__fmul_rn(v[j], rc), MAGIC);  // MAGIC + rint(RN(xs * rc))
+            f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
           }
-          continue;
-        }
-        // Quotients of inputs below 2^-100 may be off in their last bits (residual underflow), which only
-        // matters where they decide amax: require amax >= 2^-60, or amax == 0 with zero inputs (with a
-        // shift, |shift| >= 2^-60 is checked on the host, so x + shift is 0 or far from underflow).
-        uint32_t any = 0;
+        } else {  // a subnormal scale (rare): xs * rc may be infinite or NaN; clamp as the reference does
 #pragma unroll
-        for (int j = 0; j < 8; ++j) any |= w[uu][j];
-        ok &= (amax >= 0x1p-60f && amax <= 0x1p120f) || (amax == 0.f && (shift != 0.f || (any & 0x7fff7fffu) == 0u));
-        const float sc = coding_scale(div_rn_by(amax, qmax, rqmax), uu);
-        ok &= !(sc > 0x1p120f);  // (a token scale from another group: keep __fdividef(1, sc) away from 0)
-        scale[uu] = sc;
-        // a normal scale bounds |xs / scale| by qmax (1 + 2^-23): only unsigned codes need a clamp (at 0).
-        // rint(xs / scale) from two brackets: rc = rcp.approx(scale) is within 2^-22 of 1/scale, so
-        // xs * rc (1 -/+ 2^-20) lie on either side of both xs / scale and its rounding RN(xs / scale); where
-        // fma(xs, rc (1 -/+ 2^-20), MAGIC) agree, every value between them has the same rint (monotone).
-        // NaN (bad smooth channel) disagrees too.
-        const float rc = sc > 0.f ? __fdividef(1.f, sc) : 0.f;
-        const float rlo = rc * BRACKET_LO, rhi = rc * BRACKET_HI;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const float fj = fmaf(v[j], rlo, MAGIC);
-          ok &= fj == fmaf(v[j], rhi, MAGIC);
-          f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
+          for (int j = 0; j < 16; ++j) {
+            const float q = __fmul_rn(v[j], rc);
+            f[uu][j] = q != q ? MAGIC : fminf(fmaxf(rintf(q), lo), hi) + MAGIC;  // (NaN -> 0, as torch's int8)
+          }
         }
       }
     };
-    if (uns || shift != 0.f) {
-      quantize(false, std::true_type{});
-      if (__any_sync(0xffffffffu, !ok)) quantize(true, std::true_type{});  // rare (x.5 quotients, tiny groups)
-    } else {
-      quantize(false, std::false_type{});
-      if (__any_sync(0xffffffffu, !ok)) quantize(true, std::false_type{});
-    }
+    if (uns || shift != 0.f)
+      quantize(std::true_type{});
+    else
+      quantize(std::false_type{});
 
 #pragma unroll
     for (int uu = 0; uu < C::UPW; ++uu) {
@@ -675,7 +623,7 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
 //         as torch does; rstd = rsqrt(var + eps)), which the LayerNorm quantize kernel then applies;
 //   tok:  the power-of-two format's token scale s[m] = max_k |xs[m, k]| / qmax, the largest plain group scale
 //         of the token (IEEE division is monotone), xs formed exactly as quantize_kernel forms it (LN: from y
-//         with these statistics). IEEE divisions: the pass is bound by reading x.
+//         with these statistics).
 template <typename T, bool LN>
 __global__ void __launch_bounds__(NTHREADS) stats_kernel(const Args p, int wpr, float *__restrict__ tok,
                                                          float2 *__restrict__ stats) {
@@ -712,12 +660,12 @@ __global__ void __launch_bounds__(NTHREADS) stats_kernel(const Args p, int wpr, 
       v[2 * j] = __fadd_rn(f.x, p.shift);
       v[2 * j + 1] = __fadd_rn(f.y, p.shift);
     }
-    if (p.smooth) {
-      const float4 a0 = __ldg(reinterpret_cast<const float4 *>(p.smooth + k));
-      const float4 a1 = __ldg(reinterpret_cast<const float4 *>(p.smooth + k + 4));
+    if (p.inv_smooth) {
+      const float4 a0 = __ldg(reinterpret_cast<const float4 *>(p.inv_smooth + k));
+      const float4 a1 = __ldg(reinterpret_cast<const float4 *>(p.inv_smooth + k + 4));
       const float sv[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = __fdiv_rn(v[j], sv[j]);
+      for (int j = 0; j < 8; ++j) v[j] = __fmul_rn(v[j], sv[j]);
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
@@ -810,7 +758,7 @@ int dispatch(const Args &p, cudaStream_t s, const char *kname) {
   return p.tok_scale ? dispatch_rank<T, LN, true>(p, s, kname) : dispatch_rank<T, LN, false>(p, s, kname);
 }
 
-int check_x(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
+int check_x(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *inv_smooth,
             float shift) {
   NL_CHECK_ARG(x_dtype == NL_BF16 || x_dtype == NL_F16, "%s: x dtype code %d is not bf16/fp16", k, x_dtype);
   NL_CHECK_ARG(M >= 1 && M < (1LL << 31) - 256, "%s: M=%lld out of range", k, (long long)M);
@@ -819,9 +767,8 @@ int check_x(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int
   NL_CHECK_ARG(ldx >= K && ldx % 8 == 0, "%s: x row stride %lld must be >= K and a multiple of 8", k,
                (long long)ldx);
   NL_CHECK_ARG(x && nl_aligned(x, 16), "%s: x must be a non-null 16-byte aligned pointer", k);
-  NL_CHECK_ARG(!smooth || nl_aligned(smooth, 16), "%s: smooth must be 16-byte aligned", k);
-  NL_CHECK_ARG(shift == 0.f || (fabsf(shift) >= 0x1p-60f && fabsf(shift) < 0x1p60f),
-               "%s: shift=%g must be 0 or of magnitude in [2^-60, 2^60)", k, (double)shift);
+  NL_CHECK_ARG(!inv_smooth || nl_aligned(inv_smooth, 16), "%s: inv_smooth must be 16-byte aligned", k);
+  NL_CHECK_ARG(isfinite(shift), "%s: shift=%g must be finite", k, (double)shift);
   return NL_OK;
 }
 
@@ -836,10 +783,10 @@ int check_modulation(const char *k, const void *mod_shift, const void *mod_scale
   return NL_OK;
 }
 
-int check_common(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
+int check_common(const char *k, const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *inv_smooth,
                  float shift, const void *lora_down, int rank, int layout, const uint8_t *codes, const float *scales,
                  int64_t ldm, const float *lora_act, const float *token_scale) {
-  if (int rc = check_x(k, x, x_dtype, M, K, ldx, smooth, shift)) return rc;
+  if (int rc = check_x(k, x, x_dtype, M, K, ldx, inv_smooth, shift)) return rc;
   NL_CHECK_ARG(layout == NL_ACT_PACKED || layout == NL_ACT_FP8_TILES || layout == NL_ACT_S8_TILES,
                "%s: layout=%d is not NL_ACT_PACKED (0), NL_ACT_FP8_TILES (1) or NL_ACT_S8_TILES (2)", k, layout);
   NL_CHECK_ARG(layout != NL_ACT_S8_TILES || token_scale, "%s: NL_ACT_S8_TILES holds power-of-two scales only: "
@@ -861,53 +808,48 @@ int check_common(const char *k, const void *x, int x_dtype, int64_t M, int64_t K
   return NL_OK;
 }
 
-int exact_div_requested() {
-  const char *env = getenv("NUNCHAKU_LITE_QUANT_EXACT_DIV");
-  return env && env[0] == '1';
-}
-
 }  // namespace
 
-extern "C" int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *smooth,
+extern "C" int nl_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const float *inv_smooth,
                                float shift, int act_unsigned, const void *lora_down, int rank, int layout,
                                uint8_t *codes, float *scales, int64_t ldm, float *lora_act, const float *token_scale,
                                void *stream) {
   const char *k = "nl_quantize_act";
-  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, shift, lora_down, rank, layout, codes, scales, ldm,
+  if (int rc = check_common(k, x, x_dtype, M, K, ldx, inv_smooth, shift, lora_down, rank, layout, codes, scales, ldm,
                             lora_act, token_scale))
     return rc;
-  Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
-         lora_act, nullptr, nullptr, 1, 0.f, nullptr, exact_div_requested(), token_scale, nullptr};
+  Args p{x, (int)M, (int)K, ldx, inv_smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
+         lora_act, nullptr, nullptr, 1, 0.f, nullptr, token_scale, nullptr};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return x_dtype == NL_BF16 ? dispatch<__nv_bfloat16, false>(p, s, k) : dispatch<__half, false>(p, s, k);
 }
 
 extern "C" int nl_layernorm_quantize_act(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx,
                                          const void *mod_shift, const void *mod_scale, int64_t tokens_per_batch,
-                                         float eps, const float *smooth, float shift, int act_unsigned,
+                                         float eps, const float *inv_smooth, float shift, int act_unsigned,
                                          const void *lora_down, int rank, int layout, uint8_t *codes,
                                          float *scales, int64_t ldm, float *lora_act, void *y_out,
                                          const float *token_scale, const float *row_stats, void *stream) {
   const char *k = "nl_layernorm_quantize_act";
-  if (int rc = check_common(k, x, x_dtype, M, K, ldx, smooth, shift, lora_down, rank, layout, codes, scales, ldm,
+  if (int rc = check_common(k, x, x_dtype, M, K, ldx, inv_smooth, shift, lora_down, rank, layout, codes, scales, ldm,
                             lora_act, token_scale))
     return rc;
   if (int rc = check_modulation(k, mod_shift, mod_scale, tokens_per_batch, eps)) return rc;
   NL_CHECK_ARG(!y_out || nl_aligned(y_out, 16), "%s: y_out must be 16-byte aligned", k);
   NL_CHECK_ARG(row_stats && nl_aligned(row_stats, 8), "%s: row_stats must be a non-null 8-byte aligned pointer "
                "(nl_act_stats)", k);
-  Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
-         lora_act, mod_shift, mod_scale, tokens_per_batch, eps, y_out, exact_div_requested(), token_scale,
+  Args p{x, (int)M, (int)K, ldx, inv_smooth, shift, act_unsigned, lora_down, rank, layout, codes, scales, ldm,
+         lora_act, mod_shift, mod_scale, tokens_per_batch, eps, y_out, token_scale,
          reinterpret_cast<const float2 *>(row_stats)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return x_dtype == NL_BF16 ? dispatch<__nv_bfloat16, true>(p, s, k) : dispatch<__half, true>(p, s, k);
 }
 
 extern "C" int nl_act_stats(const void *x, int x_dtype, int64_t M, int64_t K, int64_t ldx, const void *mod_shift,
-                            const void *mod_scale, int64_t tokens_per_batch, float eps, const float *smooth,
+                            const void *mod_scale, int64_t tokens_per_batch, float eps, const float *inv_smooth,
                             float shift, int act_unsigned, float *token_scale, float *row_stats, void *stream) {
   const char *k = "nl_act_stats";
-  if (int rc = check_x(k, x, x_dtype, M, K, ldx, smooth, shift)) return rc;
+  if (int rc = check_x(k, x, x_dtype, M, K, ldx, inv_smooth, shift)) return rc;
   const bool ln = mod_shift || mod_scale;
   if (ln) {
     if (int rc = check_modulation(k, mod_shift, mod_scale, tokens_per_batch, eps)) return rc;
@@ -917,8 +859,8 @@ extern "C" int nl_act_stats(const void *x, int x_dtype, int64_t M, int64_t K, in
     NL_CHECK_ARG(!row_stats, "%s: row_stats without LayerNorm (mod_shift, mod_scale NULL)", k);
     NL_CHECK_ARG(token_scale, "%s: token_scale must be non-null without LayerNorm", k);
   }
-  Args p{x, (int)M, (int)K, ldx, smooth, shift, act_unsigned, nullptr, 0, 0, nullptr, nullptr, 0,
-         nullptr, mod_shift, mod_scale, ln ? tokens_per_batch : 1, eps, nullptr, 0, nullptr, nullptr};
+  Args p{x, (int)M, (int)K, ldx, inv_smooth, shift, act_unsigned, nullptr, 0, 0, nullptr, nullptr, 0,
+         nullptr, mod_shift, mod_scale, ln ? tokens_per_batch : 1, eps, nullptr, nullptr, nullptr};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // warps per row without LayerNorm: the most (up to NWARPS) that keep every row's warps resident at once
   static int resident_warps[64] = {};

@@ -243,8 +243,9 @@ def _w4a4_fast(lin: nn.Module, x: Tensor) -> bool:
 W4A4_GELU_EPILOGUE = True
 # On the sm_90 path the MLP's first GEMM can also quantize its GELU output for the second W4A4 linear
 # (native.w4a4_gemm_gelu_quantize: the same codes, no 16-bit intermediate): an MLP is then two kernels. Off by
-# default: its exact divisions lengthen the (latency-bound) GEMM by more than the quantize pass it saves at
-# 1024x1024 (H100: 223 vs 184 ms per FLUX.1-dev step, bench/results/h100-2026-11-25c/gelu_quantize_*).
+# default: its exact divisions lengthened the (latency-bound) GEMM by more than the quantize pass it saves at
+# 1024x1024 (H100: 223 vs 184 ms per FLUX.1-dev step, bench/results/h100-2026-11-25c/gelu_quantize_*; it
+# multiplies by reciprocals since, not re-timed).
 # NUNCHAKU_LITE_GELU_QUANTIZE=1 turns it on.
 W4A4_GELU_QUANTIZE = os.environ.get("NUNCHAKU_LITE_GELU_QUANTIZE", "0") == "1"
 
@@ -293,7 +294,8 @@ def linear(lin: nn.Module, x: Tensor, act: str | None = None) -> Tensor:
         if x.stride(1) != 1 or x.stride(0) != x.shape[1] or x.data_ptr() % 16:
             x = x.contiguous()
         qa = native.quantize_act(x, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift,
-                                 layout=act_layout(x.device, prep), pow2=prep.act_pow2)
+                                 layout=act_layout(x.device, prep), pow2=prep.act_pow2,
+                                 inv_smooth=prep.inv_smooth)
         return _gemm(qa, prep, x.dtype, act == "gelu")
     else:
         y = lin(x)
@@ -311,7 +313,7 @@ def ln_linear(lin: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, tokens_pe
         prep = native.prepared_for(lin, x.dtype)
         qa = native.layernorm_quantize_act(x, shift, scale, tokens_per_batch, prep.smooth, prep.lora_down,
                                            prep.act_unsigned, prep.act_shift, act_layout(x.device, prep), eps,
-                                           pow2=prep.act_pow2)
+                                           pow2=prep.act_pow2, inv_smooth=prep.inv_smooth)
         if parts is None:
             return _gemm(qa, prep, x.dtype, act == "gelu", _gelu_quantize_target(prep, nxt, x) if act else None)
         preps = _row_split(lin, prep, parts)

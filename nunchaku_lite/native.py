@@ -297,6 +297,20 @@ def _check_quantize_args(kname, x, smooth, lora_down, layout):
     return m, k, rank
 
 
+def _inv_smooth(kname: str, smooth, inv_smooth, k: int, device):
+    """The kernels' smoothing factor: inv_smooth when the caller has it (PreparedW4A4.inv_smooth), else
+    ops.smooth_reciprocal(smooth) (a small kernel per call); None without smoothing."""
+    if inv_smooth is None:
+        if smooth is None:
+            return None
+        _check(smooth, "smooth", kname, (torch.float32,), (k,), device)
+        return ops.smooth_reciprocal(smooth)
+    if smooth is None:
+        raise ValueError(f"{kname}: inv_smooth given without smooth")
+    _check(inv_smooth, "inv_smooth", kname, (torch.float32,), (k,), device)
+    return inv_smooth
+
+
 def quantize_act_reference(x, smooth=None, lora_down=None, unsigned=False, shift=0.0, layout="packed",
                            pow2: bool = False) -> QuantizedActivation:
     """The PyTorch reference of quantize_act's outputs (any device, no library needed; used for CPU tensors)."""
@@ -337,7 +351,7 @@ def _check_pow2_layout(kname: str, layout: str, pow2: bool) -> None:
         raise ValueError(f"{kname}: layout 's8_tiles' holds power-of-two activation scales only (pass pow2=True)")
 
 
-def _act_stats(x: torch.Tensor, m: int, k: int, smooth, shift: float, unsigned: bool, pow2: bool,
+def _act_stats(x: torch.Tensor, m: int, k: int, inv_smooth, shift: float, unsigned: bool, pow2: bool,
                modulation=None):
     """nl_act_stats of x [M, K] -> (token_scale [M] or None, row_stats [M, 2] or None): the power-of-two format's
     per-token scale (pow2) and, with modulation = (mod_shift, mod_scale, tokens_per_batch, eps), the LayerNorm
@@ -346,7 +360,8 @@ def _act_stats(x: torch.Tensor, m: int, k: int, smooth, shift: float, unsigned: 
     stats = torch.empty(m, 2, dtype=torch.float32, device=x.device) if modulation else None
     msh, msc, tpb, eps = modulation or (None, None, 1, 0.0)
     _call("nl_act_stats", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(msh), _ptr(msc), tpb, float(eps),
-          _ptr(smooth, "float *"), float(shift), int(bool(unsigned)), _ptr(tok, "float *"), _ptr(stats, "float *"),
+          _ptr(inv_smooth, "float *"), float(shift), int(bool(unsigned)), _ptr(tok, "float *"),
+          _ptr(stats, "float *"),
           _stream(x.device))
     return tok, stats
 
@@ -354,10 +369,11 @@ def _act_stats(x: torch.Tensor, m: int, k: int, smooth, shift: float, unsigned: 
 @_needs_lib
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down: torch.Tensor | None = None,
                  unsigned: bool = False, shift: float = 0.0, layout: str = "packed",
-                 pow2: bool = False) -> QuantizedActivation:
+                 pow2: bool = False, inv_smooth: torch.Tensor | None = None) -> QuantizedActivation:
     """INT4 codes/scales of x (as ops.quantize_act, bit-identical) and the low-rank activation x @ lora_down^T.
 
-    x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None; lora_down [r, K] of x's dtype,
+    x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None (inv_smooth: its
+    ops.smooth_reciprocal, when the caller keeps one, e.g. PreparedW4A4.inv_smooth); lora_down [r, K] of x's dtype,
     r a multiple of 16 up to 128, or None; layout "packed", "fp8_tiles" or "s8_tiles" (see
     QuantizedActivation). pow2: power-of-two activation scales (ops.quantize_act(pow2=True); "s8_tiles" needs
     them): a first kernel (nl_act_stats) reads x for each token's scale, then the quantize kernel
@@ -369,14 +385,13 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down:
     if not x.is_cuda:
         return quantize_act_reference(x, smooth, lora_down, unsigned, shift, layout, pow2)
     _check(x, "x", kname, (torch.bfloat16, torch.float16))
-    if smooth is not None:
-        _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
+    inv = _inv_smooth(kname, smooth, inv_smooth, k, x.device)
     if rank:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
     codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
     if m:
-        tok = _act_stats(x, m, k, smooth, shift, unsigned, True)[0] if pow2 else None
-        _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(smooth, "float *"), float(shift),
+        tok = _act_stats(x, m, k, inv, shift, unsigned, True)[0] if pow2 else None
+        _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(inv, "float *"), float(shift),
               int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout],
               _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"),
               _ptr(tok, "float *"), _stream(x.device))
@@ -413,7 +428,8 @@ def _modulation_rows(kname, x, shift, scale, tokens_per_batch):
 def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                            tokens_per_batch: int | None = None, smooth: torch.Tensor | None = None,
                            lora_down: torch.Tensor | None = None, unsigned: bool = False, shift_const: float = 0.0,
-                           layout: str = "packed", eps: float = 1e-6, return_y: bool = False, pow2: bool = False):
+                           layout: str = "packed", eps: float = 1e-6, return_y: bool = False, pow2: bool = False,
+                           inv_smooth: torch.Tensor | None = None):
     """quantize_act(ops.layernorm_modulate(x, shift, scale)) without materializing y: LayerNorm (no affine) +
     modulation y = (1 + scale[b]) * LN(x) + shift[b] feeding the quantizer and the low-rank down projection.
 
@@ -421,9 +437,9 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     dtype; shift_const is the quantizer's constant shift (unsigned layers). Returns a QuantizedActivation, or
     (QuantizedActivation, y [M, K]) with return_y. Codes match the unfused path up to LayerNorm's fp32
     reduction order (torch's own is not specified): a code may differ by 1 where LN(x) lies on a 16-bit
-    rounding boundary (measured: far below 0.1% of the codes). pow2: power-of-two activation scales, as in
-    quantize_act. Two kernels: nl_act_stats (the rows' mean and rstd, and with pow2 the token scales of y),
-    then the quantize kernel, which applies LayerNorm + modulation with those statistics.
+    rounding boundary (measured: far below 0.1% of the codes). pow2 (power-of-two activation scales) and
+    inv_smooth as in quantize_act. Two kernels: nl_act_stats (the rows' mean and rstd, and with pow2 the token
+    scales of y), then the quantize kernel, which applies LayerNorm + modulation with those statistics.
     """
     kname = "layernorm_quantize_act"
     x, shift, scale, tpb = _modulation_rows(kname, x, shift, scale, tokens_per_batch)
@@ -437,16 +453,15 @@ def layernorm_quantize_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     x = _aligned(x)
     for name, t in (("x", x), ("shift", shift), ("scale", scale)):
         _check(t, name, kname, (torch.bfloat16, torch.float16), None, x.device)
-    if smooth is not None:
-        _check(smooth, "smooth", kname, (torch.float32,), (k,), x.device)
+    inv = _inv_smooth(kname, smooth, inv_smooth, k, x.device)
     if rank:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
     codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
     y = torch.empty_like(x) if return_y else None
     if m:
-        tok, stats = _act_stats(x, m, k, smooth, shift_const, unsigned, pow2, (shift, scale, tpb, eps))
+        tok, stats = _act_stats(x, m, k, inv, shift_const, unsigned, pow2, (shift, scale, tpb, eps))
         _call("nl_layernorm_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(shift), _ptr(scale), tpb,
-              float(eps), _ptr(smooth, "float *"), float(shift_const), int(bool(unsigned)),
+              float(eps), _ptr(inv, "float *"), float(shift_const), int(bool(unsigned)),
               _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout], _ptr(codes, "uint8_t *"),
               _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"), _ptr(y), _ptr(tok, "float *"),
               _ptr(stats, "float *"), _stream(x.device))
@@ -515,6 +530,12 @@ class PreparedW4A4:
     w_exp: torch.Tensor | None = None      # uint8 [K/64, Np]
     s8_ok: bool = False                    # every exponent <= ops.POW2_MAX_EXP: the integer GEMM can fold them
     act_pow2: bool = False                 # the layer quantizes its activations with power-of-two scales
+    # ops.smooth_reciprocal(smooth), float32 [K]: what the quantize kernels multiply by (derived when not given)
+    inv_smooth: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.inv_smooth is None and self.smooth is not None:
+            self.inv_smooth = _aligned(ops.smooth_reciprocal(self.smooth))
 
 
 def scales_of(prep: PreparedW4A4) -> torch.Tensor:
@@ -844,7 +865,7 @@ def w4a4_gemm_gelu_quantize(act: QuantizedActivation, prep: PreparedW4A4, nxt: P
           _ptr(prep.w_chscale if folded else None, "float *"), _ptr(prep.w_exp if folded else None, "uint8_t *"),
           _ptr(act.lora_act if prep.rank else None, "float *"), _ptr(prep.lora_up if prep.rank else None),
           prep.rank, _ptr(prep.bias, "float *"), _DTYPE_CODE[dtype], m, npad, prep.k,
-          _ptr(nxt.smooth, "float *"), float(nxt.act_shift), int(nxt.act_unsigned),
+          _ptr(nxt.inv_smooth, "float *"), float(nxt.act_shift), int(nxt.act_unsigned),
           _ptr(nxt.lora_down if nxt.rank else None), nxt.rank, _ptr(codes2, "uint8_t *"), _ptr(scales2, "float *"),
           mp, _ptr(part, "float *"), _stream(dev))
     lora_act = part.sum(0) if part is not None else None  # fixed order over the 128-column blocks
@@ -858,7 +879,7 @@ def w4a4_linear_prepared(x: torch.Tensor, prep: PreparedW4A4, epilogue: str = "n
     x2 = _aligned(x.reshape(-1, x.shape[-1]))
     path = _resolve_path(path, exact, x.device)
     act = quantize_act(x2, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift,
-                       layout=act_layout(prep, path), pow2=prep.act_pow2)
+                       layout=act_layout(prep, path), pow2=prep.act_pow2, inv_smooth=prep.inv_smooth)
     y = w4a4_gemm(act, prep, x.dtype, epilogue, path, exact, m=x2.shape[0])
     if y.shape[1] != prep.n:
         y = y[:, : prep.n]

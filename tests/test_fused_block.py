@@ -366,14 +366,14 @@ class _RefNative:
     def act_layout(self, prep, path):
         return self._n.act_layout(prep, path)
 
-    def quantize_act(self, x, smooth, lora_down, unsigned, shift, layout="packed", pow2=False):
+    def quantize_act(self, x, smooth, lora_down, unsigned, shift, layout="packed", pow2=False, inv_smooth=None):
         assert layout == "packed"
         codes, scales = ops.quantize_act(x, smooth, unsigned, shift, pow2)
         lora = None if lora_down is None else x.float() @ lora_down.float().T
         return self._n.QuantizedActivation(codes, scales.t().contiguous(), lora, unsigned)
 
     def layernorm_quantize_act(self, x, shift, scale, tokens_per_batch, smooth, lora_down, unsigned, shift_const,
-                               layout, eps, pow2=False):
+                               layout, eps, pow2=False, inv_smooth=None):
         rows = torch.arange(x.shape[0]) // tokens_per_batch
         k = x.shape[-1]
         y = ops.layernorm_modulate(x, shift.reshape(-1, k)[rows], scale.reshape(-1, k)[rows], eps)

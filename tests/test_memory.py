@@ -365,7 +365,7 @@ def test_module_bytes_counts_the_kernels_cached_copy():
     prep = _fake_prepare_w4a4(lin.qweight, lin.wscales, lin.lora_down, lin.lora_up, lin.bias, lin.smooth)
     object.__setattr__(lin, "_native_prepared", (None, prep))  # what prepared_for caches on an unconverted layer
     # smooth (float32) and the bf16 low-rank factors are the same tensors: only the new ones count
-    new = [prep.w_tiled, prep.w_scales, prep.bias]
+    new = [prep.w_tiled, prep.w_scales, prep.bias, prep.inv_smooth]
     assert module_bytes(lin) == before + sum(t.numel() * t.element_size() for t in new)
 
 

@@ -210,11 +210,10 @@ def test_pow2_quantize_kernel_is_bit_exact(cuda_lib, m, k, unsigned, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("env", [{}, {"NUNCHAKU_LITE_QUANT_EXACT_DIV": "1"}, {"NUNCHAKU_LITE_QUANT_SPLIT": "3"},
-                                 {"NUNCHAKU_LITE_QUANT_SPLIT": "0"}])
+@pytest.mark.parametrize("env", [{}, {"NUNCHAKU_LITE_QUANT_SPLIT": "3"}, {"NUNCHAKU_LITE_QUANT_SPLIT": "0"}])
 def test_pow2_quantize_kernel_modes(cuda_lib, env, monkeypatch):
-    """The IEEE-division path, tiles shared by two CTAs (3 CTAs for 19 tiles; by default at this M, 38 CTAs: two
-    per tile) and one CTA per tile give the same bytes; the statistics kernel runs 8 warps per row here."""
+    """Tiles shared by two CTAs (3 CTAs for 19 tiles; by default at this M, 38 CTAs: two per tile) and one CTA
+    per tile give the same bytes; the statistics kernel runs 8 warps per row here."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     gen = torch.Generator().manual_seed(8)

@@ -132,10 +132,12 @@ def test_k_not_multiple_of_64_is_refused_by_ops():
 def numpy_w4a4(x, codes, wscales, down, up, bias, smooth, unsigned, shift):
     """The contract's semantics written again with numpy: fp32 quantization, float64 sums."""
     xs = x.numpy().astype(np.float32) + np.float32(shift)
-    xs = (xs / smooth.numpy().astype(np.float32)).reshape(x.shape[0], -1, 64)
+    inv = np.float32(1) / smooth.numpy().astype(np.float32)
+    xs = (xs * inv).reshape(x.shape[0], -1, 64)
     qmax, lo, hi = (15, 0, 15) if unsigned else (7, -8, 7)
     sa = np.abs(xs).max(-1) / np.float32(qmax)
-    qa = np.clip(np.rint(xs / np.where(sa == 0, 1, sa)[..., None]), lo, hi)
+    rs = np.where(sa == 0, np.float32(0), np.float32(1) / np.where(sa == 0, np.float32(1), sa))
+    qa = np.clip(np.rint(xs * rs[..., None]), lo, hi)
     cw = codes.numpy().astype(np.float64).reshape(codes.shape[0], -1, 64)
     y = np.einsum("mgk,ngk,mg,ng->mn", qa.astype(np.float64), cw, sa.astype(np.float64),
                   wscales.float().numpy().astype(np.float64))
@@ -322,3 +324,30 @@ def test_dtype_casts_keep_the_quantized_values():
     assert torch.equal(q.smooth, before[1]) and q.smooth.dtype == torch.float32
     assert torch.equal(w16.wscales, before[2])
     assert model(torch.randn(2, 128, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_quantize_act_multiplies_by_reciprocals():
+    """Codes are rint(RN(xs * RN(1/scale))) with xs = x * RN(1/smooth), not rint(xs / scale): values placed
+    within a few ulps of the rounding boundaries (n + 1/2) * scale tell the two apart."""
+    f32 = np.float32
+    inv = f32(1) / f32(3.0)
+    amax = f32(7.3)
+    vals = [amax]
+    for n in range(-4, 4):  # 8 boundaries x 7 neighbours
+        c = f32((n + 0.5) * (amax / f32(7)))
+        for _ in range(3):
+            c = np.nextafter(c, f32(-np.inf))
+        for _ in range(7):
+            vals.append(c)
+            c = np.nextafter(c, f32(np.inf))
+    xs_target = np.array(vals + [0.0] * (64 - len(vals)), dtype=f32)
+    x = torch.from_numpy(xs_target / inv).view(1, 64)  # x * RN(1/3) lands on (or next to) these
+    codes, scales = ops.quantize_act(x, torch.full((64,), 3.0))
+    xn = x.numpy()
+    xs = xn * inv
+    s = np.abs(xs).max() / f32(7)
+    assert scales.item() == s
+    by_recip = np.clip(np.rint(xs * (f32(1) / s)), -8, 7)
+    by_div = np.clip(np.rint((xn / f32(3.0)) / s), -8, 7)
+    assert (by_recip != by_div).any()  # the values tell the two semantics apart
+    assert np.array_equal(codes.numpy(), by_recip.astype(np.int8))

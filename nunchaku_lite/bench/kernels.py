@@ -113,7 +113,8 @@ def _time_wgmma(r, key, x, prep, prep0, out, fold):
     their TOPS and ratios to the baselines already in r."""
     m, k = x.shape
     layout, pow2 = native.act_layout(prep, "wgmma"), prep.act_pow2
-    quant = lambda down: native.quantize_act(x, prep.smooth, down, layout=layout, pow2=pow2)
+    quant = lambda down: native.quantize_act(x, prep.smooth, down, layout=layout, pow2=pow2,
+                                             inv_smooth=prep.inv_smooth)
     act, act0 = quant(prep.lora_down), quant(None)
     gemm = lambda a, p: native.w4a4_gemm(a, p, out=out, path="wgmma", m=m, fold=fold)
     r[f"{key}_ms"] = time_ms(lambda: gemm(act, prep))
@@ -167,19 +168,19 @@ def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False, sm90_kerne
     if not legacy:
         return r
     prep, prep0, lora_down, lora_up = make_layer(k, n, path=path)
-    act = native.quantize_act(x, prep.smooth, prep.lora_down)
-    act0 = native.quantize_act(x, prep.smooth)
+    act = native.quantize_act(x, prep.smooth, prep.lora_down, inv_smooth=prep.inv_smooth)
+    act0 = native.quantize_act(x, prep.smooth, inv_smooth=prep.inv_smooth)
 
     def fused():
-        a = native.quantize_act(x, prep.smooth, prep.lora_down)
+        a = native.quantize_act(x, prep.smooth, prep.lora_down, inv_smooth=prep.inv_smooth)
         native.w4a4_gemm(a, prep, out=out, path=path, exact=exact)
 
     def nolora():
-        a = native.quantize_act(x, prep0.smooth)
+        a = native.quantize_act(x, prep0.smooth, inv_smooth=prep0.inv_smooth)
         native.w4a4_gemm(a, prep0, out=out, path=path, exact=exact)
 
     def unfused():  # separate quantize, GEMM, low-rank down and up (torch), add
-        a = native.quantize_act(x, prep0.smooth)
+        a = native.quantize_act(x, prep0.smooth, inv_smooth=prep0.inv_smooth)
         y = native.w4a4_gemm(a, prep0, out=out, path=path, exact=exact)
         y.addmm_(torch.mm(x, lora_down.t()), lora_up.t())
 
@@ -188,7 +189,8 @@ def bench_shape(m, k, n, path, exact=False, legacy=True, wgmma=False, sm90_kerne
     r["nolora_ms"] = time_ms(nolora)
     r["nolora_gemm_ms"] = time_ms(lambda: native.w4a4_gemm(act0, prep0, out=out, path=path, exact=exact))
     r["unfused_ms"] = time_ms(unfused)
-    r["quantize_ms"] = time_ms(lambda: native.quantize_act(x, prep.smooth, prep.lora_down))
+    r["quantize_ms"] = time_ms(lambda: native.quantize_act(x, prep.smooth, prep.lora_down,
+                                                           inv_smooth=prep.inv_smooth))
     flops = 2 * m * n * k
     r["fused_tops"] = flops / r["fused_ms"] / 1e9
     r["fused_gemm_tops"] = flops / r["fused_gemm_ms"] / 1e9
@@ -227,6 +229,7 @@ def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
         g = torch.Generator(device="cuda").manual_seed(m + k)
         x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
         smooth = torch.rand(k, generator=g, device="cuda") + 0.5
+        inv = ops.smooth_reciprocal(smooth)  # what a prepared layer keeps (not timed)
         down = (torch.randn(rank, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
         shift, scale = [(torch.randn(2, k, generator=g, device="cuda") * 0.3).to(torch.bfloat16) for _ in range(2)]
         for tiling in tilings:
@@ -236,9 +239,9 @@ def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
                 for fused in (False, True):
                     if fused:
                         fn = lambda: native.layernorm_quantize_act(x, shift, scale, -(-m // 2), smooth, down,
-                                                                   layout=layout, pow2=pow2)
+                                                                   layout=layout, pow2=pow2, inv_smooth=inv)
                     else:
-                        fn = lambda: native.quantize_act(x, smooth, down, layout=layout, pow2=pow2)
+                        fn = lambda: native.quantize_act(x, smooth, down, layout=layout, pow2=pow2, inv_smooth=inv)
                     ms = time_ms(fn, reps=20, replays=25)
                     gbps = quantize_bytes(m, k, rank, layout) / ms / 1e6
                     rows.append(dict(M=m, K=k, rank=rank, tiling=int(tiling), layout=layout,
@@ -246,7 +249,7 @@ def quantize_table(copy_gbps, tilings=("32",), rank=RANK):
                                      gbps=gbps, pct_of_copy=100 * gbps / copy_gbps))
                     if pow2 or fused:  # the statistics kernel alone (part of the row above)
                         mod = (shift, scale, -(-m // 2), 1e-6) if fused else None
-                        ms = time_ms(lambda: native._act_stats(x, m, k, smooth, 0.0, False, pow2, mod), reps=20,
+                        ms = time_ms(lambda: native._act_stats(x, m, k, inv, 0.0, False, pow2, mod), reps=20,
                                      replays=25)
                         gbps = (m * k * 2 + m * 4) / ms / 1e6
                         name = ("LN stats+token" if pow2 else "LN stats") if fused else "token scale"

@@ -6,15 +6,22 @@ outputs to ~1e-3 relative; `w4a4_linear_f64` gives a float64 ground truth on giv
 Groups. GROUP = 64 consecutive elements along K (the input dimension). K must be a multiple of 64
 (modules.py pads at build time).
 
-Activation quantization (per token m, per group g), all in float32:
+Activation quantization (per token m, per group g), all in float32, every operation separately rounded:
     xs = x.float()
     xs = xs + shift                      (shift = 0.171875 for the unsigned post-GELU inputs, else 0)
-    xs = xs / smooth.float()             (per input channel; division, not multiplication by a reciprocal)
+    xs = xs * inv_smooth                 (per input channel; inv_smooth = 1 / smooth, correctly rounded:
+                                          `smooth_reciprocal`)
     amax = max |xs| over the group
-    scale = amax / 7          codes = clamp(round_half_even(xs / scale), -8, 7)     (signed)
-    scale = amax / 15         codes = clamp(round_half_even(xs / scale),  0, 15)    (unsigned)
+    scale = amax / 7     (signed)    or  amax / 15     (unsigned)             (IEEE division)
+    codes = clamp(round_half_even(xs * (1 / scale)), -8, 7)    or  clamp(..., 0, 15)
+                                         (1 / scale correctly rounded, the product rounded to float32,
+                                          then rounded to an integer: two roundings, no fused multiply-add)
     scale == 0 (all-zero group) -> codes 0, scale 0 (never NaN)
-The shift is added *before* the division by smooth, as in Nunchaku's kernels (NUNCHAKU_FORMAT.md §4.1).
+Reciprocals rather than divisions: the kernels spend one multiplication per element on each, where a
+correctly rounded division per element took several instructions in kernels bound by instruction issue; the
+codes differ from division's only where a quotient lies within an ulp or two of a rounding boundary.
+Inputs are expected finite (codes of non-finite xs are unspecified; scales follow amax).
+The shift is added *before* the smoothing, as in Nunchaku's kernels (NUNCHAKU_FORMAT.md §4.1).
 Power-of-two variant (`quantize_act(..., pow2=True)`, layers with `act_pow2`; `pow2_act_scales`): with
 s = the token's largest plain scale, each group's scale becomes s * 2^-e for the largest e <= POW2_MAX_EXP with
 s * 2^-e >= its plain scale (so nothing clips), and the codes are computed with that scale. Same format; it lets
@@ -74,8 +81,8 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: 
 
     x [..., K] -> (codes int8 [M, K], scales float32 [M, K//64]) with M = prod(leading dims).
     Signed: codes in [-8, 7], scale = amax/7. Unsigned: codes in [0, 15], scale = amax/15 (negative values
-    clamp to 0). `shift` is added before dividing by `smooth` [K]. pow2: power-of-two group scales per token
-    (`pow2_act_scales`).
+    clamp to 0). `shift` is added before the multiplication by 1/smooth [K] (`smooth_reciprocal`). pow2:
+    power-of-two group scales per token (`pow2_act_scales`). See the module docstring for the exact sequence.
     """
     k = x.shape[-1]
     g = _check_groups(k, "quantize_act")
@@ -85,7 +92,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: 
     if shift:
         xs = xs + shift
     if smooth is not None:
-        xs = xs / smooth.float()
+        xs = xs * smooth_reciprocal(smooth)
     xs = xs.view(-1, g, GROUP)
     qmax, lo, hi = (15.0, 0, 15) if unsigned else (7.0, -8, 7)
     amax = xs.abs().amax(dim=-1)
@@ -94,10 +101,21 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: 
     scales = amax / amax.new_tensor(qmax)
     if pow2:
         scales = pow2_act_scales(scales)
-    # An all-zero group has scale 0; divide by 1 instead so its codes are round(0) = 0, not NaN.
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(xs / safe[..., None]).clamp_(lo, hi).to(torch.int8)
+    # An all-zero group has scale 0: multiply by 0 instead of 1/0, so its codes are round(0) = 0, not NaN.
+    inv = torch.where(scales > 0, _reciprocal(scales), torch.zeros_like(scales))
+    codes = torch.round(xs * inv[..., None]).clamp_(lo, hi).to(torch.int8)
     return codes.view(-1, k), scales
+
+
+def _reciprocal(t: torch.Tensor) -> torch.Tensor:
+    # A tensor division (IEEE on CPU and CUDA alike): 1 / t correctly rounded, as the kernels' __frcp_rn.
+    return torch.ones_like(t) / t
+
+
+def smooth_reciprocal(smooth: torch.Tensor) -> torch.Tensor:
+    """1 / smooth in float32, correctly rounded: the factor activations are multiplied by (`quantize_act`).
+    The native kernels take this vector (native.PreparedW4A4.inv_smooth), computed once per layer."""
+    return _reciprocal(smooth.float())
 
 
 def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, pow2: bool = False
