@@ -14,4 +14,5 @@ int nl_fail(int code, const char *fmt, ...) {
 }
 
 extern "C" const char *nl_last_error(void) { return g_error; }
-extern "C" int nl_version(void) { return 1; }
+// 2: the quantize kernels take 1/smooth (inv_smooth) instead of smooth; nl_w4a4_gemm_s8 takes a workspace.
+extern "C" int nl_version(void) { return 2; }

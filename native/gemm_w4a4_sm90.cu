@@ -216,7 +216,7 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
     const float *r = red + c * 4 * BT + ctid;
     const float amax = fmaxf(fmaxf(r[0], r[BT]), fmaxf(r[2 * BT], r[3 * BT]));
     const float scale = __fdiv_rn(amax, qmax);
-    ssc[c * BT + ctid] = scale > 0.f ? __frcp_rn(scale) : 0.f;
+    ssc[c * BT + ctid] = scale >= 0x1p-126f ? __frcp_rn(scale) : 0.f;  // below: codes 0 (ops.MIN_NORMAL)
     const int tt = ctid & 15, pos = (ctid & ~15) + 4 * ((tt & 7) >> 1) + 2 * (tt >> 3) + (tt & 1);
     p.q_scales[(int64_t)(n0 / 64 + c) * p.q_mp + m0 + pos] = scale;  // 0 for tokens >= M (v = 0)
   }
@@ -225,7 +225,7 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
 #pragma unroll
   for (int i = 0; i < ND; ++i) {
     const int t = 8 * (i >> 2) + 2 * q + (i & 1), k = kl + ((i >> 1) & 1) * 8;
-    const float rscale = ssc[c * BT + t];  // RN(1 / scale), 0 for scale 0
+    const float rscale = ssc[c * BT + t];  // RN(1 / scale), or 0
     // + 0: -0 -> +0 (the e4m3 byte of code 0 is 0x00, as in the reference layout)
     const float code = fminf(fmaxf(rintf(__fmul_rn(xs_of(i), rscale)), lo), hi) + 0.f;
     slab[((t >> 3) * 4 + (k >> 4)) * 128 + (t & 7) * 16 + (k & 15)] = (uint8_t)e4m3_byte(code);

@@ -40,7 +40,7 @@ enum { NL_EPI_NONE = 0, NL_EPI_GELU_TANH = 1 };                  /* GEMM epilogu
 enum { NL_ACT_PACKED = 0, NL_ACT_FP8_TILES = 1, NL_ACT_S8_TILES = 2 }; /* quantized activation layout */
 
 const char *nl_last_error(void);
-int nl_version(void);
+int nl_version(void); /* the ABI version: nunchaku_lite/native.py loads only its own (ABI_VERSION) */
 /* Compute path chosen for `device` by NL_PATH_AUTO: NL_PATH_S8 on sm_90, NL_PATH_S4 on sm_80..sm_89. */
 int nl_default_path(int device, int *path);
 

@@ -10,7 +10,7 @@
 //   xs    = (a + shift) * inv_smooth                  (shift 0 for signed layers; inv_smooth = RN(1/smooth),
 //                                                      given by the caller; omitted when NULL)
 //   scale = max|xs| / 7,  codes = clamp(rint(xs * RN(1/scale)), -8, 7)  signed
-//   scale = max|xs| / 15, codes = clamp(rint(xs * RN(1/scale)),  0, 15)  unsigned;   scale == 0 -> codes 0
+//   scale = max|xs| / 15, codes = clamp(rint(xs * RN(1/scale)),  0, 15)  unsigned;   scale < 2^-126 -> codes 0
 //   (each op rounded to fp32 on its own: __fadd_rn, __fmul_rn, __fdiv_rn, __frcp_rn; no contraction to fma)
 //   lora_act[m, :] = a[m, :] @ lora_down^T            (16-bit operands on tensor cores, fp32 accumulation)
 // Power-of-two format (ops.quantize_act(pow2=True), when a token_scale array is given):
@@ -59,8 +59,9 @@
 // normalized and modulated in place. (Computing the statistics here, at each tile start while later stages
 // were in flight, cost 66-68 us at M=4608, K=3072 fp8_tiles, and 283-366 us at K=12288-15360, where the rows
 // no longer fit in registers; the separate pass was cheaper in the power-of-two format, which needs it anyway.)
-// Measured (H100 SXM, `python -m nunchaku_lite.bench kernels --quantize`, rank 32, copy ~2.4 TB/s; results
-// h100-2026-12-07c/quant_final.log):
+// Measured with the division semantics of before 2026-12 (Newton-corrected divisions per element; not yet
+// re-timed with the reciprocals: the default instance went from 124 to 80 registers) (H100 SXM,
+// `python -m nunchaku_lite.bench kernels --quantize`, rank 32, copy ~2.4 TB/s; h100-2026-12-07c/quant_final.log):
 //   M=4608 K=3072: 32.7 us packed (46% of copy), 34.5 us fp8_tiles (52%), LayerNorm-fused 59.5 us (with the
 //   statistics kernel, 8.6 us); power-of-two s8_tiles 50.6 us (14.1 of it the token scales; the two-pass
 //   version it replaced: 65.6), LayerNorm-fused 77.0 (113.0);
@@ -355,7 +356,7 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
     for (int c = 0; c < 4; ++c) acc[b][c] = 0.f;
 
   const bool uns = p.act_unsigned;
-  const float qmax = uns ? 15.f : 7.f, lo = uns ? 0.f : -8.f, hi = uns ? 15.f : 7.f, flo = MAGIC + lo;
+  const float qmax = uns ? 15.f : 7.f, flo = MAGIC + (uns ? 0.f : -8.f);
   const float shift = p.shift;
   const bool has_smooth = p.inv_smooth != nullptr;
   constexpr bool pow2 = POW2;
@@ -477,19 +478,11 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 16));
         const float sc = coding_scale(__fdiv_rn(amax, qmax), uu);
         scale[uu] = sc;
-        const float rc = sc > 0.f ? __frcp_rn(sc) : 0.f;
-        if (rc <= 0x1p126f) {
+        const float rc = sc >= 0x1p-126f ? __frcp_rn(sc) : 0.f;  // below: codes 0 (ops.MIN_NORMAL)
 #pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            const float fj = __fadd_rn(__fmul_rn(v[j], rc), MAGIC);  // MAGIC + rint(RN(xs * rc))
-            f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
-          }
-        } else {  // a subnormal scale (rare): xs * rc may be infinite or NaN; clamp as the reference does
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            const float q = __fmul_rn(v[j], rc);
-            f[uu][j] = q != q ? MAGIC : fminf(fmaxf(rintf(q), lo), hi) + MAGIC;  // (NaN -> 0, as torch's int8)
-          }
+        for (int j = 0; j < 16; ++j) {
+          const float fj = __fadd_rn(__fmul_rn(v[j], rc), MAGIC);  // MAGIC + rint(RN(xs * rc))
+          f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
         }
       }
     };

@@ -52,6 +52,7 @@ from .quant import ops
 GROUP = 64
 _PKG = Path(__file__).resolve().parent
 LIB_PATH = Path(os.environ.get("NUNCHAKU_LITE_LIB", _PKG / "lib" / "libnunchaku_lite.so"))
+ABI_VERSION = 2  # nl_version() of the library this module speaks to (native/api.cu)
 _HEADER_CANDIDATES = (LIB_PATH.parent / "nunchaku_lite.h", _PKG.parent / "native" / "nunchaku_lite.h")
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -108,6 +109,10 @@ def _load():
             version = lib.nl_version()
         except Exception as e:  # a broken or foreign .so, missing libcudart, ...
             _state["error"] = f"could not load {LIB_PATH}: {e}"
+            return None
+        if version != ABI_VERSION:  # same symbols, other meanings (e.g. smooth vs 1/smooth): never call it
+            _state["error"] = (f"{LIB_PATH} is ABI version {version}, this package needs {ABI_VERSION} "
+                               "(rebuild it with `make`)")
             return None
         _state.update(ffi=ffi, lib=lib, version=version)
         return lib
@@ -530,7 +535,8 @@ class PreparedW4A4:
     w_exp: torch.Tensor | None = None      # uint8 [K/64, Np]
     s8_ok: bool = False                    # every exponent <= ops.POW2_MAX_EXP: the integer GEMM can fold them
     act_pow2: bool = False                 # the layer quantizes its activations with power-of-two scales
-    # ops.smooth_reciprocal(smooth), float32 [K]: what the quantize kernels multiply by (derived when not given)
+    # ops.smooth_reciprocal(smooth), float32 [K]: what the quantize kernels multiply by (derived when not given;
+    # dataclasses.replace(prep, smooth=...) must pass inv_smooth=None too)
     inv_smooth: torch.Tensor | None = None
 
     def __post_init__(self):

@@ -29,6 +29,49 @@ def random_w4a4_layer(n: int, k: int, rank: int, gen: torch.Generator, dtype=tor
     return ops.pack_int4(codes), wscales, lora_down, lora_up, bias, smooth
 
 
+def reciprocal_boundary_group():
+    """One 64-wide group whose codes tell the quantizer's roundings apart: x = ones [1, 64] (exact in bf16 and
+    fp16) and smooth [64] float32 chosen so that xs = x * RN(1/smooth) hits chosen float32 values next to the
+    rounding boundaries (n + 1/2) * scale. Returns (x, smooth, codes) with codes int8 [1, 64] by the reference
+    semantics, rint(RN(xs * RN(1/scale))); the group holds values where dividing by the scale, and where one
+    fused multiply-add rounding (rint(xs * RN(1/scale)) exactly), give other codes."""
+    import numpy as np
+    f32 = np.float32
+
+    def smooth_for(v):  # a float32 smooth with RN(1 / smooth) == v
+        c = f32(1.0 / float(v))
+        for d in range(64):
+            for cand in (c, np.nextafter(c, f32(np.inf)), np.nextafter(c, f32(0))):
+                if f32(1) / cand == v:
+                    return cand
+            c = np.nextafter(c, f32(np.inf) if f32(1) / c > v else f32(0))
+        raise AssertionError(f"no float32 smooth for {v}")
+
+    for amax in np.linspace(7.0, 7.5, 201, dtype=np.float32)[1:]:
+        s = amax / f32(7)
+        r = f32(1) / s
+        div, fma = [], []
+        for n in range(-7, 7):
+            c = f32((n + 0.5) * float(s))
+            for _ in range(8):
+                c = np.nextafter(c, f32(-np.inf))
+            for _ in range(17):
+                by_mul = np.rint(c * r)
+                if np.rint(c / s) != by_mul and len(div) < 20:
+                    div.append(c)
+                if np.rint(float(c) * float(r)) != by_mul and len(fma) < 20:  # float64: the exact product
+                    fma.append(c)
+                c = np.nextafter(c, f32(np.inf))
+        if div and fma:
+            vals = [amax] + div + fma
+            vals = np.array((vals + [f32(0.25)] * 64)[:64], dtype=f32)
+            smooth = np.array([smooth_for(v) for v in vals], dtype=f32)
+            xs = f32(1) * (f32(1) / smooth)
+            codes = np.clip(np.rint(xs * r), -8, 7).astype(np.int8)
+            return torch.ones(1, 64), torch.from_numpy(smooth), torch.from_numpy(codes).view(1, 64)
+    raise AssertionError("no group found")
+
+
 def shared_path(*parts) -> Path:
     """Path inside ../shared, or skip the calling test when it is not there."""
     p = SHARED.joinpath(*parts)

@@ -54,6 +54,34 @@ def test_library_exports_every_declared_symbol(built_lib):
         assert _declared_functions() <= exported
 
 
+def test_library_abi_version_matches_the_binding(built_lib):
+    """The binding loads only a library of its own ABI version (a stale build with the same symbols and other
+    meanings, e.g. smooth where 1/smooth is expected, must not be called)."""
+    assert f"nl_version(void) {{ return {native.ABI_VERSION}; }}" in (REPO / "native" / "api.cu").read_text()
+    lib = ctypes.CDLL(str(built_lib))
+    assert lib.nl_version() == native.ABI_VERSION
+
+
+def test_a_library_of_another_abi_version_is_refused(monkeypatch):
+    class StaleLib:
+        def nl_version(self):
+            return native.ABI_VERSION - 1
+
+    class FakeFFI:
+        def cdef(self, source):
+            pass
+
+        def dlopen(self, path):
+            return StaleLib()
+
+    import cffi
+    monkeypatch.setattr(cffi, "FFI", FakeFFI)
+    monkeypatch.setattr(native, "LIB_PATH", Path(__file__))  # any existing file
+    monkeypatch.setattr(native, "_state", {})
+    assert native._load() is None
+    assert f"needs {native.ABI_VERSION}" in native.library_error() and "make" in native.library_error()
+
+
 def _fatbin_archs(path: Path) -> set[int]:
     """SM versions of the cubins in the library's .nv_fatbin section (ELF + fatbin headers, little endian)."""
     data = path.read_bytes()

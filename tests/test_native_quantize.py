@@ -9,6 +9,7 @@ split); the fused LayerNorm kernel against quantize_act(ops.layernorm_modulate(.
 import pytest
 import torch
 
+from conftest import reciprocal_boundary_group
 from nunchaku_lite import native
 from nunchaku_lite.models.dit import ModulationOut, layer_norm
 from nunchaku_lite.quant import ops
@@ -112,7 +113,7 @@ def gpu_native():
 
 
 def _reference(x, smooth, down, unsigned, shift, layout):
-    """ops on the same device (its divisions are IEEE on CUDA too)."""
+    """ops on the same device (its divisions and reciprocals are IEEE on CUDA too)."""
     return native.quantize_act_reference(x, smooth, down, unsigned, shift, layout)
 
 
@@ -200,10 +201,10 @@ def test_token_tiles_shared_by_two_ctas(gpu_native, monkeypatch, ctas):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_16bit_value_divided_by_smooth(gpu_native, dtype):
-    """The kernel divides by smooth without a division instruction (reciprocal + two corrections): every
-    finite 16-bit input, alone in its group so that its quotient is the group's amax, gives the reference
-    scale (= RN(RN(x / smooth) / 7)) for random smooth values, signed and unsigned + shift."""
+def test_every_16bit_value_times_inv_smooth(gpu_native, dtype):
+    """Every finite 16-bit input, alone in its group so that RN(x * RN(1/smooth)) is the group's amax, gives
+    the reference scale (= RN(RN(x * RN(1/smooth)) / 7)) and code for random smooth values, signed and
+    unsigned + shift."""
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     vals = bits.view(dtype).float()
     vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
@@ -222,8 +223,25 @@ def test_every_16bit_value_divided_by_smooth(gpu_native, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_reciprocal_boundary_codes(gpu_native, dtype):
+    """conftest.reciprocal_boundary_group (values where dividing by the scale, or one fma rounding, would give
+    other codes) as 40 tokens x 2 groups, plain and power-of-two, every layout: the kernels' codes are the
+    reference's, and those are the group's expected codes."""
+    x, smooth, want = reciprocal_boundary_group()
+    x, smooth = x.repeat(40, 2).to(dtype).to(DEV), smooth.repeat(2).to(DEV)
+    for pow2, layouts in ((False, ("packed", "fp8_tiles")), (True, ("packed", "fp8_tiles", "s8_tiles"))):
+        for layout in layouts:
+            act = native.quantize_act(x, smooth, None, layout=layout, pow2=pow2)
+            ref = native.quantize_act_reference(x, smooth, None, layout=layout, pow2=pow2)
+            _assert_same(act, ref, x.shape[0])
+        codes, _ = ops.quantize_act(x, smooth, pow2=pow2)
+        assert torch.equal(codes.cpu(), want.repeat(40, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rounding_ties_and_tiny_values(gpu_native, dtype):
-    """Quotients exactly on x.5 (half to even) and denormal-range scales take the exact-division path."""
+    """Products exactly on x.5 (half to even), and groups whose scale is below 2^-126 (codes 0)."""
     k = 128
     ties = torch.tensor([7.0, 2.5, 3.5, -0.5, -1.5, 0.5, 1.5, -2.5] * 8)
     rows = [ties, -ties, ties * 2 ** -130, ties * 2 ** -120, torch.full((64,), 2 ** -133)]
@@ -234,6 +252,8 @@ def test_rounding_ties_and_tiny_values(gpu_native, dtype):
             _assert_same(act, _reference(x, None, None, unsigned, shift, layout), x.shape[0])
     codes, _ = ops.quantize_act(x[:1].float().cpu())
     assert codes[0, 1].item() == 2 and codes[0, 2].item() == 4  # 2.5 -> 2, 3.5 -> 4
+    codes, scales = ops.quantize_act(x[2:3].float().cpu())  # (zeros in fp16)
+    assert (scales < ops.MIN_NORMAL).all() and not codes.any()  # scales below 2^-126: codes 0
 
 
 @pytest.mark.gpu

@@ -47,9 +47,9 @@ def test_pow2_act_scales_cover_and_are_tightest(unsigned):
     lo, hi = (0, 15) if unsigned else (-8, 7)
     assert codes.min() >= lo and codes.max() <= hi
     # the codes are those of the reference formula with these scales
-    xs = ((x.float() + shift) / smooth).view(64, -1, 64)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    assert torch.equal(codes.view(64, -1, 64).float(), torch.round(xs / safe[..., None]).clamp(lo, hi))
+    xs = ((x.float() + shift) * ops.smooth_reciprocal(smooth)).view(64, -1, 64)
+    inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    assert torch.equal(codes.view(64, -1, 64).float(), torch.round(xs * inv[..., None]).clamp(lo, hi))
 
 
 @pytest.mark.parametrize("unsigned", [False, True])

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reciprocal_boundary_group
 from nunchaku_lite.quant import ops
 from nunchaku_lite.quant.modules import (SplitInputLinear, W4A4Linear, W4A16Linear, is_quantized, quantized_linears,
                                          set_act_quant)
@@ -110,10 +111,10 @@ def test_unsigned_shift_is_added_before_smooth():
     x = torch.rand(2, 64, generator=gen(4)) - 0.1  # a few negatives (post-GELU inputs go down to -0.17)
     smooth = torch.full((64,), 2.0)
     codes, scales = ops.quantize_act(x, smooth, unsigned=True, shift=ops.UNSIGNED_SHIFT)
-    xh = (x + ops.UNSIGNED_SHIFT) / 2.0
+    xh = (x + ops.UNSIGNED_SHIFT) * 0.5  # 1/smooth, exact here
     assert torch.allclose(scales[:, 0], xh.abs().amax(-1) / 15)
     assert codes.min() >= 0 and codes.max() == 15
-    assert torch.equal(codes, torch.round(xh / scales).clamp(0, 15).to(torch.int8))
+    assert torch.equal(codes, torch.round(xh * (1 / scales)).clamp(0, 15).to(torch.int8))
     x[0, 0] = -1.0  # below -shift: clamps to code 0
     assert ops.quantize_act(x, smooth, unsigned=True, shift=ops.UNSIGNED_SHIFT)[0][0, 0] == 0
 
@@ -136,7 +137,8 @@ def numpy_w4a4(x, codes, wscales, down, up, bias, smooth, unsigned, shift):
     xs = (xs * inv).reshape(x.shape[0], -1, 64)
     qmax, lo, hi = (15, 0, 15) if unsigned else (7, -8, 7)
     sa = np.abs(xs).max(-1) / np.float32(qmax)
-    rs = np.where(sa == 0, np.float32(0), np.float32(1) / np.where(sa == 0, np.float32(1), sa))
+    normal = sa >= np.float32(2.0 ** -126)
+    rs = np.where(normal, np.float32(1) / np.where(normal, sa, np.float32(1)), np.float32(0))
     qa = np.clip(np.rint(xs * rs[..., None]), lo, hi)
     cw = codes.numpy().astype(np.float64).reshape(codes.shape[0], -1, 64)
     y = np.einsum("mgk,ngk,mg,ng->mn", qa.astype(np.float64), cw, sa.astype(np.float64),
@@ -327,27 +329,21 @@ def test_dtype_casts_keep_the_quantized_values():
 
 
 def test_quantize_act_multiplies_by_reciprocals():
-    """Codes are rint(RN(xs * RN(1/scale))) with xs = x * RN(1/smooth), not rint(xs / scale): values placed
-    within a few ulps of the rounding boundaries (n + 1/2) * scale tell the two apart."""
-    f32 = np.float32
-    inv = f32(1) / f32(3.0)
-    amax = f32(7.3)
-    vals = [amax]
-    for n in range(-4, 4):  # 8 boundaries x 7 neighbours
-        c = f32((n + 0.5) * (amax / f32(7)))
-        for _ in range(3):
-            c = np.nextafter(c, f32(-np.inf))
-        for _ in range(7):
-            vals.append(c)
-            c = np.nextafter(c, f32(np.inf))
-    xs_target = np.array(vals + [0.0] * (64 - len(vals)), dtype=f32)
-    x = torch.from_numpy(xs_target / inv).view(1, 64)  # x * RN(1/3) lands on (or next to) these
-    codes, scales = ops.quantize_act(x, torch.full((64,), 3.0))
-    xn = x.numpy()
-    xs = xn * inv
-    s = np.abs(xs).max() / f32(7)
-    assert scales.item() == s
-    by_recip = np.clip(np.rint(xs * (f32(1) / s)), -8, 7)
-    by_div = np.clip(np.rint((xn / f32(3.0)) / s), -8, 7)
-    assert (by_recip != by_div).any()  # the values tell the two semantics apart
-    assert np.array_equal(codes.numpy(), by_recip.astype(np.int8))
+    """Codes are rint(RN(xs * RN(1/scale))) with xs = x * RN(1/smooth): a group with values where dividing by
+    the scale, or rounding the product only once (a fused multiply-add), gives other codes."""
+    x, smooth, want = reciprocal_boundary_group()
+    codes, scales = ops.quantize_act(x, smooth)
+    assert torch.equal(codes, want)
+    xs = x * (1 / smooth)
+    s = xs.abs().amax() / torch.tensor(7.0)
+    assert scales.item() == s.item()
+    by_div = torch.round(xs / s).clamp(-8, 7).to(torch.int8)
+    by_fma = torch.round((xs.double() * (1 / s).double())).clamp(-8, 7).to(torch.int8)
+    assert not torch.equal(by_div, want) and not torch.equal(by_fma, want)  # the group tells them apart
+    # the smoothing: x * RN(1/smooth), not x / smooth (random groups, where the scales tell the two apart)
+    g = gen(11)
+    x2 = torch.randn(256, 64, generator=g).bfloat16().float()
+    sm = torch.rand(64, generator=g) * 3 + 0.1
+    sc = ops.quantize_act(x2, sm)[1]
+    assert torch.equal(sc, (x2 * (1 / sm)).abs().amax(-1, keepdim=True) / torch.tensor(7.0))
+    assert not torch.equal(sc, (x2 / sm).abs().amax(-1, keepdim=True) / torch.tensor(7.0))

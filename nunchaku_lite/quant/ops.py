@@ -16,10 +16,12 @@ Activation quantization (per token m, per group g), all in float32, every operat
     codes = clamp(round_half_even(xs * (1 / scale)), -8, 7)    or  clamp(..., 0, 15)
                                          (1 / scale correctly rounded, the product rounded to float32,
                                           then rounded to an integer: two roundings, no fused multiply-add)
-    scale == 0 (all-zero group) -> codes 0, scale 0 (never NaN)
+    scale below 2^-126 (subnormal or 0: an all-zero or all-but-zero group) -> codes 0, the scale kept as it is
+                                         (1 / scale would overflow; never NaN)
 Reciprocals rather than divisions: the kernels spend one multiplication per element on each, where a
 correctly rounded division per element took several instructions in kernels bound by instruction issue; the
-codes differ from division's only where a quotient lies within an ulp or two of a rounding boundary.
+codes differ from division's only where a quotient lies within an ulp or two of a rounding boundary (and in
+groups whose scale is below 2^-126, all codes 0 here).
 Inputs are expected finite (codes of non-finite xs are unspecified; scales follow amax).
 The shift is added *before* the smoothing, as in Nunchaku's kernels (NUNCHAKU_FORMAT.md §4.1).
 Power-of-two variant (`quantize_act(..., pow2=True)`, layers with `act_pow2`; `pow2_act_scales`): with
@@ -62,6 +64,7 @@ y = (x.float() @ W.T + bias.float()).to(x.dtype).
 import torch
 
 GROUP = 64
+MIN_NORMAL = 2.0 ** -126  # the smallest normal float32: activation scales below it give codes 0
 UNSIGNED_SHIFT = 0.171875  # Nunchaku's constant shift of post-GELU (fc2) inputs: min gelu_tanh > -0.1702
 
 # Bound on elements of the [rows, N, G] integer-dot intermediate per chunk (keeps the reference usable on
@@ -101,8 +104,8 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, unsigned: 
     scales = amax / amax.new_tensor(qmax)
     if pow2:
         scales = pow2_act_scales(scales)
-    # An all-zero group has scale 0: multiply by 0 instead of 1/0, so its codes are round(0) = 0, not NaN.
-    inv = torch.where(scales > 0, _reciprocal(scales), torch.zeros_like(scales))
+    # Scales below 2^-126 (0 for an all-zero group) multiply by 0 instead of an overflowing 1/scale: codes 0.
+    inv = torch.where(scales >= MIN_NORMAL, _reciprocal(scales), torch.zeros_like(scales))
     codes = torch.round(xs * inv[..., None]).clamp_(lo, hi).to(torch.int8)
     return codes.view(-1, k), scales
 
