@@ -15,7 +15,12 @@
 //   tokens tok_offset .. tok_offset + L - 1, so the txt and img streams of a double block fill one joint buffer.
 //   pe: float [Bpe, L_out, D/2, 2, 2] (EmbedND output without the head axis), batch stride pe_stride_b floats
 //   (0: shared by all batch rows), or NULL for no rotation.
-//   Mapping: one warp per (token, head); lane l owns pairs l, l+32, ... (32-bit coalesced loads).
+//   Mapping: head dims D of 64, 128 or 256 with 16-byte aligned rows and buffers (FLUX: D = 128): D/8 lanes per
+//   (token, head), each with 8 consecutive elements (4 pairs) of q, k and v in one 16-byte load each, the
+//   sum of squares reduced over those lanes (qknorm_rope_vec_kernel: 3 loads per lane; the 32-bit form below
+//   took 6 per lane for D = 128 and ran at ~half the H200's bandwidth, h200-2026-12-07e/profile_w4a4_main.txt:
+//   3.9 ms per FLUX.1-dev 1024 step). Other shapes: one warp per (token, head), lane l owning pairs l, l+32, ...
+//   (32-bit loads). The two differ only in the fp32 order of the sum of squares.
 //
 // nl_layernorm_modulate: out[m, :] = T(T(T(1 + scale[b]) * T((x - mean) * rstd)) + shift[b]): the roundings
 //   of the unfused `(1 + scale) * LayerNorm(x) + shift` on 16-bit tensors (so a W4A4 linear fed by it gets the
@@ -122,6 +127,100 @@ qknorm_rope_kernel(const T *__restrict__ qkv, int64_t M, int64_t L, int64_t ld, 
 #pragma unroll
   for (int j = 0; j < QK_MAX_PAIRS; ++j)
     if (j < np) reinterpret_cast<uint32_t *>(v + out_off)[lane + 32 * j] = xv[j];
+}
+
+// 8 consecutive scale values (RMSNorm weights) of element index i as floats, any scale dtype (uniform branch).
+__device__ __forceinline__ void load_scale8(const void *p, int dtype, int i, float (&out)[8]) {
+  if (dtype == NL_F32) {
+    const float4 a = reinterpret_cast<const float4 *>(static_cast<const float *>(p) + i)[0];
+    const float4 b = reinterpret_cast<const float4 *>(static_cast<const float *>(p) + i)[1];
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+    return;
+  }
+  const uint4 r = *reinterpret_cast<const uint4 *>(static_cast<const uint16_t *>(p) + i);
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = dtype == NL_BF16 ? unpack2<__nv_bfloat16>(w[j]) : unpack2<__half>(w[j]);
+    out[2 * j] = f.x, out[2 * j + 1] = f.y;
+  }
+}
+
+// RMSNorm + RoPE of 8 elements (c8: the lane's 16-byte chunk of a q or k head) whose head's sum of squares is
+// spread over LPH lanes (aligned groups); the same per-element ops as norm_rope_head.
+template <typename T, int LPH>
+__device__ __forceinline__ uint4 norm_rope8(uint4 c8, int c, int D, const void *scale, int scale_dtype, float eps,
+                                           const float *pe_tok) {
+  const uint32_t w[4] = {c8.x, c8.y, c8.z, c8.w};
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 v = unpack2<T>(w[j]);
+    ss += v.x * v.x + v.y * v.y;
+  }
+#pragma unroll
+  for (int o = LPH / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const float rrms = rsqrtf(ss / D + eps);
+  float sc[8];
+  load_scale8(scale, scale_dtype, 8 * c, sc);
+  uint32_t o[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 v = unpack2<T>(w[j]);
+    const float y0 = round_to<T>(round_to<T>(v.x * rrms) * sc[2 * j]);
+    const float y1 = round_to<T>(round_to<T>(v.y * rrms) * sc[2 * j + 1]);
+    float o0 = y0, o1 = y1;
+    if (pe_tok != nullptr) {
+      const float4 r = reinterpret_cast<const float4 *>(pe_tok)[4 * c + j];  // pair 4c + j: [[a, b], [c, e]]
+      o0 = __fadd_rn(__fmul_rn(r.x, y0), __fmul_rn(r.y, y1));
+      o1 = __fadd_rn(__fmul_rn(r.z, y0), __fmul_rn(r.w, y1));
+    }
+    o[j] = pack2<T>(o0, o1);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// D/8 = LPH lanes per (token, head) item, 32 / LPH items per warp. (4 blocks per SM in the launch bounds: 64
+// registers; without it ptxas chose 48 and spilled in the bf16 instances.)
+template <typename T, int LPH>
+__global__ void __launch_bounds__(QK_WARPS * 32, 4)
+qknorm_rope_vec_kernel(const T *__restrict__ qkv, int64_t M, int64_t L, int64_t ld, int H,
+                       const void *q_scale, const void *k_scale, int scale_dtype, float eps,
+                       const float *__restrict__ pe, int64_t pe_stride_b, T *__restrict__ q, T *__restrict__ k,
+                       T *__restrict__ v, int64_t L_out, int64_t tok_offset) {
+  constexpr int D = 8 * LPH;
+  const int lane = threadIdx.x & 31, c = lane % LPH;
+  const int64_t item = ((int64_t)blockIdx.x * QK_WARPS + (threadIdx.x >> 5)) * (32 / LPH) + lane / LPH;
+  const bool live = item < M * H;  // (dead lanes still take part in the shuffles)
+  const int64_t it = live ? item : 0;
+  const int64_t m = it / H;
+  const int h = (int)(it % H);
+  const int64_t b = m / L, t = m % L;
+  const int64_t HD = (int64_t)H * D;
+  const T *row = qkv + m * ld + (int64_t)h * D + 8 * c;
+  const int64_t out_off = ((b * L_out + tok_offset + t) * H + h) * D + 8 * c;
+  const float *pe_tok = pe ? pe + b * pe_stride_b + (tok_offset + t) * (int64_t)(2 * D) : nullptr;
+  const uint4 xq = *reinterpret_cast<const uint4 *>(row);
+  const uint4 xk = *reinterpret_cast<const uint4 *>(row + HD);
+  const uint4 xv = *reinterpret_cast<const uint4 *>(row + 2 * HD);
+  const uint4 oq = norm_rope8<T, LPH>(xq, c, D, q_scale, scale_dtype, eps, pe_tok);
+  const uint4 ok = norm_rope8<T, LPH>(xk, c, D, k_scale, scale_dtype, eps, pe_tok);
+  if (live) {
+    *reinterpret_cast<uint4 *>(q + out_off) = oq;
+    *reinterpret_cast<uint4 *>(k + out_off) = ok;
+    *reinterpret_cast<uint4 *>(v + out_off) = xv;
+  }
+}
+
+template <typename T, int LPH>
+void launch_qknorm_rope_vec(const void *qkv, int64_t M, int64_t L, int64_t ld, int H, const void *q_scale,
+                            const void *k_scale, int scale_dtype, float eps, const float *pe, int64_t pe_stride_b,
+                            void *q, void *k, void *v, int64_t L_out, int64_t tok_offset, cudaStream_t s) {
+  const int64_t per_block = (int64_t)QK_WARPS * (32 / LPH);
+  const dim3 grid((unsigned)((M * H + per_block - 1) / per_block)), block(QK_WARPS * 32);
+  qknorm_rope_vec_kernel<T, LPH><<<grid, block, 0, s>>>(static_cast<const T *>(qkv), M, L, ld, H, q_scale, k_scale,
+                                                         scale_dtype, eps, pe, pe_stride_b, static_cast<T *>(q),
+                                                         static_cast<T *>(k), static_cast<T *>(v), L_out, tok_offset);
 }
 
 // (1 + scale) * xhat + shift with the unfused code's roundings: LayerNorm's output, 1 + scale, the product (the
@@ -249,6 +348,24 @@ extern "C" int nl_qknorm_rope(const void *qkv, int dtype, int64_t M, int64_t L, 
   const int64_t items = M * H;
   const dim3 grid((unsigned)((items + QK_WARPS - 1) / QK_WARPS)), block(QK_WARPS * 32);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool vec = (D == 64 || D == 128 || D == 256) && ld % 8 == 0 && nl_aligned(qkv, 16) && nl_aligned(q, 16) &&
+                   nl_aligned(k, 16) && nl_aligned(v, 16) && nl_aligned(q_scale, 16) && nl_aligned(k_scale, 16);
+  if (vec) {
+    auto go = [&](auto tag, auto lph) {
+      using T = decltype(tag);
+      launch_qknorm_rope_vec<T, decltype(lph)::value>(qkv, M, L, ld, H, q_scale, k_scale, scale_dtype, eps, pe,
+                                                      pe_stride_b, q, k, v, L_out, tok_offset, s);
+    };
+    auto by_d = [&](auto tag) {
+      if (D == 64) go(tag, std::integral_constant<int, 8>{});
+      else if (D == 128) go(tag, std::integral_constant<int, 16>{});
+      else go(tag, std::integral_constant<int, 32>{});
+    };
+    if (dtype == NL_BF16) by_d(__nv_bfloat16{});
+    else by_d(__half{});
+    NL_CHECK_LAUNCH(kn);
+    return NL_OK;
+  }
   if (dtype == NL_BF16)
     qknorm_rope_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(
         static_cast<const __nv_bfloat16 *>(qkv), M, L, ld, H, D, q_scale, k_scale, scale_dtype, eps, pe,

@@ -220,7 +220,8 @@ def _needs_kernels():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D,scale_dtype", [(128, torch.bfloat16), (64, torch.float32), (256, torch.float16)])
-def test_qknorm_rope_kernel(dtype, D, scale_dtype):
+@pytest.mark.parametrize("offset", [0, 2])  # 2: rows not 16-byte aligned, the 32-bit-load kernel
+def test_qknorm_rope_kernel(dtype, D, scale_dtype, offset):
     _needs_kernels()
     g = torch.Generator().manual_seed(D)
     b, H, lt, li = 2, 3, 37, 50
@@ -230,7 +231,7 @@ def test_qknorm_rope_kernel(dtype, D, scale_dtype):
     axes = (axes[0], axes[1], D - axes[0] - axes[1])
     pe = dit.EmbedND(D, 10_000, axes)(ids).cuda()
     qs, ks = (torch.randn(D, generator=g).to(scale_dtype).cuda() for _ in range(2))
-    x = [(torch.randn(b * n, 3 * H * D + 64, generator=g) * 3).to(dtype).cuda() for n in (lt, li)]
+    x = [(torch.randn(b * n, 3 * H * D + 64, generator=g) * 3).to(dtype).cuda()[:, offset:] for n in (lt, li)]
     outs = []
     for impl in (fused.qknorm_rope, fused.qknorm_rope_ref):
         bufs = fused.JointQKV.empty(b, L, H, D, x[0])
