@@ -1,6 +1,8 @@
 // Library-wide entry points: the thread-local error message and the version.
 #include "common.cuh"
 
+#include <cstdlib>
+
 namespace {
 thread_local char g_error[512] = "";
 }
@@ -14,5 +16,17 @@ int nl_fail(int code, const char *fmt, ...) {
 }
 
 extern "C" const char *nl_last_error(void) { return g_error; }
+
+bool nl_pdl_enabled() {
+  static int major_of[64] = {};  // compute capability major per device, 0 = not yet asked
+  const char *env = getenv("NUNCHAKU_LITE_PDL");
+  if (env && env[0] == '0') return false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (!major_of[dev] && cudaDeviceGetAttribute(&major_of[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major_of[dev] >= 9;
+}
+
 // 2: the quantize kernels take 1/smooth (inv_smooth) instead of smooth; nl_w4a4_gemm_s8 takes a workspace.
 extern "C" int nl_version(void) { return 2; }

@@ -21,6 +21,45 @@ int nl_fail(int code, const char *fmt, ...);
 
 static inline bool nl_aligned(const void *p, int bytes) { return ((uintptr_t)p % bytes) == 0; }
 
+// ---- programmatic dependent launch (PDL, sm_90) ----------------------------------------------------------
+// nl_launch starts a kernel with the ProgrammaticStreamSerialization attribute on sm_90 devices: its CTAs may
+// be scheduled while the previous kernel of the stream is still running, once every CTA of that kernel has
+// started (pdl_trigger at each kernel's top). Every kernel launched through nl_launch calls pdl_wait() before
+// it reads or writes global memory: that returns when the previous kernel has completed and its writes are
+// visible, so memory effects keep the stream's order and only the launch latency and each kernel's set-up
+// (shared memory, barriers, weight prefetch) overlap the previous kernel's tail. Both are no-ops for a plain
+// launch and below sm_90. Inside CUDA-graph capture the attribute becomes a programmatic graph edge.
+// NUNCHAKU_LITE_PDL=0 launches plainly (comparisons).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+bool nl_pdl_enabled();  // api.cu: the current device is sm_90+ and NUNCHAKU_LITE_PDL is not 0
+
+template <typename... P, typename... A>
+cudaError_t nl_launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A &&...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  if (nl_pdl_enabled()) {
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kern, static_cast<A &&>(args)...);
+}
+
 // NL_ERR_UNSUPPORTED unless the current device is sm_90 (the sm_90a kernels' host entries).
 static inline int nl_check_sm90(const char *k) {
   int dev = 0, major = 0, minor = 0;

@@ -100,6 +100,8 @@ qknorm_rope_kernel(const T *__restrict__ qkv, int64_t M, int64_t L, int64_t ld, 
                    const void *q_scale, const void *k_scale, int scale_dtype, float eps,
                    const float *__restrict__ pe, int64_t pe_stride_b, T *__restrict__ q, T *__restrict__ k,
                    T *__restrict__ v, int64_t L_out, int64_t tok_offset) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   const int lane = threadIdx.x & 31;
   const int64_t item = (int64_t)blockIdx.x * QK_WARPS + (threadIdx.x >> 5);  // (token, head)
   if (item >= M * H) return;
@@ -241,6 +243,8 @@ template <typename T>
 __global__ void __launch_bounds__(GR_THREADS)
 gate_residual_kernel(const T *__restrict__ x, const T *__restrict__ y, int64_t ldy, const T *__restrict__ gate,
                      int64_t gate_stride_b, int64_t M, int N, int64_t L, T *__restrict__ out) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   const int nch = N / 8;
   const int64_t i = (int64_t)blockIdx.x * GR_THREADS + threadIdx.x;  // one 8-element chunk per thread
   if (i >= M * nch) return;
@@ -265,6 +269,8 @@ __global__ void __launch_bounds__(LN_WARPS * 32)
 layernorm_modulate_kernel(const T *__restrict__ x, int64_t M, int K, int64_t ldx, int64_t L,
                           const T *__restrict__ shift, const T *__restrict__ scale, int64_t mod_stride_b,
                           float eps, T *__restrict__ out, int64_t ldo) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   const int lane = threadIdx.x & 31;
   const int64_t m = (int64_t)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
   if (m >= M) return;
@@ -367,12 +373,12 @@ extern "C" int nl_qknorm_rope(const void *qkv, int dtype, int64_t M, int64_t L, 
     return NL_OK;
   }
   if (dtype == NL_BF16)
-    qknorm_rope_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(
+    (void)nl_launch(qknorm_rope_kernel<__nv_bfloat16>, dim3(grid), dim3(block), 0, s,
         static_cast<const __nv_bfloat16 *>(qkv), M, L, ld, H, D, q_scale, k_scale, scale_dtype, eps, pe,
         pe_stride_b, static_cast<__nv_bfloat16 *>(q), static_cast<__nv_bfloat16 *>(k),
         static_cast<__nv_bfloat16 *>(v), L_out, tok_offset);
   else
-    qknorm_rope_kernel<__half><<<grid, block, 0, s>>>(
+    (void)nl_launch(qknorm_rope_kernel<__half>, dim3(grid), dim3(block), 0, s,
         static_cast<const __half *>(qkv), M, L, ld, H, D, q_scale, k_scale, scale_dtype, eps, pe, pe_stride_b,
         static_cast<__half *>(q), static_cast<__half *>(k), static_cast<__half *>(v), L_out, tok_offset);
   NL_CHECK_LAUNCH(kn);
@@ -398,11 +404,11 @@ extern "C" int nl_layernorm_modulate(const void *x, int dtype, int64_t M, int64_
   const dim3 grid((unsigned)((M + LN_WARPS - 1) / LN_WARPS)), block(LN_WARPS * 32);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (dtype == NL_BF16)
-    layernorm_modulate_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(
+    (void)nl_launch(layernorm_modulate_kernel<__nv_bfloat16>, dim3(grid), dim3(block), 0, s,
         static_cast<const __nv_bfloat16 *>(x), M, (int)K, ldx, L, static_cast<const __nv_bfloat16 *>(shift),
         static_cast<const __nv_bfloat16 *>(scale), mod_stride_b, eps, static_cast<__nv_bfloat16 *>(out), ldo);
   else
-    layernorm_modulate_kernel<__half><<<grid, block, 0, s>>>(
+    (void)nl_launch(layernorm_modulate_kernel<__half>, dim3(grid), dim3(block), 0, s,
         static_cast<const __half *>(x), M, (int)K, ldx, L, static_cast<const __half *>(shift),
         static_cast<const __half *>(scale), mod_stride_b, eps, static_cast<__half *>(out), ldo);
   NL_CHECK_LAUNCH(kn);
@@ -426,11 +432,11 @@ extern "C" int nl_gate_residual(const void *x, const void *y, int64_t ldy, const
   const dim3 grid((unsigned)((chunks + GR_THREADS - 1) / GR_THREADS)), block(GR_THREADS);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (dtype == NL_BF16)
-    gate_residual_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(
+    (void)nl_launch(gate_residual_kernel<__nv_bfloat16>, dim3(grid), dim3(block), 0, s,
         static_cast<const __nv_bfloat16 *>(x), static_cast<const __nv_bfloat16 *>(y), ldy,
         static_cast<const __nv_bfloat16 *>(gate), gate_stride_b, M, (int)N, L, static_cast<__nv_bfloat16 *>(out));
   else
-    gate_residual_kernel<__half><<<grid, block, 0, s>>>(
+    (void)nl_launch(gate_residual_kernel<__half>, dim3(grid), dim3(block), 0, s,
         static_cast<const __half *>(x), static_cast<const __half *>(y), ldy, static_cast<const __half *>(gate),
         gate_stride_b, M, (int)N, L, static_cast<__half *>(out));
   NL_CHECK_LAUNCH(kn);

@@ -19,6 +19,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 w4a16_kernel(const T *__restrict__ x, int64_t ldx, const uint8_t *__restrict__ qw, const float *__restrict__ scales,
              const float *__restrict__ zeros, const float *__restrict__ bias, T *__restrict__ out, int64_t ldo, int M,
              int N, int K) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (n >= N) return;
@@ -80,11 +82,11 @@ int launch(const void *x, int64_t ldx, const uint8_t *qw, const float *scales, c
            void *out, int64_t ldo, int M, int N, int K, cudaStream_t s) {
   const int blocks = (N + WARPS - 1) / WARPS;
   if (zeros)
-    w4a16_kernel<T, true><<<blocks, WARPS * 32, 0, s>>>(static_cast<const T *>(x), ldx, qw, scales, zeros, bias,
-                                                        static_cast<T *>(out), ldo, M, N, K);
+    (void)nl_launch(w4a16_kernel<T, true>, dim3(blocks), dim3(WARPS * 32), 0, s, static_cast<const T *>(x), ldx, qw,
+                    scales, zeros, bias, static_cast<T *>(out), ldo, M, N, K);
   else
-    w4a16_kernel<T, false><<<blocks, WARPS * 32, 0, s>>>(static_cast<const T *>(x), ldx, qw, scales, zeros, bias,
-                                                         static_cast<T *>(out), ldo, M, N, K);
+    (void)nl_launch(w4a16_kernel<T, false>, dim3(blocks), dim3(WARPS * 32), 0, s, static_cast<const T *>(x), ldx, qw,
+                    scales, zeros, bias, static_cast<T *>(out), ldo, M, N, K);
   NL_CHECK_LAUNCH("nl_w4a16_gemm");
   return NL_OK;
 }

@@ -167,6 +167,8 @@ __device__ __forceinline__ void lowrank_epilogue(const GemmParams &p, uint8_t *s
 
 template <int PATH, bool UNS, bool EXACT, int WNT, int WMT>
 __global__ void __launch_bounds__(THREADS, WMT == 2 ? 2 : 1) w4a4_gemm_kernel(const GemmParams p) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   using TL = Tile<WNT, WMT>;
   constexpr int BM = TL::BM;
   constexpr int BN = TL::BN, A_BYTES = TL::A_BYTES, B_BYTES = TL::B_BYTES, SA_BYTES = TL::SA_BYTES;
@@ -370,7 +372,7 @@ int launch_gemm(const GemmParams &p, cudaStream_t stream) {
     if (dev < 64) attr_set[dev] = true;
   }
   dim3 grid(p.N / BN, (p.M + BM - 1) / BM);
-  kern<<<grid, THREADS, SMEM_BYTES, stream>>>(p);
+  (void)nl_launch(kern, dim3(grid), dim3(THREADS), SMEM_BYTES, stream, p);
   NL_CHECK_LAUNCH("nl_w4a4_gemm");
   return NL_OK;
 }

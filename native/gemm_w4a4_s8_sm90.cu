@@ -222,6 +222,8 @@ __device__ __forceinline__ void scale_sums(float (&f)[BT / 2], const int (&acc)[
 
 template <int BT, typename LT, bool UNS, int NSTAGES>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
 #ifdef NL_SM90A
   using namespace sm90;
   using C = Cfg<BT, NSTAGES>;
@@ -433,7 +435,7 @@ int launch(const Params &p, cudaStream_t stream) {
   constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
   static bool attr_set[64] = {};
   if (int rc = nl_smem_once(kern, SMEM, attr_set, "nl_w4a4_gemm_s8")) return rc;
-  kern<<<((p.M + BT - 1) / BT) * (p.N / BN), THREADS, SMEM, stream>>>(p);
+  (void)nl_launch(kern, dim3(((p.M + BT - 1) / BT) * (p.N / BN)), dim3(THREADS), SMEM, stream, p);
   NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
   return NL_OK;
 }

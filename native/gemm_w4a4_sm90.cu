@@ -277,6 +277,8 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
 
 template <int BT, typename LT, int SUB, int NSTAGES, int CL, bool FOLD, bool PIPE, bool QUANT>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_fp8_kernel(const Params p) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
 #ifdef NL_SM90A
   using C = Cfg<BT, NSTAGES>;
   constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // setmaxnreg: 128*24 + 256*240 <= 64K registers
@@ -539,7 +541,7 @@ int launch(const Params &p, cudaStream_t stream) {
     cfg.numAttrs = 1;
     NL_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kern, p), "nl_w4a4_gemm_fp8");
   } else {
-    kern<<<grid, THREADS, SMEM, stream>>>(p);
+    (void)nl_launch(kern, dim3(grid), dim3(THREADS), SMEM, stream, p);
   }
   NL_CHECK_LAUNCH("nl_w4a4_gemm_fp8");
   return NL_OK;

@@ -261,6 +261,8 @@ __device__ void write_padding_tile(const Args &p, int m0) {
 // plain kernel ~10% at K = 12288 (h100-2026-12-07c/quant_final.log).
 template <typename T, typename C, bool LN, bool POW2>
 __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const Args p) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ float row_mean[C::BM], row_rstd[C::BM];
   __shared__ int row_batch[C::BM];
@@ -620,6 +622,8 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
 template <typename T, bool LN>
 __global__ void __launch_bounds__(NTHREADS) stats_kernel(const Args p, int wpr, float *__restrict__ tok,
                                                          float2 *__restrict__ stats) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   // wpr warps per row (1, 2, 4 or 8; always 1 with LN, whose sums keep one order): small M still fills the GPU
   __shared__ float part[NWARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = warp % wpr;
@@ -721,7 +725,7 @@ int launch(const Args &p0, cudaStream_t stream, const char *kname) {
   if (p.nctas != ntiles && p.rank > 0)  // shared tiles add two partial sums onto zeros
     NL_CHECK_CUDA(cudaMemsetAsync(p.lora_act, 0, (size_t)p.M * p.rank * sizeof(float), stream), kname);
   const int blocks = p.nctas + (int)((p.ldm + BM - 1) / BM) - ntiles;  // + the padding tiles
-  kern<<<blocks, NTHREADS, smem, stream>>>(p);
+  (void)nl_launch(kern, dim3(blocks), dim3(NTHREADS), smem, stream, p);
   NL_CHECK_LAUNCH(kname);
   return NL_OK;
 }
@@ -872,7 +876,7 @@ extern "C" int nl_act_stats(const void *x, int x_dtype, int64_t M, int64_t K, in
   float2 *st = reinterpret_cast<float2 *>(row_stats);
   auto kern = x_dtype == NL_BF16 ? (ln ? stats_kernel<__nv_bfloat16, true> : stats_kernel<__nv_bfloat16, false>)
                                  : (ln ? stats_kernel<__half, true> : stats_kernel<__half, false>);
-  kern<<<blocks, NTHREADS, 0, s>>>(p, wpr, token_scale, st);
+  (void)nl_launch(kern, dim3(blocks), dim3(NTHREADS), 0, s, p, wpr, token_scale, st);
   NL_CHECK_LAUNCH(k);
   return NL_OK;
 }
