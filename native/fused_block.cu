@@ -190,6 +190,8 @@ qknorm_rope_vec_kernel(const T *__restrict__ qkv, int64_t M, int64_t L, int64_t 
                        const void *q_scale, const void *k_scale, int scale_dtype, float eps,
                        const float *__restrict__ pe, int64_t pe_stride_b, T *__restrict__ q, T *__restrict__ k,
                        T *__restrict__ v, int64_t L_out, int64_t tok_offset) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
   constexpr int D = 8 * LPH;
   const int lane = threadIdx.x & 31, c = lane % LPH;
   const int64_t item = ((int64_t)blockIdx.x * QK_WARPS + (threadIdx.x >> 5)) * (32 / LPH) + lane / LPH;
@@ -220,9 +222,9 @@ void launch_qknorm_rope_vec(const void *qkv, int64_t M, int64_t L, int64_t ld, i
                             void *q, void *k, void *v, int64_t L_out, int64_t tok_offset, cudaStream_t s) {
   const int64_t per_block = (int64_t)QK_WARPS * (32 / LPH);
   const dim3 grid((unsigned)((M * H + per_block - 1) / per_block)), block(QK_WARPS * 32);
-  qknorm_rope_vec_kernel<T, LPH><<<grid, block, 0, s>>>(static_cast<const T *>(qkv), M, L, ld, H, q_scale, k_scale,
-                                                         scale_dtype, eps, pe, pe_stride_b, static_cast<T *>(q),
-                                                         static_cast<T *>(k), static_cast<T *>(v), L_out, tok_offset);
+  (void)nl_launch(qknorm_rope_vec_kernel<T, LPH>, grid, block, 0, s, static_cast<const T *>(qkv), M, L, ld, H,
+                  q_scale, k_scale, scale_dtype, eps, pe, pe_stride_b, static_cast<T *>(q), static_cast<T *>(k),
+                  static_cast<T *>(v), L_out, tok_offset);
 }
 
 // (1 + scale) * xhat + shift with the unfused code's roundings: LayerNorm's output, 1 + scale, the product (the

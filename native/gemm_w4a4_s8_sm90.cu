@@ -317,6 +317,8 @@ struct Run {
 // epilogue. A CTA waits only on later CTAs, which hand over before they wait on anything: no cycle.
 template <typename LT, bool UNS>
 __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, int *ws) {
+  pdl_trigger();  // launched by nl_launch: see common.cuh
+  pdl_wait();
 #ifdef NL_SM90A
   using namespace sm90;
   using C = SkCfg;
@@ -452,7 +454,7 @@ int launch_sk(const Params &p, int *ws, int grid, cudaStream_t stream) {
   auto kern = w4a4_s8_sk_kernel<LT, UNS>;
   static bool attr_set[64] = {};
   if (int rc = nl_smem_once(kern, SkCfg::SMEM, attr_set, "nl_w4a4_gemm_s8")) return rc;
-  kern<<<grid, THREADS, SkCfg::SMEM, stream>>>(p, ws);
+  (void)nl_launch(kern, dim3(grid), dim3(THREADS), SkCfg::SMEM, stream, p, ws);
   NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
   return NL_OK;
 }
