@@ -2,6 +2,8 @@
 #include "common.cuh"
 
 #include <cstdlib>
+#include <mutex>
+#include <unordered_map>
 
 namespace {
 thread_local char g_error[512] = "";
@@ -26,6 +28,18 @@ bool nl_pdl_enabled() {
   if (!major_of[dev] && cudaDeviceGetAttribute(&major_of[dev], cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
     return false;
   return major_of[dev] >= 9;
+}
+
+bool nl_kernel_waits(const void *kern) {
+  static std::mutex lock;
+  static std::unordered_map<const void *, bool> known;
+  std::lock_guard<std::mutex> guard(lock);
+  auto it = known.find(kern);
+  if (it != known.end()) return it->second;
+  cudaFuncAttributes a = {};
+  const bool ok = cudaFuncGetAttributes(&a, kern) == cudaSuccess && a.ptxVersion >= 90;
+  known.emplace(kern, ok);
+  return ok;
 }
 
 // 2: the quantize kernels take 1/smooth (inv_smooth) instead of smooth; nl_w4a4_gemm_s8 takes a workspace.

@@ -24,11 +24,12 @@ static inline bool nl_aligned(const void *p, int bytes) { return ((uintptr_t)p %
 // ---- programmatic dependent launch (PDL, sm_90) ----------------------------------------------------------
 // nl_launch starts a kernel with the ProgrammaticStreamSerialization attribute on sm_90 devices: its CTAs may
 // be scheduled while the previous kernel of the stream is still running, once every CTA of that kernel has
-// started (pdl_trigger at each kernel's top). Every kernel launched through nl_launch calls pdl_wait() before
-// it reads or writes global memory: that returns when the previous kernel has completed and its writes are
-// visible, so memory effects keep the stream's order and only the launch latency and each kernel's set-up
-// (shared memory, barriers, weight prefetch) overlap the previous kernel's tail. Both are no-ops for a plain
-// launch and below sm_90. Inside CUDA-graph capture the attribute becomes a programmatic graph edge.
+// started (pdl_trigger at each kernel's top). Every kernel launched through nl_launch calls pdl_wait() first,
+// before it reads or writes global memory: that returns when the previous kernel has completed and its writes
+// are visible, so memory effects keep the stream's order and what overlaps the previous kernel's tail is the
+// launch latency and the CTAs' dispatch. Both are no-ops for a plain launch and below sm_90. The attribute is
+// set only for kernels whose code was compiled for sm_90+ (nl_kernel_waits: PTX of an older target, JIT-compiled
+// on a newer GPU, would have no wait). Inside CUDA-graph capture it becomes a programmatic graph edge.
 // NUNCHAKU_LITE_PDL=0 launches plainly (comparisons).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -41,7 +42,8 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-bool nl_pdl_enabled();  // api.cu: the current device is sm_90+ and NUNCHAKU_LITE_PDL is not 0
+bool nl_pdl_enabled();                  // api.cu: the current device is sm_90+ and NUNCHAKU_LITE_PDL is not 0
+bool nl_kernel_waits(const void *kern);  // api.cu: kern's code is of an sm_90+ target (cached per kernel)
 
 template <typename... P, typename... A>
 cudaError_t nl_launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A &&...args) {
@@ -53,7 +55,7 @@ cudaError_t nl_launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem, cu
   cudaLaunchAttribute attr[1] = {};
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  if (nl_pdl_enabled()) {
+  if (nl_pdl_enabled() && nl_kernel_waits(reinterpret_cast<const void *>(kern))) {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
   }

@@ -390,3 +390,55 @@ def test_pow2_layer_native_path_end_to_end(cuda_lib, s8, monkeypatch):
     layer = layer.to(DEV)
     got = layer(x.to(DEV)).float().cpu()
     assert _rel(got, ref) < 5e-3
+
+
+def _pow2_prep(n, k, rank, unsigned, gen):
+    """A prepared power-of-two layer (weights and activations) for the integer GEMM, and its smooth."""
+    qweight, _, lora_down, lora_up, bias, smooth = _layer(n, k, rank, gen, torch.bfloat16)
+    ch = torch.rand(n, 1, generator=gen) * 0.02 + 1e-3
+    e = torch.randint(0, ops.POW2_MAX_EXP + 1, (n, k // 64), generator=gen)
+    e[:, 0] = 0
+    wscales = (ch.to(torch.bfloat16).float() * torch.exp2(-e.float())).to(torch.bfloat16)
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    return native.prepare_w4a4(qweight.to(DEV), wscales.to(DEV), lora_down.to(DEV), lora_up.to(DEV), bias.to(DEV),
+                               smooth.to(DEV), unsigned, shift, torch.bfloat16, path="wgmma", act_pow2=True)
+
+
+@pytest.mark.gpu
+def test_programmatic_dependent_launch_chain(sm90, monkeypatch):
+    """A chain of the step's kernels back to back: statistics + quantize -> integer GEMM split by stream-K
+    (forced; K = 6144) with the GELU epilogue -> statistics + quantize -> integer GEMM -> gate + residual,
+    eager and from a CUDA graph, with programmatic dependent launch (each kernel may start before its
+    predecessor ends, native/common.cuh nl_launch) and without (NUNCHAKU_LITE_PDL=0): bit-identical."""
+    from nunchaku_lite import fused
+    gen = torch.Generator().manual_seed(21)
+    m, k, n = 700, 6144, 1024
+    fc1, fc2 = _pow2_prep(n, k, 32, False, gen), _pow2_prep(k, n, 32, True, gen)
+    x = _acts(m, k, gen).to(DEV)
+    gate = (torch.randn(1, k, generator=gen) * 0.1).to(torch.bfloat16).to(DEV)
+    assert fc1.s8_ok and fc2.s8_ok
+    monkeypatch.setenv("NUNCHAKU_LITE_S8_SK", "1")
+
+    def chain():
+        h = native.w4a4_linear_prepared(x, fc1, epilogue="gelu_tanh")
+        y = native.w4a4_linear_prepared(h, fc2)
+        return fused.gate_residual(x.view(1, m, k), gate, y)
+
+    outs = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("NUNCHAKU_LITE_PDL", pdl)
+        eager = chain()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain()  # warm-up outside the capture (workspaces, prepared layouts)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graphed = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[pdl] = (eager, graphed.clone())
+    for a, b in zip(outs["0"], outs["1"]):
+        assert torch.equal(a, b)
+    assert torch.equal(outs["1"][0], outs["1"][1])
