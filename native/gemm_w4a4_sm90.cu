@@ -227,7 +227,8 @@ __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, fl
     const int t = 8 * (i >> 2) + 2 * q + (i & 1), k = kl + ((i >> 1) & 1) * 8;
     const float rscale = ssc[c * BT + t];  // RN(1 / scale), or 0
     // + 0: -0 -> +0 (the e4m3 byte of code 0 is 0x00, as in the reference layout)
-    const float code = fminf(fmaxf(rintf(__fmul_rn(xs_of(i), rscale)), lo), hi) + 0.f;
+    // (rscale 0: codes 0, as in the quantize kernel; an infinite xs * 0 would give NaN)
+    const float code = rscale > 0.f ? fminf(fmaxf(rintf(__fmul_rn(xs_of(i), rscale)), lo), hi) + 0.f : 0.f;
     slab[((t >> 3) * 4 + (k >> 4)) * 128 + (t & 7) * 16 + (k & 15)] = (uint8_t)e4m3_byte(code);
   }
   wg_sync();

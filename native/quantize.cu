@@ -481,10 +481,17 @@ __global__ void __launch_bounds__(NTHREADS, C::MIN_BLOCKS) quantize_kernel(const
         const float sc = coding_scale(__fdiv_rn(amax, qmax), uu);
         scale[uu] = sc;
         const float rc = sc >= 0x1p-126f ? __frcp_rn(sc) : 0.f;  // below: codes 0 (ops.MIN_NORMAL)
+        // rc = 0 (scale below 2^-126, or not finite: an overflowed xs, NaN input): codes 0, as the reference's
+        // xs * 0 (where an infinite xs gives NaN, which torch turns into the int8 0)
+        if (rc > 0.f) {
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const float fj = __fadd_rn(__fmul_rn(v[j], rc), MAGIC);  // MAGIC + rint(RN(xs * rc))
-          f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
+          for (int j = 0; j < 16; ++j) {
+            const float fj = __fadd_rn(__fmul_rn(v[j], rc), MAGIC);  // MAGIC + rint(RN(xs * rc))
+            f[uu][j] = decltype(general)::value ? fmaxf(fj, flo) : fj;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) f[uu][j] = MAGIC;
         }
       }
     };
