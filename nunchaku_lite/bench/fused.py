@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -39,12 +40,16 @@ def _profile(fn, path: Path, label: str, log) -> None:
     kernels = sorted((e for e in events if getattr(e, key, 0) > 0 and not e.key.startswith(("aten::", "cuda")))
                      , key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in kernels)
-    lines = [f"# {label}: one step, {total / 1e3:.2f} ms of device time in {len(kernels)} distinct ops/kernels",
-             f"{'ms':>8} {'%':>6} {'calls':>6}  name"]
+    lines = [f"# {label}: one step, {total / 1e3:.2f} ms of device time in {len(kernels)} distinct ops/kernels"]
+    if torch.cuda.get_device_capability() >= (9, 0) and os.environ.get("NUNCHAKU_LITE_PDL", "1") != "0":
+        lines.append("# (programmatic dependent launch on: a native kernel's time includes its wait for the one before;"
+                     " NUNCHAKU_LITE_PDL=0 gives per-kernel times)")
+    lines.append(f"{'ms':>8} {'%':>6} {'calls':>6}  name")
     for e in kernels[:40]:
         t = getattr(e, key)
         lines.append(f"{t / 1e3:8.3f} {100 * t / total:6.1f} {e.count:6d}  {e.key[:150]}")
     text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
     log(text)
 
