@@ -59,8 +59,10 @@
 // normalized and modulated in place. (Computing the statistics here, at each tile start while later stages
 // were in flight, cost 66-68 us at M=4608, K=3072 fp8_tiles, and 283-366 us at K=12288-15360, where the rows
 // no longer fit in registers; the separate pass was cheaper in the power-of-two format, which needs it anyway.)
-// Measured with the division semantics of before 2026-12 (Newton-corrected divisions per element; not yet
-// re-timed with the reciprocals: the default instance went from 124 to 80 registers) (H100 SXM,
+// Measured with the reciprocals (H100 SXM, rank 32, h100-2026-12-07g/p3_quant_final.log): M=4608 K=3072 28.0 us
+// packed (54% of copy), 29.5 us fp8_tiles (61%), s8_tiles 42.4 us (10.9 of it the token scales), LayerNorm-fused
+// 47.7 us packed; K=15360 110.5 / 112.9 us packed / fp8_tiles (67% / 79%). The default instance went from 124 to
+// 80 registers. Before, with the division semantics (Newton-corrected divisions per element; H100 SXM,
 // `python -m nunchaku_lite.bench kernels --quantize`, rank 32, copy ~2.4 TB/s; h100-2026-12-07c/quant_final.log):
 //   M=4608 K=3072: 32.7 us packed (46% of copy), 34.5 us fp8_tiles (52%), LayerNorm-fused 59.5 us (with the
 //   statistics kernel, 8.6 us); power-of-two s8_tiles 50.6 us (14.1 of it the token scales; the two-pass
