@@ -162,8 +162,9 @@ __device__ __forceinline__ void lowrank(const Params &p, uint8_t *smem, float (&
 // = clamp(rint(xs * RN(1/scale))), each op rounded alone, so bit-identical to the quantize kernel on the stored v)
 // written in the NL_ACT_FP8_TILES layout (group g' = n0/64 + c is one 8 KB slab of the CTA's 128 tokens), and
 // the partial low-rank down v @ q_down[:, n0:n0+128]^T of these 128 outputs into q_part[nb] (summed over nb by
-// the caller, in a fixed order). Shared memory (the pipeline's): the v tile for the low-rank wgmma (bf16/fp16, K-major core
-// matrices, 32 KB), two code slabs (16 KB), the cross-warp amax (4 KB) and the scales (1 KB).
+// the caller, in a fixed order). Shared memory (the pipeline's): the v tile for the low-rank wgmma (bf16/fp16,
+// K-major core matrices, 32 KB), two code slabs (16 KB), the cross-warp amax (4 KB) and the reciprocal scales
+// (1 KB).
 template <int BT, typename T>
 __device__ __forceinline__ void gelu_quantize(const Params &p, uint8_t *smem, float (&acc)[BT / 2], int m0, int n0,
                                               int nb, int c, int ctid) {

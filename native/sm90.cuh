@@ -136,9 +136,10 @@ template <> struct LrOp<__half> {
 // accumulator layout: thread (warp w, lane l) rows 16w + l/4 (+8) of the warpgroup's, tokens 8j + 2(l%4) +
 // {0,1} of the tile). act: the tile's first token row of lora_act (fp32 [., rank], rows >= act_rows read as
 // 0), global or shared memory; up: the warpgroup's first row of lora_up (16-bit [., rank]) in global memory
-// (its fragments are read before the first barrier, while the other warpgroup may still use shared memory). lora_act goes through shared memory in chunks of LRC ranks as hi + lo 16-bit halves (lo = the
-// rounding rest), both against lora_up (exact): error ~2^-17 of the low-rank term. Uses 2 * BT * LRC * 2
-// bytes of smem (the pipeline's, free by then).
+// (its fragments are read before the first barrier, while the other warpgroup may still use shared memory).
+// lora_act goes through shared memory in chunks of LRC ranks as hi + lo 16-bit halves (lo = the rounding rest),
+// both against lora_up (exact): error ~2^-17 of the low-rank term. Uses 2 * BT * LRC * 2 bytes of smem (the
+// pipeline's, free by then).
 template <int BT, typename T, int LRC = 64>
 __device__ __forceinline__ void lowrank_into(uint8_t *smem, float (&d)[BT / 2], const float *act, int act_rows,
                                              const void *lora_up, int rank, int ctid) {

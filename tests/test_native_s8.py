@@ -267,8 +267,9 @@ def test_quantize_no_tokens(cuda_lib, layout):
         assert not got.codes.any() and not got.scales.any()
 
 
-def _s8_run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator().manual_seed(seed + m + 7 * k + 13 * n + rank)
+def _pow2_layer(n, k, rank, unsigned, gen, lora_dtype=torch.bfloat16, use_bias=True):
+    """A random layer with power-of-two weight scales (exponents 0..POW2_MAX_EXP), prepared for the integer GEMM
+    with power-of-two activations -> (prep, (qweight, wscales, lora_down, lora_up, bias, smooth) on the CPU)."""
     qweight, _, lora_down, lora_up, bias, smooth = _layer(n, k, rank, gen, lora_dtype)
     ch = torch.rand(n, 1, generator=gen) * 0.02 + 1e-3
     e = torch.randint(0, ops.POW2_MAX_EXP + 1, (n, k // 64), generator=gen)
@@ -276,11 +277,19 @@ def _s8_run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_
     wscales = (ch.to(torch.bfloat16).float() * torch.exp2(-e.float())).to(torch.bfloat16)
     bias = bias if use_bias else None
     shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
-    x = _acts(m, k, gen, unsigned).to(lora_dtype)
     dv = lambda t: None if t is None else t.to(DEV)
     prep = native.prepare_w4a4(qweight.to(DEV), wscales.to(DEV), dv(lora_down), dv(lora_up), dv(bias),
                                smooth.to(DEV), unsigned, shift, lora_dtype, path="wgmma", act_pow2=True)
     assert prep.s8_ok and native.act_layout(prep, "wgmma") == "s8_tiles"
+    return prep, (qweight, wscales, lora_down, lora_up, bias, smooth)
+
+
+def _s8_run(m, k, n, rank, unsigned, use_bias, out_dtype, epilogue="none", lora_dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed + m + 7 * k + 13 * n + rank)
+    prep, (qweight, wscales, lora_down, lora_up, bias, smooth) = _pow2_layer(n, k, rank, unsigned, gen, lora_dtype,
+                                                                             use_bias)
+    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
+    x = _acts(m, k, gen, unsigned).to(lora_dtype)
     codes, scales = ops.quantize_act(x.to(DEV), smooth.to(DEV), unsigned, shift, pow2=True)
     b8, tsc = ops.pack_act_s8_tiles(codes, scales)
     lora_act = (x.to(DEV).float() @ lora_down.to(DEV).float().T).contiguous() if rank else None
@@ -392,18 +401,6 @@ def test_pow2_layer_native_path_end_to_end(cuda_lib, s8, monkeypatch):
     assert _rel(got, ref) < 5e-3
 
 
-def _pow2_prep(n, k, rank, unsigned, gen):
-    """A prepared power-of-two layer (weights and activations) for the integer GEMM, and its smooth."""
-    qweight, _, lora_down, lora_up, bias, smooth = _layer(n, k, rank, gen, torch.bfloat16)
-    ch = torch.rand(n, 1, generator=gen) * 0.02 + 1e-3
-    e = torch.randint(0, ops.POW2_MAX_EXP + 1, (n, k // 64), generator=gen)
-    e[:, 0] = 0
-    wscales = (ch.to(torch.bfloat16).float() * torch.exp2(-e.float())).to(torch.bfloat16)
-    shift = ops.UNSIGNED_SHIFT if unsigned else 0.0
-    return native.prepare_w4a4(qweight.to(DEV), wscales.to(DEV), lora_down.to(DEV), lora_up.to(DEV), bias.to(DEV),
-                               smooth.to(DEV), unsigned, shift, torch.bfloat16, path="wgmma", act_pow2=True)
-
-
 @pytest.mark.gpu
 def test_programmatic_dependent_launch_chain(sm90, monkeypatch):
     """A chain of the step's kernels back to back: statistics + quantize -> integer GEMM split by stream-K
@@ -413,10 +410,9 @@ def test_programmatic_dependent_launch_chain(sm90, monkeypatch):
     from nunchaku_lite import fused
     gen = torch.Generator().manual_seed(21)
     m, k, n = 700, 6144, 1024
-    fc1, fc2 = _pow2_prep(n, k, 32, False, gen), _pow2_prep(k, n, 32, True, gen)
+    fc1, fc2 = _pow2_layer(n, k, 32, False, gen)[0], _pow2_layer(k, n, 32, True, gen)[0]
     x = _acts(m, k, gen).to(DEV)
     gate = (torch.randn(1, k, generator=gen) * 0.1).to(torch.bfloat16).to(DEV)
-    assert fc1.s8_ok and fc2.s8_ok
     monkeypatch.setenv("NUNCHAKU_LITE_S8_SK", "1")
 
     def chain():
