@@ -43,4 +43,5 @@ bool nl_kernel_waits(const void *kern) {
 }
 
 // 2: the quantize kernels take 1/smooth (inv_smooth) instead of smooth; nl_w4a4_gemm_s8 takes a workspace.
-extern "C" int nl_version(void) { return 2; }
+// 3: nl_w4a4_gemm_s8 takes epilogue NL_EPI_ACCUMULATE.
+extern "C" int nl_version(void) { return 3; }

@@ -184,6 +184,17 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
   return __half22float2(h);
 }
 
+// The next layer's power-of-two token scales of a GEMM's output, formed in its epilogue (nl_w4a4_gemm_s8's
+// next_token_scale; sm90.cuh token_scale_of_rows): tok[m] = max(tok[m], max over the tile's BN columns n of
+// |(out + shift) * inv[n]| / qmax), out the rounded 16-bit value written, each op rounded as nl_act_stats does.
+// The division is monotone, so the maximum of the tiles' quotients is the quotient of the row's maximum: the
+// same bits as nl_act_stats.
+struct NextScale {
+  const float *inv;  // [N] (the next layer's 1 / smooth) or NULL
+  float *tok;        // [M], NULL: nothing to do
+  float shift, qmax;
+};
+
 // ---- epilogue activation ---------------------------------------------------------------------------------
 // GELU(tanh) of a GEMM output as the unfused path computes it: the linear's output is first rounded to the
 // output dtype (the 16-bit tensor it would have written), then GELU in fp32, then the caller rounds again.

@@ -34,7 +34,17 @@
 // commit, then wait until only this group is in flight and release the previous group's stage.
 // Epilogue: int32 -> fp32 scaled in place, the low-rank wgmma accumulates into the same registers
 // (sm90.cuh lowrank_into), bias, GELU, conversion, transposed staging in shared memory, 16-byte row stores
-// (rows >= M never written).
+// (rows >= M never written); optionally the stores add into out (NL_EPI_ACCUMULATE: out.add_(result)'s
+// roundings), and each consumer thread reduces one staged token row into the next layer's power-of-two token
+// scale (sm90.cuh token_scale_of_rows, next_token_scale: an atomic maximum per token and tile).
+// Prefetched epilogue operands (PRE: 256-token tiles, 0 < rank <= 32, K <= PRE_MAX_K by default): warps 1-3 of
+// the producer warpgroup, idle otherwise, put the tile's tscale, channel scales, bias, lora_up rows and lora_act
+// (split into the 16-bit hi + lo halves the low-rank wgmma reads) into shared memory of their own while the
+// consumers run the main loop (prefetch_epilogue, signalled by an mbarrier), so the epilogue starts without
+// global loads. They work within the producer's 24 registers (one load in flight each), so the consumers keep
+// their 240. Still, this kernel's main loop is 8-15% slower than the plain one's (H100, cause open; 56 / 224
+// registers cost about as much, bench/results/h100-2026-12-07h and -08), so it runs where the prefetched
+// low-rank operands repay that: 4.8-5.7% faster per call at K = 3072 (want_prefetch).
 // Work split: one CTA per tile (the kernel above), or, where that leaves many SMs idle on a long K (a first
 // or second round of tiles that fills at most SK_FILL of the SMs, K >= 64 * SK_MIN_GROUPS: 48 or 144 tiles
 // on 132 SMs), stream-K (w4a4_s8_sk_kernel): a persistent grid of n <= SMs CTAs, one per SM, CTA c taking the
@@ -75,8 +85,19 @@ constexpr int SK_MAX_ROUNDS = 2;     // take at most this many rounds,
 constexpr int SK_MIN_GROUPS = 96;    // and K has at least this many groups
 constexpr int MIN_SK_UNITS = 8;      // (tile, group) units per CTA at least
 constexpr int SK_FLAGS = 1024;       // workspace: SK_FLAGS hand-over flags (zero), then the partial sums
+constexpr int PRE_MAX_K = 4096;      // prefetched epilogue operands by default up to this K (see the header)
 
-template <int BT, int NSTAGES>
+// Where the helper warps put a tile's epilogue operands (prefetch_epilogue; 256-token tiles): lora_act as
+// 16-bit hi + lo halves in lowrank_tile_offset<PRE_LRC> order (rank <= PRE_LRC), lora_up rows [BN x rank]
+// (16-bit), tscale [BT], channel scales [BN], bias [BN] (0 without).
+constexpr int PRE_LRC = 32;
+template <int BT>
+struct Pre {
+  enum : int { HI = 0, LO = BT * PRE_LRC * 2, UP = 2 * BT * PRE_LRC * 2, TS = UP + BN * PRE_LRC * 2, WCH = TS + BT * 4,
+               BIAS = WCH + BN * 4, END = BIAS + BN * 4 };
+};
+
+template <int BT, int NSTAGES, bool PRE = false>
 struct Cfg {
   static constexpr int ACT_BYTES = BT * 64;
   static constexpr int STAGE = ACT_BYTES + W_BYTES + EXP_BYTES;  // multiple of 128
@@ -84,10 +105,12 @@ struct Cfg {
   static constexpr int PIPE = STAGES * STAGE;
   static constexpr int EPI_OUT = BT * (BN + OUT_PAD) * 4;  // fp32 staging (largest)
   static constexpr int EPI_LR = 2 * BT * LRC * 2;          // hi + lo 16-bit
-  static constexpr int BAR_OFF = PIPE;
-  static constexpr int TAB_OFF = BAR_OFF + 2 * STAGES * 8;  // int8 tables, 16 bytes per exponent
+  static constexpr int PRE_OFF = PIPE;                                // Pre<BT> (PRE only)
+  static constexpr int BAR_OFF = PRE_OFF + (PRE ? Pre<BT>::END : 0);  // ring barriers (PRE: then lr_full)
+  static constexpr int TAB_OFF = BAR_OFF + (2 * STAGES + (PRE ? 2 : 0)) * 8;  // int8 tables, 16 B per exponent
   static constexpr int SMEM = TAB_OFF + 16 * (MAX_EXP + 1) + 128;  // + slack
   static_assert(PIPE >= EPI_OUT && PIPE >= EPI_LR, "epilogue staging must fit in the pipeline memory");
+  static_assert(TAB_OFF % 16 == 0, "the nibble tables are read as uint4");
   static_assert(SMEM <= 227 * 1024, "shared memory per block");
   static_assert(STAGE % 128 == 0, "stage alignment");
 };
@@ -196,16 +219,18 @@ __device__ __forceinline__ void consume_groups(int (&acc)[BT / 2], int ng, RingU
 }
 
 // int32 sums -> fp32, scaled by tscale[m] * wch[n] / 16 (accumulator layout: tokens 16j + {2q, 2q+1} in
-// (x, y) and 16j + 8 + {2q, 2q+1} in (z, w) of the thread's float4 of 16-token block j).
+// (x, y) and 16j + 8 + {2q, 2q+1} in (z, w) of the thread's float4 of 16-token block j). wch: the tile's first
+// row's channel scale; ts_tile: its first token's tscale (16-token permutation), of which `valid` tokens exist
+// (global memory holds Mp, a multiple of 256, and a 192-token tile may reach past it: those tokens are never
+// stored); both in global or (PRE) shared memory.
 template <int BT>
-__device__ __forceinline__ void scale_sums(float (&f)[BT / 2], const int (&acc)[BT / 2], const Params &p, int m0,
-                                           int n0, int rloc, int q) {
-  const float w0 = p.wch[n0 + rloc] * (1.f / 16), w1 = p.wch[n0 + rloc + 8] * (1.f / 16);
-  const float4 *ts = reinterpret_cast<const float4 *>(p.tscale + m0) + q;
+__device__ __forceinline__ void scale_sums(float (&f)[BT / 2], const int (&acc)[BT / 2], const float *wch,
+                                           const float *ts_tile, int64_t valid, int rloc, int q) {
+  const float w0 = wch[rloc] * (1.f / 16), w1 = wch[rloc + 8] * (1.f / 16);
+  const float4 *ts = reinterpret_cast<const float4 *>(ts_tile) + q;
 #pragma unroll
   for (int j = 0; j < BT / 16; ++j) {
-    // tscale holds Mp (a multiple of 256) tokens; a 192-token tile may reach past it (tokens never stored)
-    const float4 v = m0 + 16 * j < p.mp ? ts[4 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4 v = 16 * j < valid ? ts[4 * j] : make_float4(0.f, 0.f, 0.f, 0.f);
     const int *A = acc + 8 * j;
     float *F = f + 8 * j;
     F[0] = (float)A[0] * (v.x * w0);
@@ -218,29 +243,78 @@ __device__ __forceinline__ void scale_sums(float (&f)[BT / 2], const int (&acc)[
     F[7] = (float)A[7] * (v.w * w1);
   }
 }
+
+// The helper warps' part of a tile's epilogue (warps 1-3 of the producer warpgroup, hid = 0..95), run while the
+// consumers are in the main loop: tscale, channel scales, bias and lora_up rows copied into shared memory at
+// the Pre<BT> offsets, lora_act [tokens x rank] fp32 split there into its 16-bit hi + lo halves (tokens >= M as
+// 0), as lowrank_into splits it. One 16-byte load in flight per thread: the helpers run on the producer
+// warpgroup's 24 registers, so that the consumers keep their 240. Needs rank <= PRE_LRC, Mp >= m0 + BT and
+// 16-byte aligned tscale, channel scales, bias and lora_up (want_prefetch and the entry's checks).
+template <typename LT, int BT>
+__device__ __forceinline__ void prefetch_epilogue(uint8_t *pre, const Params &p, int m0, int n0, int hid) {
+  using L = Pre<BT>;
+  constexpr int NH = 96;
+  auto copy = [&](int off, const void *src, int n16) {
+#pragma unroll 1
+    for (int i = hid; i < n16; i += NH)
+      reinterpret_cast<uint4 *>(pre + off)[i] = src ? __ldg(reinterpret_cast<const uint4 *>(src) + i)
+                                                    : make_uint4(0, 0, 0, 0);
+  };
+  copy(L::TS, p.tscale + m0, BT / 4);
+  copy(L::WCH, p.wch + n0, BN / 4);
+  copy(L::BIAS, p.bias ? p.bias + n0 : nullptr, BN / 4);
+  const int rank = p.rank;
+  if (rank == 0) return;
+  copy(L::UP, static_cast<const LT *>(p.lora_up) + (int64_t)n0 * rank, BN * rank / 8);
+  const float4 *act = reinterpret_cast<const float4 *>(p.lora_act + (int64_t)m0 * rank);
+  const int qpr = rank / 4, total = min(BT, p.M - m0) * qpr;  // quads of the tile's rows that exist
+#pragma unroll 1
+  for (int i = hid; i < BT * qpr; i += NH) {
+    const int t = i / qpr, k = (i - t * qpr) * 4;
+    const float4 v = i < total ? __ldg(act + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    const uint32_t h0 = pack2<LT>(v.x, v.y), h1 = pack2<LT>(v.z, v.w);
+    const float2 f0 = unpack2<LT>(h0), f1 = unpack2<LT>(h1);
+    const uint32_t l0 = pack2<LT>(v.x - f0.x, v.y - f0.y), l1 = pack2<LT>(v.z - f1.x, v.w - f1.y);
+    const int off = sm90::lowrank_tile_offset<PRE_LRC>(t, k);
+    *reinterpret_cast<uint2 *>(pre + L::HI + off) = make_uint2(h0, h1);
+    *reinterpret_cast<uint2 *>(pre + L::LO + off) = make_uint2(l0, l1);
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
+}
 #endif
 
-template <int BT, typename LT, bool UNS, int NSTAGES>
-__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
+// PRE (256-token tiles, rank <= PRE_LRC): warps 1-3 of the producer warpgroup prefetch the epilogue's operands
+// into shared memory of their own during the main loop (prefetch_epilogue, then one arrival each on lr_full),
+// so the epilogue starts without global loads; the staging still uses the pipeline memory.
+template <int BT, typename LT, bool UNS, int NSTAGES, bool PRE>
+__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p, const NextScale ns) {
   pdl_trigger();  // launched by nl_launch: see common.cuh
   pdl_wait();
 #ifdef NL_SM90A
   using namespace sm90;
-  using C = Cfg<BT, NSTAGES>;
+  using C = Cfg<BT, NSTAGES, PRE>;
+  static_assert(!PRE || BT == 256, "prefetched epilogue operands: 256-token tiles");
   constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // setmaxnreg: 128*24 + 256*240 <= 64K registers
   constexpr int ND = BT / 2;                              // accumulator registers per thread
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t smem_base = smem_u32(smem);
   const uint32_t full_bar = smem_base + C::BAR_OFF, empty_bar = full_bar + C::STAGES * 8;
+  const uint32_t lr_full = empty_bar + C::STAGES * 8;  // PRE: the helpers' operands are in place
   const int wg = threadIdx.x >> 7, ctid = threadIdx.x & 127;
   const CtaTile tile = cta_tile<BT, BN>(p.M, p.N, p.raster);
   const int m0 = tile.m0, nb = tile.nb, n0 = tile.n0;
   const int G = p.K / 64;
 
-  setup_ring_and_tables<C>(smem, full_bar, empty_bar);
+  if (PRE && threadIdx.x == 0) mbar_init(lr_full, 3);  // one arrival per helper warp
+  setup_ring_and_tables<C>(smem, full_bar, empty_bar);  // (its fence and barrier cover lr_full)
 
-  if (wg == 0) {  // ---------------- producer ----------------
+  if (wg == 0) {  // ---------------- producer (PRE: and helpers) ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+    if (PRE && ctid >= 32) {
+      prefetch_epilogue<LT, BT>(smem + C::PRE_OFF, p, m0, n0, ctid - 32);
+      __syncwarp();
+      if ((ctid & 31) == 0) mbar_arrive(lr_full);
+    }
     if (ctid == 0) {
       const int rows = (int)(p.mp - m0 < BT ? p.mp - m0 : BT);  // the operand holds Mp rows (zero padded)
       const uint32_t act_bytes = rows * 64, bytes = act_bytes + W_BYTES + EXP_BYTES;
@@ -270,12 +344,25 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_kernel(const Params p) {
 
   // ---------------- epilogue ----------------
   float f[ND];
-  scale_sums<BT>(f, acc, p, m0, n0, rloc, q);
-  if (p.rank > 0)
-    lowrank_into<BT, LT, LRC>(smem, f, p.lora_act + (int64_t)m0 * p.rank, min(BT, p.M - m0),
-                              static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ctid);
-  consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
-  store_tile<BT, BN, OUT_PAD>(smem, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rloc, q);
+  if constexpr (PRE) {
+    using L = Pre<BT>;
+    const uint8_t *pre = smem + C::PRE_OFF;
+    mbar_wait(lr_full, 0);
+    scale_sums<BT>(f, acc, reinterpret_cast<const float *>(pre + L::WCH), reinterpret_cast<const float *>(pre + L::TS),
+                   BT, rloc, q);
+    if (p.rank > 0) lowrank_from_smem<BT, LT, PRE_LRC>(f, pre + L::HI, pre + L::LO, pre + L::UP, p.rank, rloc, l);
+    const float *bias = reinterpret_cast<const float *>(pre + L::BIAS);
+    const float b0 = bias[rloc], b1 = bias[rloc + 8];
+    consumers_sync();  // all wgmma reads of the pipeline memory are done
+    store_tile<BT, BN, OUT_PAD>(smem, f, b0, b1, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rloc, q, ns);
+  } else {
+    scale_sums<BT>(f, acc, p.wch + n0, p.tscale + m0, p.mp - m0, rloc, q);
+    if (p.rank > 0)
+      lowrank_into<BT, LT, LRC>(smem, f, p.lora_act + (int64_t)m0 * p.rank, min(BT, p.M - m0),
+                                static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ctid);
+    consumers_sync();  // all wgmma reads of the pipeline / low-rank memory are done
+    store_tile<BT, BN, OUT_PAD>(smem, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rloc, q, ns);
+  }
 #else
   __trap();  // sm_90a only; the host entry refuses other devices
 #endif
@@ -316,7 +403,7 @@ struct Run {
 // slot and flag; c0 waits for the flags (raised early: a CTA's first segment), adds the parts and runs the
 // epilogue. A CTA waits only on later CTAs, which hand over before they wait on anything: no cycle.
 template <typename LT, bool UNS>
-__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, int *ws) {
+__global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, int *ws, const NextScale ns) {
   pdl_trigger();  // launched by nl_launch: see common.cuh
   pdl_wait();
 #ifdef NL_SM90A
@@ -411,7 +498,7 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, 
 
     // ---------------- epilogue (as w4a4_s8_kernel's) ----------------
     float f[ND];
-    scale_sums<BT>(f, acc, p, m0, n0, rloc, q);
+    scale_sums<BT>(f, acc, p.wch + n0, p.tscale + m0, p.mp - m0, rloc, q);
     // Opaque per-segment copies: otherwise the compiler hoists the epilogue's segment-invariant shared-memory
     // offsets (over a hundred, runtime output dtype) out of the loop, where they would hold registers. (The
     // offset, not the pointer, goes through the asm: an opaque pointer loses its shared address space and
@@ -424,37 +511,51 @@ __global__ void __launch_bounds__(THREADS, 1) w4a4_s8_sk_kernel(const Params p, 
       lowrank_into<BT, LT, SK_LRC>(epi, f, p.lora_act + (int64_t)m0 * p.rank, min(BT, p.M - m0),
                                    static_cast<const LT *>(p.lora_up) + (int64_t)(n0 + c * 64) * p.rank, p.rank, ct);
     consumers_sync();  // the low-rank wgmma and the previous segment's staging reads are done
-    store_tile<BT, BN, OUT_PAD>(epi, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rl, qq);
+    store_tile<BT, BN, OUT_PAD>(epi, f, p.bias, p.epilogue, p.out, p.out_dtype, p.ldo, p.M, m0, n0, rl, qq, ns);
   }
 #else
   __trap();
 #endif
 }
 
-template <int BT, typename LT, bool UNS, int NSTAGES>
-int launch(const Params &p, cudaStream_t stream) {
-  auto kern = w4a4_s8_kernel<BT, LT, UNS, NSTAGES>;
-  constexpr int SMEM = Cfg<BT, NSTAGES>::SMEM;
+template <int BT, typename LT, bool UNS, int NSTAGES, bool PRE>
+int launch(const Params &p, const NextScale &ns, cudaStream_t stream) {
+  auto kern = w4a4_s8_kernel<BT, LT, UNS, NSTAGES, PRE>;
+  constexpr int SMEM = Cfg<BT, NSTAGES, PRE>::SMEM;
   static bool attr_set[64] = {};
   if (int rc = nl_smem_once(kern, SMEM, attr_set, "nl_w4a4_gemm_s8")) return rc;
-  (void)nl_launch(kern, dim3(((p.M + BT - 1) / BT) * (p.N / BN)), dim3(THREADS), SMEM, stream, p);
+  (void)nl_launch(kern, dim3(((p.M + BT - 1) / BT) * (p.N / BN)), dim3(THREADS), SMEM, stream, p, ns);
   NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
   return NL_OK;
 }
 
-template <int BT, int NSTAGES>
-int dispatch(const Params &p, int lora_dtype, bool uns, cudaStream_t s) {
+template <int BT, int NSTAGES, bool PRE = false>
+int dispatch(const Params &p, const NextScale &ns, int lora_dtype, bool uns, cudaStream_t s) {
   if (lora_dtype == NL_F16)
-    return uns ? launch<BT, __half, true, NSTAGES>(p, s) : launch<BT, __half, false, NSTAGES>(p, s);
-  return uns ? launch<BT, __nv_bfloat16, true, NSTAGES>(p, s) : launch<BT, __nv_bfloat16, false, NSTAGES>(p, s);
+    return uns ? launch<BT, __half, true, NSTAGES, PRE>(p, ns, s) : launch<BT, __half, false, NSTAGES, PRE>(p, ns, s);
+  return uns ? launch<BT, __nv_bfloat16, true, NSTAGES, PRE>(p, ns, s)
+             : launch<BT, __nv_bfloat16, false, NSTAGES, PRE>(p, ns, s);
+}
+
+// Whether the one-tile kernel prefetches its epilogue operands (PRE): 256-token tiles, rank <= PRE_LRC, 16-byte
+// aligned channel scales and bias (the helpers' loads), and by default a low-rank branch (rank > 0) and
+// K <= PRE_MAX_K: the PRE kernel's main loop is 8-15% slower (H100, bench/results/h100-2026-12-08), which the
+// prefetched low-rank operands more than repay only on short K. NUNCHAKU_LITE_S8_PREFETCH=0: never, 1: wherever
+// possible.
+bool want_prefetch(const Params &p, int bt) {
+  const char *env = getenv("NUNCHAKU_LITE_S8_PREFETCH");
+  const int mode = env && env[0] ? atoi(env) : -1;
+  if (mode == 0 || bt != 256 || p.rank > PRE_LRC || !nl_aligned(p.wch, 16) || (p.bias && !nl_aligned(p.bias, 16)))
+    return false;
+  return mode == 1 || (p.rank > 0 && p.K <= PRE_MAX_K);
 }
 
 template <typename LT, bool UNS>
-int launch_sk(const Params &p, int *ws, int grid, cudaStream_t stream) {
+int launch_sk(const Params &p, int *ws, int grid, const NextScale &ns, cudaStream_t stream) {
   auto kern = w4a4_s8_sk_kernel<LT, UNS>;
   static bool attr_set[64] = {};
   if (int rc = nl_smem_once(kern, SkCfg::SMEM, attr_set, "nl_w4a4_gemm_s8")) return rc;
-  (void)nl_launch(kern, dim3(grid), dim3(THREADS), SkCfg::SMEM, stream, p, ws);
+  (void)nl_launch(kern, dim3(grid), dim3(THREADS), SkCfg::SMEM, stream, p, ws, ns);
   NL_CHECK_LAUNCH("nl_w4a4_gemm_s8");
   return NL_OK;
 }
@@ -485,9 +586,12 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
                                const float *lora_act, const void *lora_up, int lora_dtype, int rank,
                                const float *bias, void *out, int out_dtype, int64_t ldo, int64_t M, int64_t N,
                                int64_t K, int epilogue, int *workspace, int64_t workspace_bytes,
-                               void *stream) {
+                               const float *next_inv_smooth, float next_shift, int next_unsigned,
+                               float *next_token_scale, void *stream) {
   const char *k = "nl_w4a4_gemm_s8";
-  if (int rc = nl_check_sm90_gemm(k, M, N, mp, out_dtype, epilogue, bias, rank, lora_act, lora_up, lora_dtype))
+  // NL_EPI_ACCUMULATE (this kernel only): the plain epilogue, then out += result in the stores (store_tile)
+  const int act_epilogue = epilogue == NL_EPI_ACCUMULATE ? NL_EPI_NONE : epilogue;
+  if (int rc = nl_check_sm90_gemm(k, M, N, mp, out_dtype, act_epilogue, bias, rank, lora_act, lora_up, lora_dtype))
     return rc;
   NL_CHECK_ARG(K >= 64 && K % 64 == 0 && K <= MAX_K, "%s: K=%lld must be a positive multiple of 64, at most %d "
                "(int32 accumulator)", k, (long long)K, MAX_K);
@@ -502,7 +606,14 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
   NL_CHECK_ARG(out && nl_aligned(out, 16), "%s: out must be non-null and 16-byte aligned", k);
   NL_CHECK_ARG(!workspace || (nl_aligned(workspace, 16) && workspace_bytes >= 0),
                "%s: workspace must be 16-byte aligned with a size >= 0", k);
+  NL_CHECK_ARG(!next_token_scale || (out_dtype != NL_F32 && epilogue != NL_EPI_ACCUMULATE &&
+                                      nl_aligned(next_token_scale, 4)),
+               "%s: next_token_scale needs 16-bit outputs, an activation epilogue and 4-byte alignment", k);
+  NL_CHECK_ARG(!next_inv_smooth || nl_aligned(next_inv_smooth, 16), "%s: next_inv_smooth must be 16-byte aligned",
+               k);
   if (int rc = nl_check_sm90(k)) return rc;
+  const NextScale ns{next_token_scale ? next_inv_smooth : nullptr, next_token_scale, next_shift,
+                     next_unsigned ? 15.f : 7.f};
   Params p{act_bytes8, act_tscale, mp, w_packed, w_exp, w_chscale, lora_act, lora_up, rank, bias, out, out_dtype,
            ldo, epilogue, (int)M, (int)N, (int)K, 1};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -516,11 +627,13 @@ extern "C" int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscal
   if (int rc = sk_grid(p, workspace, bt, workspace_bytes, &grid)) return rc;
   if (grid) {
     if (lora_dtype == NL_F16)
-      return uns ? launch_sk<__half, true>(p, workspace, grid, s) : launch_sk<__half, false>(p, workspace, grid, s);
-    return uns ? launch_sk<__nv_bfloat16, true>(p, workspace, grid, s)
-               : launch_sk<__nv_bfloat16, false>(p, workspace, grid, s);
+      return uns ? launch_sk<__half, true>(p, workspace, grid, ns, s)
+                 : launch_sk<__half, false>(p, workspace, grid, ns, s);
+    return uns ? launch_sk<__nv_bfloat16, true>(p, workspace, grid, ns, s)
+               : launch_sk<__nv_bfloat16, false>(p, workspace, grid, ns, s);
   }
-  if (bt == 128) return dispatch<128, 12>(p, lora_dtype, uns, s);
-  if (bt == 192) return dispatch<192, 10>(p, lora_dtype, uns, s);
-  return dispatch<256, DEFAULT_STAGES>(p, lora_dtype, uns, s);
+  if (bt == 128) return dispatch<128, 12>(p, ns, lora_dtype, uns, s);
+  if (bt == 192) return dispatch<192, 10>(p, ns, lora_dtype, uns, s);
+  if (want_prefetch(p, bt)) return dispatch<256, DEFAULT_STAGES, true>(p, ns, lora_dtype, uns, s);
+  return dispatch<256, DEFAULT_STAGES>(p, ns, lora_dtype, uns, s);
 }

@@ -36,7 +36,9 @@ enum {
 };
 enum { NL_F32 = 0, NL_BF16 = 1, NL_F16 = 2 };                    /* dtype codes */
 enum { NL_PATH_AUTO = 0, NL_PATH_S4 = 1, NL_PATH_S8 = 2 };       /* W4A4 tensor-core path */
-enum { NL_EPI_NONE = 0, NL_EPI_GELU_TANH = 1 };                  /* GEMM epilogue activation */
+/* GEMM epilogue: activation, or (nl_w4a4_gemm_s8 only) NL_EPI_ACCUMULATE: out = out + result, the result rounded
+ * to out_dtype first and the sum formed in fp32 and rounded again (torch's out.add_(result)) */
+enum { NL_EPI_NONE = 0, NL_EPI_GELU_TANH = 1, NL_EPI_ACCUMULATE = 2 };
 enum { NL_ACT_PACKED = 0, NL_ACT_FP8_TILES = 1, NL_ACT_S8_TILES = 2 }; /* quantized activation layout */
 
 const char *nl_last_error(void);
@@ -149,12 +151,17 @@ int nl_w4a4_gemm_fp8_gelu_quantize(const uint8_t *act_codes8, const float *act_s
  * be zero (allocate it zero-filled; every call leaves them zero), then 256 x 128 partial sums per CTA of the
  * split grid (at most one CTA per SM): (1024 + SMs x 256 x 128) x 4 bytes suffice for any call; a call whose
  * grid would need more than workspace_bytes runs unsplit. Calls sharing a workspace must not run
- * concurrently. */
+ * concurrently. next_token_scale: NULL, or float [M] receiving the power-of-two token scale of out for the
+ * layer that reads it (nl_act_stats of out with next_inv_smooth (float [N] or NULL), next_shift and
+ * next_unsigned: max_n |(out[m, n] + next_shift) * next_inv_smooth[n]| / qmax, out as written, after the
+ * epilogue), combined by maximum with what the array holds (zero it first); 16-bit outputs, epilogue
+ * NL_EPI_NONE or NL_EPI_GELU_TANH. */
 int nl_w4a4_gemm_s8(const uint8_t *act_bytes8, const float *act_tscale, int64_t mp, int act_unsigned,
                     const uint8_t *w_packed, const float *w_chscale, const uint8_t *w_exp,
                     const float *lora_act, const void *lora_up, int lora_dtype, int rank,
                     const float *bias, void *out, int out_dtype, int64_t ldo,
                     int64_t M, int64_t N, int64_t K, int epilogue, int *workspace, int64_t workspace_bytes,
+                    const float *next_inv_smooth, float next_shift, int next_unsigned, float *next_token_scale,
                     void *stream);
 
 /* Canonical packed weight [N, K/2] -> the sm_90 GEMM's order [N/128, K/64, 2, 128, 16] (each thread's A

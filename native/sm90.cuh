@@ -117,6 +117,12 @@ __device__ __forceinline__ uint32_t e4m3_byte(float v) {  // exact for the table
   return r & 0xFFu;
 }
 
+// The core-matrix layout of lowrank_into's 16-bit [BT x LRC] K-major tiles: byte offset of (token t, rank k).
+template <int LRC>
+__device__ __forceinline__ int lowrank_tile_offset(int t, int k) {
+  return ((t >> 3) * (LRC / 8) + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2;
+}
+
 template <typename T> struct LrOp;
 template <> struct LrOp<__nv_bfloat16> {
   template <int BT, int ND> static __device__ __forceinline__ void mma(float (&d)[ND], const uint32_t *a, uint64_t desc) {
@@ -183,7 +189,7 @@ __device__ __forceinline__ void lowrank_into(uint8_t *smem, float (&d)[BT / 2], 
         const uint32_t h0 = pack2<T>(v[j].x, v[j].y), h1 = pack2<T>(v[j].z, v[j].w);
         const float2 f0 = unpack2<T>(h0), f1 = unpack2<T>(h1);
         const uint32_t l0 = pack2<T>(v[j].x - f0.x, v[j].y - f0.y), l1 = pack2<T>(v[j].z - f1.x, v[j].w - f1.y);
-        const int off = ((t >> 3) * (LRC / 8) + (k >> 3)) * 128 + (t & 7) * 16 + (k & 7) * 2;
+        const int off = lowrank_tile_offset<LRC>(t, k);
         *reinterpret_cast<uint2 *>(hi + off) = make_uint2(h0, h1);
         *reinterpret_cast<uint2 *>(lo + off) = make_uint2(l0, l1);
       }
@@ -205,16 +211,70 @@ __device__ __forceinline__ void lowrank_into(uint8_t *smem, float (&d)[BT / 2], 
   }
 }
 
+// a + b of 16 bytes of out_dtype values, each sum formed in fp32 and rounded to out_dtype (torch's add_).
+__device__ __forceinline__ uint4 add_rounded(uint4 a, uint4 b, int out_dtype) {
+  uint32_t x[4] = {a.x, a.y, a.z, a.w};
+  const uint32_t y[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (out_dtype == NL_F32) {
+      x[i] = __float_as_uint(__uint_as_float(x[i]) + __uint_as_float(y[i]));
+    } else if (out_dtype == NL_BF16) {
+      const float2 u = unpack2<__nv_bfloat16>(x[i]), v = unpack2<__nv_bfloat16>(y[i]);
+      x[i] = pack2<__nv_bfloat16>(u.x + v.x, u.y + v.y);
+    } else {
+      const float2 u = unpack2<__half>(x[i]), v = unpack2<__half>(y[i]);
+      x[i] = pack2<__half>(u.x + v.x, u.y + v.y);
+    }
+  }
+  return make_uint4(x[0], x[1], x[2], x[3]);
+}
+
+
+// NextScale's reduction over a staged tile (16-bit token rows of srow bytes): consumer thread t takes token t.
+template <int BT, int BN>
+__device__ __forceinline__ void token_scale_of_rows(const uint8_t *smem, int srow, int out_dtype, int rows, int m0,
+                                                    int n0, const NextScale &ns) {
+  const int t = threadIdx.x - 128;
+  if (t >= rows) return;
+  const uint4 *row = reinterpret_cast<const uint4 *>(smem + t * srow);
+  float amax = 0.f;
+#pragma unroll 4
+  for (int ch = 0; ch < BN / 8; ++ch) {
+    const uint4 raw = row[ch];
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = out_dtype == NL_BF16 ? unpack2<__nv_bfloat16>(w[j]) : unpack2<__half>(w[j]);
+      v[2 * j] = __fadd_rn(f.x, ns.shift);
+      v[2 * j + 1] = __fadd_rn(f.y, ns.shift);
+    }
+    if (ns.inv) {
+      const float4 a0 = __ldg(reinterpret_cast<const float4 *>(ns.inv + n0 + ch * 8));
+      const float4 a1 = __ldg(reinterpret_cast<const float4 *>(ns.inv + n0 + ch * 8 + 4));
+      const float sv[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = __fmul_rn(v[j], sv[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  }
+  // non-negative floats order as their bit patterns
+  atomicMax(reinterpret_cast<int *>(ns.tok + m0 + t), __float_as_int(__fdiv_rn(amax, ns.qmax)));
+}
+
 // Output epilogue of those GEMMs: acc (accumulator layout, see lowrank_into) + bias, optional GELU(tanh),
 // converted to out_dtype, staged transposed in smem (BT rows of BN + PAD elements) and written as 16-byte row
 // segments; token rows >= M are never written. The caller has synchronized the consumers (smem is free).
+// b0, b1: the bias of the thread's two rows (rloc, rloc + 8); the overload below reads them from bias [N].
+// ns.tok: each consumer thread also reduces one staged token row into the next layer's token scale (NextScale).
 template <int BT, int BN, int PAD>
-__device__ __forceinline__ void store_tile(uint8_t *smem, const float (&acc)[BT / 2], const float *bias, int epilogue,
-                                           void *out_ptr, int out_dtype, int64_t ldo, int M, int m0, int n0,
-                                           int rloc, int q) {
+__device__ __forceinline__ void store_tile(uint8_t *smem, const float (&acc)[BT / 2], float b0, float b1,
+                                           int epilogue, void *out_ptr, int out_dtype, int64_t ldo, int M, int m0,
+                                           int n0, int rloc, int q, const NextScale &ns = NextScale{}) {
   const int esz = out_dtype == NL_F32 ? 4 : 2;
   const int srow = (BN + PAD) * esz;  // staging bytes per token row
-  const float b0 = bias ? bias[n0 + rloc] : 0.f, b1 = bias ? bias[n0 + rloc + 8] : 0.f;
   // one straight-line copy of the loop per (dtype, GELU) pair, written out rather than left to the compiler's
   // loop unswitching, which gave up when a kernel's parameter struct grew past 128 bytes
   auto stage = [&](auto dtype, auto gelu) {
@@ -246,11 +306,59 @@ __device__ __forceinline__ void store_tile(uint8_t *smem, const float (&acc)[BT 
   consumers_sync();
   const int chunks = BN * esz / 16, rows = min(BT, M - m0);
   uint8_t *out = static_cast<uint8_t *>(out_ptr);
+  if (ns.tok) token_scale_of_rows<BT, BN>(smem, srow, out_dtype, rows, m0, n0, ns);
+  if (epilogue == NL_EPI_ACCUMULATE) {  // out += the rounded result (out.add_(result))
+    for (int i = threadIdx.x - 128; i < rows * chunks; i += 256) {
+      const int t = i / chunks, ch = i % chunks;
+      uint4 *dst = reinterpret_cast<uint4 *>(out + ((int64_t)(m0 + t) * ldo + n0) * esz + ch * 16);
+      *dst = add_rounded(*dst, *reinterpret_cast<const uint4 *>(smem + t * srow + ch * 16), out_dtype);
+    }
+    return;
+  }
   for (int i = threadIdx.x - 128; i < rows * chunks; i += 256) {
     const int t = i / chunks, ch = i % chunks;
     *reinterpret_cast<uint4 *>(out + ((int64_t)(m0 + t) * ldo + n0) * esz + ch * 16) =
         *reinterpret_cast<const uint4 *>(smem + t * srow + ch * 16);
   }
+}
+
+template <int BT, int BN, int PAD>
+__device__ __forceinline__ void store_tile(uint8_t *smem, const float (&acc)[BT / 2], const float *bias, int epilogue,
+                                           void *out_ptr, int out_dtype, int64_t ldo, int M, int m0, int n0,
+                                           int rloc, int q, const NextScale &ns = NextScale{}) {
+  const float b0 = bias ? bias[n0 + rloc] : 0.f, b1 = bias ? bias[n0 + rloc + 8] : 0.f;
+  store_tile<BT, BN, PAD>(smem, acc, b0, b1, epilogue, out_ptr, out_dtype, ldo, M, m0, n0, rloc, q, ns);
+}
+
+// lowrank_into for rank <= LRC with both operands already in shared memory (put there during the main loop):
+// hi / lo = lora_act's 16-bit halves in lowrank_tile_offset<LRC> order, up = the CTA's lora_up rows [BN x rank]
+// row-major (16-bit); row0 = the thread's first row in the CTA tile. The products and their accumulation order
+// are lowrank_into's (one chunk), so the result is the same.
+template <int BT, typename T, int LRC>
+__device__ __forceinline__ void lowrank_from_smem(float (&d)[BT / 2], const uint8_t *hi, const uint8_t *lo,
+                                                  const uint8_t *up, int rank, int row0, int l) {
+  uint32_t a[LRC / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < LRC / 16; ++kk) {
+    const int k = kk * 16 + 2 * (l & 3);
+    if (kk * 16 < rank) {
+      a[kk][0] = *reinterpret_cast<const uint32_t *>(up + (row0 * rank + k) * 2);
+      a[kk][1] = *reinterpret_cast<const uint32_t *>(up + ((row0 + 8) * rank + k) * 2);
+      a[kk][2] = *reinterpret_cast<const uint32_t *>(up + (row0 * rank + k + 8) * 2);
+      a[kk][3] = *reinterpret_cast<const uint32_t *>(up + ((row0 + 8) * rank + k + 8) * 2);
+    }
+  }
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < LRC / 16; ++kk) {
+    if (kk * 16 < rank) {
+      LrOp<T>::template mma<BT>(d, a[kk], make_desc(smem_u32(hi) + kk * 256, 128, LRC * 16));
+      LrOp<T>::template mma<BT>(d, a[kk], make_desc(smem_u32(lo) + kk * 256, 128, LRC * 16));
+    }
+  }
+  wg_commit();
+  wg_wait<0>();
+  reg_fence(d);
 }
 
 }  // namespace sm90

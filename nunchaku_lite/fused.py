@@ -11,13 +11,16 @@ models/dit.py stays the readable reference (and the CPU path); on CUDA, with the
                            SDPA (FlashAttention) reads them as .transpose(1, 2) views
   MLP                      fc1 with the GELU in the GEMM epilogue (W4A4: native epilogue; 16-bit: cuBLASLt's
                            GELU epilogue through torch._addmm_activation), then fc2; optionally (sm_90,
-                           NUNCHAKU_LITE_GELU_QUANTIZE=1) fc1's epilogue quantizes for fc2 (W4A4_GELU_QUANTIZE)
+                           NUNCHAKU_LITE_GELU_QUANTIZE=1) fc1's epilogue quantizes for fc2 (W4A4_GELU_QUANTIZE);
+                           optionally, on the integer GEMM (power-of-two scales), fc1's epilogue forms fc2's token
+                           scales (W4A4_TOKEN_SCALE), so fc2's quantize step skips its statistics pass
   gate + residual          one kernel (nl_gate_residual), fp16 saturation (clip_fp16) included
   single block             linear1 -> [qkv | mlp] -> linear2 on [attn | gelu(mlp)] without a concatenation: 16-bit:
                            linear1 as two GEMMs (qkv rows; mlp rows with the GELU epilogue), linear2 as two GEMMs
                            over its column blocks, the second accumulating in place; W4A4: two GEMMs over one
                            quantized input (qkv rows plain, mlp rows with the GELU epilogue), linear2 as its
-                           SplitInputLinear parts (a single W4A4 linear2 still gets a concatenated input)
+                           SplitInputLinear parts added (optionally in the second GEMM's stores,
+                           W4A4_ACCUMULATE; a single W4A4 linear2 still gets a concatenated input)
   modulation               silu(vec) once per step, not per block; rope `pe` cached across steps (same ids)
   CUDA graph (optional)    Flux.enable_cuda_graph(): the whole fused step captured once per shape, replayed
 
@@ -248,12 +251,40 @@ W4A4_GELU_EPILOGUE = True
 # multiplies by reciprocals since, not re-timed).
 # NUNCHAKU_LITE_GELU_QUANTIZE=1 turns it on.
 W4A4_GELU_QUANTIZE = os.environ.get("NUNCHAKU_LITE_GELU_QUANTIZE", "0") == "1"
+# Two epilogue fusions of the integer GEMM, off by default: both give the same bits as the separate passes,
+# but on the H100 neither made the step faster (bench/results/h100-2026-12-08: their epilogue work runs after
+# the tile's last group, with its global loads exposed, and cost about what the pass they replace did).
+# W4A4_ACCUMULATE (NUNCHAKU_LITE_ACCUMULATE=1): the single block's split linear2, the second part's GEMM adding
+# into the first part's output in its stores (epilogue "accumulate") instead of an add_.
+# W4A4_TOKEN_SCALE (NUNCHAKU_LITE_TOKEN_SCALE=1): a linear whose output feeds another power-of-two W4A4 linear
+# (fc1 -> fc2, the single block's mlp rows -> linear2's second part) forms that layer's token scales in its
+# epilogue (native.w4a4_gemm_token_scale), and quantizing its input skips the statistics pass.
+W4A4_ACCUMULATE = os.environ.get("NUNCHAKU_LITE_ACCUMULATE", "0") == "1"
+W4A4_TOKEN_SCALE = os.environ.get("NUNCHAKU_LITE_TOKEN_SCALE", "0") == "1"
 
 
 class Prequantized(NamedTuple):
     """A linear's input already quantized for it (native.QuantizedActivation) and its 16-bit dtype."""
     act: object
     dtype: torch.dtype
+
+
+class Scaled(NamedTuple):
+    """A linear's 16-bit input y with its power-of-two token scales for that linear (float [M], from the GEMM
+    that wrote y: native.w4a4_gemm_token_scale)."""
+    y: Tensor
+    token_scale: Tensor
+
+
+def _token_scale_target(prep, nxt: nn.Module | None, x: Tensor):
+    """The next layer's PreparedW4A4 when this layer's integer GEMM can form its token scales (see Scaled)."""
+    if not (W4A4_TOKEN_SCALE and nxt is not None and _w4a4_fast(nxt, x)
+            and act_layout(x.device, prep) == "s8_tiles"):
+        return None
+    nprep = _fused_lib().prepared_for(nxt, x.dtype)
+    ok = (nprep.act_pow2 and act_layout(x.device, nprep) == "s8_tiles" and prep.n == prep.w_tiled.shape[0]
+          and nprep.k == prep.n)
+    return nprep if ok else None
 
 
 def _gelu_quantize_target(prep, nxt: nn.Module | None, x: Tensor):
@@ -268,20 +299,41 @@ def _gelu_quantize_target(prep, nxt: nn.Module | None, x: Tensor):
     return nprep if ok else None
 
 
-def _gemm(act, prep, dtype: torch.dtype, gelu_act: bool = False, nxt=None):
+def _gemm(act, prep, dtype: torch.dtype, gelu_act: bool = False, nxt=None, acc: Tensor | None = None,
+          scale_for=None):
     """The W4A4 GEMM of a quantized activation; with GELU and `nxt` (the next layer's PreparedW4A4, see
-    _gelu_quantize_target) it returns nxt's QuantizedActivation instead of the GELU output."""
+    _gelu_quantize_target) it returns nxt's QuantizedActivation instead of the GELU output. acc [M, N]: the
+    result is added into it (acc.add_(y)'s roundings; on the integer GEMM in its stores) and acc returned.
+    scale_for (the next layer's PreparedW4A4, see _token_scale_target): returns a Scaled."""
     native = _fused_lib()
     if gelu_act and nxt is not None:
         return Prequantized(native.w4a4_gemm_gelu_quantize(act, prep, nxt, dtype), dtype)
+    if scale_for is not None and acc is None and (W4A4_GELU_EPILOGUE or not gelu_act):
+        epilogue = "gelu_tanh" if gelu_act else "none"
+        return Scaled(*native.w4a4_gemm_token_scale(act, prep, scale_for, dtype, epilogue))
+    if acc is not None and W4A4_ACCUMULATE and not gelu_act and prep.n == prep.w_tiled.shape[0] \
+            and acc.is_contiguous():
+        return native.w4a4_gemm(act, prep, dtype, "accumulate", out=acc)
     y = native.w4a4_gemm(act, prep, dtype, "gelu_tanh" if gelu_act and W4A4_GELU_EPILOGUE else "none")
     y = y if y.shape[1] == prep.n else y[:, : prep.n]
-    return gelu(y) if gelu_act and not W4A4_GELU_EPILOGUE else y
+    y = gelu(y) if gelu_act and not W4A4_GELU_EPILOGUE else y
+    return y if acc is None else acc.add_(y)
 
 
-def linear(lin: nn.Module, x: Tensor, act: str | None = None) -> Tensor:
+def linear(lin: nn.Module, x: Tensor, act: str | None = None, acc: Tensor | None = None) -> Tensor:
     """lin(x) for x [M, K] (row-strided allowed), optionally followed by GELU(tanh) (act="gelu"), fused into
-    the GEMM where the backend can."""
+    the GEMM where the backend can. acc: add the result into acc instead (acc.add_(lin(x)); no GELU), fused
+    into the W4A4 GEMM's stores where it can."""
+    tok = None
+    if isinstance(x, Scaled):  # its token scales serve a W4A4 linear's quantize step, nothing else
+        x, tok = x
+    if acc is not None:
+        if act is not None:
+            raise ValueError("fused.linear: acc and act do not combine")
+        if isinstance(x, Prequantized):
+            return _gemm(x.act, _fused_lib().prepared_for(lin, x.dtype), x.dtype, acc=acc)
+        if not _w4a4_fast(lin, x):
+            return acc.add_(linear(lin, x))
     if type(lin) is nn.Linear:
         if act == "gelu" and x.is_cuda and lin.bias is not None and _lt_gelu_is_tanh(x.device):
             return torch._addmm_activation(lin.bias, x, lin.weight.t(), use_gelu=True)
@@ -293,10 +345,11 @@ def linear(lin: nn.Module, x: Tensor, act: str | None = None) -> Tensor:
         prep = native.prepared_for(lin, x.dtype)
         if x.stride(1) != 1 or x.stride(0) != x.shape[1] or x.data_ptr() % 16:
             x = x.contiguous()
+        layout = act_layout(x.device, prep)
         qa = native.quantize_act(x, prep.smooth, prep.lora_down, prep.act_unsigned, prep.act_shift,
-                                 layout=act_layout(x.device, prep), pow2=prep.act_pow2,
-                                 inv_smooth=prep.inv_smooth)
-        return _gemm(qa, prep, x.dtype, act == "gelu")
+                                 layout=layout, pow2=prep.act_pow2, inv_smooth=prep.inv_smooth,
+                                 token_scale=tok if layout == "s8_tiles" and prep.act_pow2 else None)
+        return _gemm(qa, prep, x.dtype, act == "gelu", acc=acc)
     else:
         y = lin(x)
     return gelu(y) if act == "gelu" else y
@@ -315,14 +368,22 @@ def ln_linear(lin: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, tokens_pe
                                            prep.act_unsigned, prep.act_shift, act_layout(x.device, prep), eps,
                                            pow2=prep.act_pow2, inv_smooth=prep.inv_smooth)
         if parts is None:
-            return _gemm(qa, prep, x.dtype, act == "gelu", _gelu_quantize_target(prep, nxt, x) if act else None)
+            return _gemm_for_next(qa, prep, x, act, nxt)
         preps = _row_split(lin, prep, parts)
-        return [_gemm(qa, p, x.dtype, a == "gelu", _gelu_quantize_target(p, nxt, x) if a and i == len(parts) - 1
-                      else None) for i, (p, (_, _, a)) in enumerate(zip(preps, parts))]
+        return [_gemm_for_next(qa, p, x, a, nxt if i == len(parts) - 1 else None)
+                for i, (p, (_, _, a)) in enumerate(zip(preps, parts))]
     y = linear(lin, layernorm_modulate(x, shift, scale, tokens_per_batch, eps), act)
     if parts is None:
         return y
     return [gelu(y[:, lo:hi]) if a == "gelu" else y[:, lo:hi] for lo, hi, a in parts]
+
+
+def _gemm_for_next(qa, prep, x: Tensor, act: str | None, nxt: nn.Module | None):
+    """_gemm of ln_linear's quantized input, handing the next layer `nxt` what it can use: its quantized input
+    (GELU -> quantize epilogue, a Prequantized), or its token scales (a Scaled), or the plain output."""
+    gq = _gelu_quantize_target(prep, nxt, x) if act else None
+    ts = _token_scale_target(prep, nxt, x) if gq is None else None
+    return _gemm(qa, prep, x.dtype, act == "gelu", gq, scale_for=ts)
 
 
 def _row_split(lin: W4A4Linear, prep, parts) -> list:
@@ -473,12 +534,15 @@ def _single_linear1(lin1: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, L:
 def _linear2(lin2: nn.Module, attn: Tensor, mlp: Tensor) -> Tensor:
     """The single block's linear2 on [attn | gelu(mlp)]: a SplitInputLinear of two parts takes each part
     directly (no concatenation), anything else gets the concatenated input."""
-    if isinstance(lin2, SplitInputLinear) and isinstance(mlp, Prequantized):
-        return linear(lin2.parts[0], attn).add_(linear(lin2.parts[1], mlp))
-    if isinstance(lin2, SplitInputLinear) and lin2.splits == [attn.shape[1], mlp.shape[1]]:
-        y = linear(lin2.parts[0], attn)
-        return y.add_(linear(lin2.parts[1], mlp))
-    return linear(lin2, torch.cat((attn, mlp), dim=1))
+    if isinstance(lin2, SplitInputLinear) and (isinstance(mlp, Prequantized)
+                                               or lin2.splits == [attn.shape[1], _width(mlp)]):
+        return linear(lin2.parts[1], mlp, acc=linear(lin2.parts[0], attn))  # an add_, or (W4A4_ACCUMULATE)
+        # in the second GEMM's stores
+    return linear(lin2, torch.cat((attn, mlp.y if isinstance(mlp, Scaled) else mlp), dim=1))
+
+
+def _width(x) -> int:
+    return (x.y if isinstance(x, Scaled) else x).shape[1]
 
 
 def last_layer(layer: nn.Module, x: Tensor, silu_vec: Tensor) -> Tensor:
@@ -545,7 +609,8 @@ def _graph_key(model: nn.Module, inputs: dict) -> tuple:
     # quantization in place, .to()) re-captures instead of replaying stale pointers
     shapes = tuple((k, None if v is None else (tuple(v.shape), v.dtype, v.device)) for k, v in inputs.items())
     weights = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
-    return shapes, weights, W4A4_GELU_EPILOGUE, torch.is_inference_mode_enabled()
+    return (shapes, weights, W4A4_GELU_EPILOGUE, W4A4_ACCUMULATE, W4A4_TOKEN_SCALE,
+            torch.is_inference_mode_enabled())
 
 
 def graphed_forward(model: nn.Module, **inputs) -> Tensor:

@@ -52,13 +52,13 @@ from .quant import ops
 GROUP = 64
 _PKG = Path(__file__).resolve().parent
 LIB_PATH = Path(os.environ.get("NUNCHAKU_LITE_LIB", _PKG / "lib" / "libnunchaku_lite.so"))
-ABI_VERSION = 2  # nl_version() of the library this module speaks to (native/api.cu)
+ABI_VERSION = 3  # nl_version() of the library this module speaks to (native/api.cu)
 _HEADER_CANDIDATES = (LIB_PATH.parent / "nunchaku_lite.h", _PKG.parent / "native" / "nunchaku_lite.h")
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _PATHS = {"auto": 0, "s4": 1, "s8": 2}  # C path codes of nl_w4a4_gemm; "wgmma" is nl_w4a4_gemm_fp8
 PATH_NAMES = ("auto", "s4", "s8", "wgmma")
-_EPILOGUES = {"none": 0, "gelu_tanh": 1}
+_EPILOGUES = {"none": 0, "gelu_tanh": 1, "accumulate": 2}
 
 _lock = threading.Lock()
 _state: dict = {}  # "ffi", "lib", "error" once loading was attempted
@@ -374,7 +374,8 @@ def _act_stats(x: torch.Tensor, m: int, k: int, inv_smooth, shift: float, unsign
 @_needs_lib
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down: torch.Tensor | None = None,
                  unsigned: bool = False, shift: float = 0.0, layout: str = "packed",
-                 pow2: bool = False, inv_smooth: torch.Tensor | None = None) -> QuantizedActivation:
+                 pow2: bool = False, inv_smooth: torch.Tensor | None = None,
+                 token_scale: torch.Tensor | None = None) -> QuantizedActivation:
     """INT4 codes/scales of x (as ops.quantize_act, bit-identical) and the low-rank activation x @ lora_down^T.
 
     x [M, K] bf16/fp16 (K a multiple of 64); smooth float32 [K] or None (inv_smooth: its
@@ -382,7 +383,9 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down:
     r a multiple of 16 up to 128, or None; layout "packed", "fp8_tiles" or "s8_tiles" (see
     QuantizedActivation). pow2: power-of-two activation scales (ops.quantize_act(pow2=True); "s8_tiles" needs
     them): a first kernel (nl_act_stats) reads x for each token's scale, then the quantize kernel
-    writes the codes in one pass. A CPU x runs the PyTorch reference (same outputs).
+    writes the codes in one pass; token_scale (float [M], pow2 only): those scales when already known (from
+    w4a4_gemm_token_scale, the GEMM that wrote x), and that first kernel is skipped. A CPU x runs the PyTorch
+    reference (same outputs).
     """
     kname = "quantize_act"
     m, k, rank = _check_quantize_args(kname, x, smooth, lora_down, layout)
@@ -393,9 +396,15 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None = None, lora_down:
     inv = _inv_smooth(kname, smooth, inv_smooth, k, x.device)
     if rank:
         _check(lora_down, "lora_down", kname, (x.dtype,), None, x.device)
+    if token_scale is not None:
+        if not pow2:
+            raise ValueError(f"{kname}: token_scale belongs to the power-of-two format (pass pow2=True)")
+        _check(token_scale, "token_scale", kname, (torch.float32,), (m,), x.device, align=4)
     codes, scales, ldm, lora_act = _alloc_outputs(x, m, k, rank, layout)
     if m:
-        tok = _act_stats(x, m, k, inv, shift, unsigned, True)[0] if pow2 else None
+        tok = token_scale
+        if pow2 and tok is None:
+            tok = _act_stats(x, m, k, inv, shift, unsigned, True)[0]
         _call("nl_quantize_act", _ptr(x), _DTYPE_CODE[x.dtype], m, k, k, _ptr(inv, "float *"), float(shift),
               int(bool(unsigned)), _ptr(lora_down if rank else None), rank, ACT_LAYOUTS[layout],
               _ptr(codes, "uint8_t *"), _ptr(scales, "float *"), ldm, _ptr(lora_act, "float *"),
@@ -672,13 +681,24 @@ def w4a4_gemm(act: QuantizedActivation, prep: PreparedW4A4, out_dtype: torch.dty
     count M is `m`, else act.lora_act's rows, else out's rows. fold (wgmma only): None runs the folded
     kernel (nl_w4a4_gemm_fp8_pow2) when the weight has power-of-two scales (unless the environment sets
     NUNCHAKU_LITE_FOLD=0), False never, True requires it. "s8_tiles" activations (power-of-two scales) run
-    the sm_90 integer GEMM (nl_w4a4_gemm_s8), which needs prep.s8_ok.
+    the sm_90 integer GEMM (nl_w4a4_gemm_s8), which needs prep.s8_ok. epilogue: "none", "gelu_tanh", or
+    "accumulate": out += the GEMM's result (out required), with torch's out.add_(result) roundings (the
+    result rounded to out_dtype, the sum in fp32 rounded again); in the integer GEMM's stores on that path,
+    a separate add_ on the others.
     """
     kname = "w4a4_gemm"
     codes, scales, lora_act = act.codes, act.scales, act.lora_act
     _check(codes, "act.codes", kname, (torch.uint8,))
     dev = codes.device
     path = _resolve_path(path, exact, dev)
+    if epilogue == "accumulate":
+        if out is None:
+            raise ValueError(f"{kname}: epilogue 'accumulate' adds into `out`: pass out")
+        if not (path == "wgmma" and act.layout == "s8_tiles"):
+            y = w4a4_gemm(act, prep, out_dtype, "none", path, exact, use_lora, None, m, fold)
+            if y.shape != out.shape:
+                raise ValueError(f"{kname}: out has shape {tuple(out.shape)}, the GEMM writes {tuple(y.shape)}")
+            return out.add_(y)
     if path not in PATH_NAMES[1:]:
         raise ValueError(f"{kname}: path {path!r} must be one of {PATH_NAMES[1:]}")
     if path == "wgmma":
@@ -786,8 +806,9 @@ def _s8_workspace(dev: torch.device) -> torch.Tensor | None:
     return ws
 
 
-def _w4a4_gemm_s8(act, prep, out_dtype, epilogue, use_lora, out, m):
-    """The sm_90 integer GEMM (nl_w4a4_gemm_s8) of "s8_tiles" activations; see w4a4_gemm."""
+def _w4a4_gemm_s8(act, prep, out_dtype, epilogue, use_lora, out, m, nxt=None, tok=None):
+    """The sm_90 integer GEMM (nl_w4a4_gemm_s8) of "s8_tiles" activations; see w4a4_gemm. nxt, tok: the next
+    layer's PreparedW4A4 and the zeroed float [M] its token scales go into (w4a4_gemm_token_scale)."""
     kname = "w4a4_gemm(s8)"
     if not prep.s8_ok:
         raise ValueError(f"{kname}: 's8_tiles' activations need power-of-two weight scales with exponents <= "
@@ -809,8 +830,41 @@ def _w4a4_gemm_s8(act, prep, out_dtype, epilogue, use_lora, out, m):
               _ptr(prep.w_exp, "uint8_t *"), _ptr(lora_act if rank else None, "float *"),
               _ptr(prep.lora_up if rank else None), _DTYPE_CODE[prep.lora_up.dtype] if rank else 1, rank,
               _ptr(prep.bias, "float *"), _ptr(out), _DTYPE_CODE[out_dtype], npad, m, npad, prep.k,
-              _EPILOGUES[epilogue], _ptr(ws, "int *"), 0 if ws is None else ws.numel() * 4, _stream(dev))
+              _EPILOGUES[epilogue], _ptr(ws, "int *"), 0 if ws is None else ws.numel() * 4,
+              _ptr(nxt.inv_smooth if tok is not None else None, "float *"),
+              float(nxt.act_shift) if tok is not None else 0.0, int(tok is not None and nxt.act_unsigned),
+              _ptr(tok, "float *"), _stream(dev))
     return out
+
+
+@_needs_lib
+def w4a4_gemm_token_scale(act: QuantizedActivation, prep: PreparedW4A4, nxt: PreparedW4A4,
+                          out_dtype: torch.dtype = torch.bfloat16, epilogue: str = "none", m: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w4a4_gemm on the sm_90 integer GEMM ("s8_tiles" activations) that also returns the power-of-two token
+    scales of its output for the next layer `nxt`: (y [M, N], token_scale float [M]), token_scale bit-identical
+    to what quantize_act(y, nxt.smooth, ..., pow2=True) computes first (nl_act_stats), so
+    quantize_act(y, ..., token_scale=token_scale) skips that pass over y. Formed in the GEMM's epilogue from the
+    16-bit values it writes (one reduction per token row of a tile, combined by atomic maximum). Needs
+    nxt.act_pow2, nxt.k == N with no padded rows, a bf16/fp16 out_dtype and epilogue "none" or "gelu_tanh".
+    """
+    kname = "w4a4_gemm_token_scale"
+    if act.layout != "s8_tiles":
+        raise ValueError(f"{kname}: needs 's8_tiles' activations (the sm_90 integer GEMM), got {act.layout!r}")
+    npad = prep.w_tiled.shape[0]
+    if not nxt.act_pow2 or prep.n != npad or nxt.k != npad:
+        raise ValueError(f"{kname}: the next layer must take power-of-two activation scales (act_pow2) with K "
+                         f"equal to this layer's N={prep.n}, a multiple of 128 (got K={nxt.k}, "
+                         f"act_pow2={nxt.act_pow2})")
+    if out_dtype not in (torch.bfloat16, torch.float16) or epilogue not in ("none", "gelu_tanh"):
+        raise ValueError(f"{kname}: needs a bf16/fp16 out_dtype (got {out_dtype}) and epilogue 'none' or "
+                         f"'gelu_tanh' (got {epilogue!r})")
+    m = act.m if m is None else m
+    if m is None:
+        raise ValueError(f"{kname}: the token count m is unknown (pass m)")
+    tok = torch.zeros(m, dtype=torch.float32, device=act.codes.device)
+    y = _w4a4_gemm_s8(act, prep, out_dtype, epilogue, True, None, m, nxt, tok)
+    return y, tok
 
 
 def act_layout(prep: PreparedW4A4, path: str) -> str:

@@ -346,6 +346,34 @@ def test_fast_dit_with_power_of_two_scales_on_cuda(monkeypatch):
     assert calls and set(calls) == {"s8_tiles" if sm90 else "packed"}
 
 
+@pytest.mark.gpu
+def test_w4a4_epilogue_fusions_change_nothing(monkeypatch):
+    """Power-of-two layers on sm_90: fc1's epilogue forming fc2's token scales (W4A4_TOKEN_SCALE) and the single
+    block's linear2 adding its second part in the GEMM's stores (W4A4_ACCUMULATE) are taken (their calls
+    counted) and give the same bits as the separate statistics pass and add_."""
+    _needs_kernels()
+    native = fused._fused_lib()
+    if native.default_path(torch.device("cuda")) != "wgmma":
+        pytest.skip("the integer GEMM is sm_90's")
+    calls = []
+    real_ts, real_gemm = native.w4a4_gemm_token_scale, native.w4a4_gemm
+    monkeypatch.setattr(native, "w4a4_gemm_token_scale", lambda *a, **k: calls.append("scale") or real_ts(*a, **k))
+    monkeypatch.setattr(native, "w4a4_gemm", lambda act, p, d, epilogue="none", **k: calls.append(epilogue)
+                        or real_gemm(act, p, d, epilogue, **k))
+    model, inp = _cuda_pair(True, pow2=True)
+    outs = []
+    with torch.inference_mode():
+        for on in (True, False):
+            monkeypatch.setattr(fused, "W4A4_TOKEN_SCALE", on)
+            monkeypatch.setattr(fused, "W4A4_ACCUMULATE", on)
+            outs.append(model(**inp))
+            if on:
+                assert "scale" in calls and "accumulate" in calls
+                calls.clear()
+    assert "scale" not in calls and "accumulate" not in calls
+    assert torch.equal(outs[0], outs[1])
+
+
 class _RefNative:
     """The native module's W4A4 entry points (prepared_for, quantize_act, w4a4_gemm) computed with the reference
     ops on the CPU, in the kernels' data layouts: lets the CPU run the fused path's W4A4 branch (one quantized
@@ -367,8 +395,9 @@ class _RefNative:
     def act_layout(self, prep, path):
         return self._n.act_layout(prep, path)
 
-    def quantize_act(self, x, smooth, lora_down, unsigned, shift, layout="packed", pow2=False, inv_smooth=None):
-        assert layout == "packed"
+    def quantize_act(self, x, smooth, lora_down, unsigned, shift, layout="packed", pow2=False, inv_smooth=None,
+                     token_scale=None):
+        assert layout == "packed" and token_scale is None
         codes, scales = ops.quantize_act(x, smooth, unsigned, shift, pow2)
         lora = None if lora_down is None else x.float() @ lora_down.float().T
         return self._n.QuantizedActivation(codes, scales.t().contiguous(), lora, unsigned)
@@ -380,7 +409,10 @@ class _RefNative:
         y = ops.layernorm_modulate(x, shift.reshape(-1, k)[rows], scale.reshape(-1, k)[rows], eps)
         return self.quantize_act(y, smooth, lora_down, unsigned, shift_const, layout, pow2)
 
-    def w4a4_gemm(self, act, prep, dtype, epilogue="none"):
+    epilogues: list
+
+    def w4a4_gemm(self, act, prep, dtype, epilogue="none", out=None):
+        self.epilogues.append(epilogue)
         cw = ops.unpack_int4(prep.w_tiled).float()  # [N, K] (canonical rows here)
         g = cw.shape[1] // 64
         dots = torch.einsum("mgk,ngk->gmn", act.codes.float().view(-1, g, 64), cw.view(-1, g, 64))
@@ -389,7 +421,9 @@ class _RefNative:
             y = y + act.lora_act @ prep.lora_up.float().T
         if prep.bias is not None:
             y = y + prep.bias.float()
-        # the kernels' GELU epilogue: round to the output dtype, GELU, round again
+        # the kernels' GELU epilogue: round to the output dtype, GELU, round again; "accumulate": out.add_(y)
+        if epilogue == "accumulate":
+            return out.add_(y.to(dtype))
         return (fused.gelu(y.to(dtype)) if epilogue == "gelu_tanh" else y).to(dtype)
 
 
@@ -401,13 +435,17 @@ def test_w4a4_kernel_branch_matches_modules(monkeypatch, pow2):
     want = model(**inp)
     calls = []
     ref = _RefNative()
+    ref.epilogues = []
     monkeypatch.setattr(fused, "_fused_lib", lambda: ref)
+    monkeypatch.setattr(fused, "W4A4_ACCUMULATE", True)
     monkeypatch.setattr(fused, "_w4a4_fast", lambda lin, x: calls.append(type(lin).__name__) or
                         (isinstance(lin, W4A4Linear) and lin.act_quant))
     got = fused.flux_forward(model, **inp)
     assert "W4A4Linear" in calls
     single = model.single_blocks[0].linear1
     assert hasattr(single, "_fused_row_split")  # linear1 went through the [qkv | mlp] row split
+    if isinstance(model.single_blocks[0].linear2, SplitInputLinear):  # its second part adds into the first's
+        assert "accumulate" in ref.epilogues
     assert _rel(got, want) < 3e-3
 
 

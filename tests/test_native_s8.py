@@ -136,9 +136,9 @@ def test_entry_points_reject_bad_arguments():
         pytest.skip(f"native library not loadable: {native.library_error()}")
     _, ffi = native._lib()
     null = ffi.NULL
-    gemm = lambda m, n, k, mp, rank=0, ws=null: native._call(
-        "nl_w4a4_gemm_s8", null, null, mp, 0, null, null, null, null, null, 1, rank, null, null, 1, n, m, n, k, 0, ws,
-        1 << 20, null)
+    gemm = lambda m, n, k, mp, rank=0, ws=null, epilogue=0, out_dtype=1, tok=null, inv=null: native._call(
+        "nl_w4a4_gemm_s8", null, null, mp, 0, null, null, null, null, null, 1, rank, null, null, out_dtype, n, m, n,
+        k, epilogue, ws, 1 << 20, inv, 0.0, 0, tok, null)
     with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: K=65600 must be a positive multiple of 64, at most 65536"):
         gemm(10, 128, 65600, 256)
     with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: N=100"):
@@ -152,7 +152,19 @@ def test_entry_points_reject_bad_arguments():
     a, odd = ffi.cast("void *", 1 << 20), ffi.cast("int *", (1 << 20) + 4)  # never dereferenced
     with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: workspace must be 16-byte aligned"):
         native._call("nl_w4a4_gemm_s8", a, a, 256, 0, a, a, a, null, null, 1, 0, null, a, 1, 128, 10, 128, 64, 0,
-                     odd, 1 << 20, null)
+                     odd, 1 << 20, null, 0.0, 0, null, null)
+    tok = ffi.cast("float *", 1 << 20)
+    gemm_a = lambda epilogue=0, out_dtype=1, inv=null: native._call(
+        "nl_w4a4_gemm_s8", a, a, 256, 0, a, a, a, null, null, 1, 0, null, a, out_dtype, 128, 10, 128, 64, epilogue,
+        null, 0, inv, 0.0, 0, tok, null)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: next_token_scale needs 16-bit outputs"):
+        gemm_a(out_dtype=0)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: next_token_scale needs 16-bit outputs"):
+        gemm_a(epilogue=2)
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: next_inv_smooth must be 16-byte aligned"):
+        gemm_a(inv=ffi.cast("float *", (1 << 20) + 4))
+    with pytest.raises(ValueError, match="nl_w4a4_gemm_s8: epilogue code 3"):
+        gemm(10, 128, 64, 256, epilogue=3)
     x = ffi.cast("void *", 1 << 20)  # never dereferenced: the checks fail first
     quant = lambda layout, tok=null: native._call(
         "nl_quantize_act", x, 1, 10, 64, 64, null, 0.0, 0, null, 0, layout, x, x, 256, null, tok, null)
@@ -322,19 +334,23 @@ def test_s8_gemm_tiles_and_ranks(sm90, bt, rank, monkeypatch):
         assert _rel(out, ref) < 1e-3
 
 
-S8_MODES = {"auto": {}, "stream-k": {"NUNCHAKU_LITE_S8_SK": "1"}, "one-tile-per-cta": {"NUNCHAKU_LITE_S8_SK": "0"}}
+S8_MODES = {"auto": {}, "stream-k": {"NUNCHAKU_LITE_S8_SK": "1"}, "one-tile-per-cta": {"NUNCHAKU_LITE_S8_SK": "0"},
+            "one-tile-prefetch": {"NUNCHAKU_LITE_S8_SK": "0", "NUNCHAKU_LITE_S8_PREFETCH": "1"},
+            "one-tile-no-prefetch": {"NUNCHAKU_LITE_S8_SK": "0", "NUNCHAKU_LITE_S8_PREFETCH": "0"}}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rank", [0, 48, 128])
+@pytest.mark.parametrize("rank", [0, 16, 32, 48, 128])
 def test_s8_gemm_stream_k(sm90, rank, monkeypatch):
     """Stream-K (w4a4_s8_sk_kernel: a persistent grid taking equal runs of (tile, group) units, tiles split
-    across CTAs, int32 partial sums handed over through the workspace) against one CTA per tile. Cases (132
-    SMs): whole tiles per CTA (1000 x 256 x 5120; one CTA for 257 x 128 x 128), tiles split in 2
-    (4608 x 320 x 3072), 6 (300 x 3072 x 256, fp16 output) and 9 parts (a shape the default picks stream-K
-    for: 16 tiles, K = 6144), token tails, low-rank in several chunks, both epilogues, signed and unsigned.
-    The split and whole-tile results are bit-identical (integer partial sums); where tiles split, partial sums
-    went through the workspace; the flags are left at zero."""
+    across CTAs, int32 partial sums handed over through the workspace) and one CTA per tile with and without
+    its epilogue operands prefetched by helper warps (at any K; ranks <= 32), against one CTA per tile as
+    the default picks it. Cases (132 SMs): whole tiles per CTA (1000 x 256 x 5120; one CTA for
+    257 x 128 x 128), tiles split in 2 (4608 x 320 x 3072), 6 (300 x 3072 x 256, fp16 output) and 9 parts (a
+    shape the default picks stream-K for: 16 tiles, K = 6144), token tails, low-rank in one or several
+    chunks, both epilogues, signed and unsigned. All results are bit-identical (integer partial sums, the
+    same low-rank products); where tiles split, partial sums went through the workspace; the flags are left
+    at zero."""
     dev = torch.device(DEV)
     for m, k, n, epilogue, unsigned, dtype, splits in (
             (1000, 256, 5120, "none", False, torch.bfloat16, False),
@@ -357,10 +373,102 @@ def test_s8_gemm_stream_k(sm90, rank, monkeypatch):
             if mode == "stream-k" and splits:  # the split really ran: partial sums were handed over
                 ws = native._S8_WORKSPACE[native._s8_workspace_key(dev)]
                 assert (ws[1024:] != 0x55555555).any(), (m, k, n)
-        assert torch.equal(outs["stream-k"], outs["one-tile-per-cta"]), (m, k, n)
-        assert torch.equal(outs["auto"], outs["one-tile-per-cta"]), (m, k, n)
+        for mode in S8_MODES:
+            assert torch.equal(outs[mode], outs["one-tile-per-cta"]), (mode, m, k, n)
     ws = native._S8_WORKSPACE[native._s8_workspace_key(dev)]
     assert not ws[:1024].any()  # every call leaves the hand-over flags zero
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float16])
+def test_s8_gemm_prefetch_matches_plain_epilogue(sm90, use_bias, lora_dtype, monkeypatch):
+    """The one-tile kernel's prefetched epilogue (helper warps put tscale, channel scales, bias, lora_up and
+    lora_act's 16-bit halves into shared memory during the main loop) gives the same bits as its plain epilogue
+    (global loads after the last group), for both low-rank dtypes, with and without bias, with token tails,
+    and with the FLUX shape's K = 3072 at M = 4608 (where the default prefetches)."""
+    for m, k, n, rank in ((4608, 3072, 384, 32), (257, 640, 256, 16), (513, 1024, 128, 32), (40, 192, 256, 0)):
+        outs = []
+        for pre in ("0", "1"):
+            monkeypatch.setenv("NUNCHAKU_LITE_S8_SK", "0")
+            monkeypatch.setenv("NUNCHAKU_LITE_S8_PREFETCH", pre)
+            out, ref = _s8_run(m, k, n, rank, m == 257, use_bias, lora_dtype, "none", lora_dtype=lora_dtype)
+            assert _rel(out.float(), ref.to(lora_dtype).float()) < 5e-3, (pre, m, k, n)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), (m, k, n, rank)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_s8_gemm_token_scale_for_next_layer(sm90, unsigned, monkeypatch):
+    """w4a4_gemm_token_scale: the same output as w4a4_gemm, and the next layer's power-of-two token scales
+    bit-identical to the statistics pass over that output (nl_act_stats), with and without smoothing, signed
+    and unsigned next layers, GELU or not, in every kernel variant (one CTA per tile with and without
+    prefetched operands, 128/192-token tiles, stream-K); quantize_act given them writes the same codes."""
+    from dataclasses import replace
+    gen = torch.Generator().manual_seed(11)
+    cases = ((300, 1024, 256, "gelu_tanh", {"NUNCHAKU_LITE_S8_SK": "0", "NUNCHAKU_LITE_S8_PREFETCH": "0"}),
+             (4608, 640, 384, "gelu_tanh", {"NUNCHAKU_LITE_S8_SK": "0"}),
+             (257, 512, 512, "none", {"NUNCHAKU_LITE_S8_BT": "128"}),
+             (200, 256, 256, "gelu_tanh", {"NUNCHAKU_LITE_S8_BT": "192"}),
+             (512, 6144, 1024, "gelu_tanh", {"NUNCHAKU_LITE_S8_SK": "1"}))
+    for m, k, n, epilogue, env in cases:
+        prep, _ = _pow2_layer(n, k, 32, False, gen)
+        nprep, _ = _pow2_layer(128, n, 16, unsigned, gen)
+        x = _acts(m, k, gen).to(DEV)
+        act = native.quantize_act(x, prep.smooth, prep.lora_down, layout="s8_tiles", pow2=True,
+                                  inv_smooth=prep.inv_smooth)
+        for nxt in (nprep, replace(nprep, smooth=None, inv_smooth=None)):
+            with monkeypatch.context() as mp:
+                for key, value in env.items():
+                    mp.setenv(key, value)
+                y, tok = native.w4a4_gemm_token_scale(act, prep, nxt, torch.bfloat16, epilogue)
+                plain = native.w4a4_gemm(act, prep, torch.bfloat16, epilogue, path="wgmma")
+            assert torch.equal(y, plain), (m, k, n, env)
+            want = native._act_stats(y, m, n, nxt.inv_smooth, nxt.act_shift, nxt.act_unsigned, True)[0]
+            assert torch.equal(tok, want), (m, k, n, env, nxt.smooth is None)
+            q = lambda **kw: native.quantize_act(y, nxt.smooth, nxt.lora_down, nxt.act_unsigned, nxt.act_shift,
+                                                 "s8_tiles", True, nxt.inv_smooth, **kw)
+            a, b = q(), q(token_scale=tok)
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    with pytest.raises(ValueError, match="power-of-two"):
+        native.w4a4_gemm_token_scale(act, prep, replace(nprep, act_pow2=False), torch.bfloat16)
+    with pytest.raises(ValueError, match="token_scale"):
+        native.quantize_act(y, nprep.smooth, None, layout="fp8_tiles", token_scale=tok)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_s8_gemm_accumulate(sm90, out_dtype, monkeypatch):
+    """epilogue="accumulate" (out += result in the integer GEMM's stores) gives out.add_(result)'s bits, in
+    the one-tile kernel with and without prefetched operands and in stream-K (token tails, rows >= M of out
+    untouched); on the fp8 wgmma path it is a separate add_; without `out` it is refused."""
+    gen = torch.Generator().manual_seed(5)
+    for m, k, n, env in ((300, 1024, 256, {"NUNCHAKU_LITE_S8_SK": "0", "NUNCHAKU_LITE_S8_PREFETCH": "0"}),
+                         (257, 640, 384, {"NUNCHAKU_LITE_S8_SK": "0", "NUNCHAKU_LITE_S8_PREFETCH": "1"}),
+                         (512, 6144, 1024, {"NUNCHAKU_LITE_S8_SK": "1"})):
+        prep, (qweight, wscales, lora_down, lora_up, bias, smooth) = _pow2_layer(n, k, 32, False, gen,
+                                                                                 torch.bfloat16, True)
+        x = _acts(m, k, gen, False).to(torch.bfloat16).to(DEV)
+        act = native.quantize_act(x, prep.smooth, prep.lora_down, layout="s8_tiles", pow2=True,
+                                  inv_smooth=prep.inv_smooth)
+        base = (torch.randn(m + 3, n, generator=gen) * 4).to(out_dtype).to(DEV)
+        with monkeypatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            y = native.w4a4_gemm(act, prep, out_dtype, path="wgmma")
+            acc = base.clone()
+            res = native.w4a4_gemm(act, prep, out_dtype, "accumulate", path="wgmma", out=acc[:m])
+        assert res.data_ptr() == acc.data_ptr()
+        assert torch.equal(acc[:m], base[:m].clone().add_(y)), (m, k, n, env)
+        assert torch.equal(acc[m:], base[m:])
+    fp8 = native.quantize_act(x, prep.smooth, prep.lora_down, layout="fp8_tiles", inv_smooth=prep.inv_smooth)
+    y = native.w4a4_gemm(fp8, prep, out_dtype, path="wgmma", m=m)
+    acc = base[:m].clone()
+    native.w4a4_gemm(fp8, prep, out_dtype, "accumulate", path="wgmma", out=acc, m=m)
+    assert torch.equal(acc, base[:m].clone().add_(y))
+    with pytest.raises(ValueError, match="accumulate"):
+        native.w4a4_gemm(act, prep, out_dtype, "accumulate", path="wgmma")
 
 
 @pytest.mark.gpu
